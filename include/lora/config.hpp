@@ -1,0 +1,62 @@
+// LoraConfig: the per-layer configuration, with PEFT's names and defaults.
+#pragma once
+
+#include <lora/errors.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <sstream>
+#include <string>
+
+namespace lora {
+
+/// How A and B start (PEFT's `init_lora_weights`). B is zero in the first two,
+/// so a fresh adapter leaves the base output exactly as it was.
+enum class InitLoraWeights {
+  /// PEFT/loralib default (`init_lora_weights=True`): A by kaiming_uniform_(a=sqrt(5)),
+  /// that is U(-1/sqrt(I), 1/sqrt(I)); B = 0.
+  kaiming_uniform,
+  /// `init_lora_weights="gaussian"`: A ~ Normal(0, 1/r); B = 0.
+  gaussian,
+  /// `init_lora_weights=False`: A and B both as nn.Linear initialises them
+  /// (U(-1/sqrt(I), 1/sqrt(I)) and U(-1/sqrt(R), 1/sqrt(R))). Not a no-op: for debugging.
+  random,
+};
+
+/// Which biases train (loralib's `mark_only_lora_as_trainable(bias=...)`, PEFT's `bias`).
+enum class BiasMode {
+  none,       ///< no bias trains
+  all,        ///< every layer's bias trains, adapted (r > 0) or not
+  lora_only,  ///< only the biases of adapted layers (r > 0) train
+};
+
+struct LoraConfig {
+  int r = 8;                     ///< rank; 0 means a plain frozen linear layer
+  double lora_alpha = 8;         ///< scaling numerator
+  double lora_dropout = 0;       ///< dropout on the LoRA path's input, in [0, 1)
+  bool use_rslora = false;       ///< scaling = alpha / sqrt(r) instead of alpha / r
+  InitLoraWeights init_lora_weights = InitLoraWeights::kaiming_uniform;
+  BiasMode bias = BiasMode::none;
+  std::uint64_t seed = 0;  ///< seeds initialisation and the dropout masks
+
+  /// s = alpha / r, or alpha / sqrt(r) with rsLoRA; 0 when r = 0.
+  double scaling() const {
+    if (r == 0) return 0.0;
+    return use_rslora ? lora_alpha / std::sqrt(static_cast<double>(r)) : lora_alpha / r;
+  }
+
+  /// Throws config_error naming the first value out of range.
+  void validate() const {
+    auto fail = [](const std::string& what, double got) {
+      std::ostringstream s;
+      s << "LoraConfig: " << what << ", got " << got;
+      throw config_error(s.str());
+    };
+    if (r < 0) fail("r must be >= 0", r);
+    if (!std::isfinite(lora_alpha)) fail("lora_alpha must be finite", lora_alpha);
+    if (!(lora_dropout >= 0.0 && lora_dropout < 1.0))
+      fail("lora_dropout must be in [0, 1)", lora_dropout);
+  }
+};
+
+}  // namespace lora

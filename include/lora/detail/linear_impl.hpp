@@ -1,0 +1,341 @@
+// Definitions of LoRALinear; see <lora/linear.hpp> for the math and the API.
+#pragma once
+
+#ifndef LORA_INSIDE_LIBRARY
+#error "lora/detail/linear_impl.hpp is internal; include <lora/lora.hpp>"
+#endif
+
+#include <cmath>
+#include <string>
+#include <utility>
+
+namespace lora {
+
+namespace detail {
+// Independent random streams from one seed, so that a layer made by view()
+// gets the same A as one that owns its weight, and dropout does not shift
+// with initialisation.
+enum Stream : std::uint64_t { stream_base = 0, stream_adapter = 1, stream_dropout = 2 };
+inline std::uint64_t stream_seed(std::uint64_t seed, Stream s) {
+  std::uint64_t state = seed ^ (0xA0761D6478BD642Full * (static_cast<std::uint64_t>(s) + 1));
+  return splitmix64(state);
+}
+
+inline void check_features(const char* where, Index out_features, Index in_features) {
+  if (out_features <= 0 || in_features <= 0)
+    throw shape_error(std::string(where) + ": out_features and in_features must be positive, got out_features=" +
+                      std::to_string(out_features) + ", in_features=" + std::to_string(in_features));
+}
+}  // namespace detail
+
+template <class Scalar>
+void LoRALinear<Scalar>::init_common(const LoraConfig& config, bool bias) {
+  config.validate();
+  config_ = config;
+  rank_ = config.r;
+  scaling_ = static_cast<Scalar>(config.scaling());
+  dropout_ = static_cast<Scalar>(config.lora_dropout);
+  has_bias_ = bias;
+  bias_trainable_ = bias && (config.bias == BiasMode::all || (config.bias == BiasMode::lora_only && rank_ > 0));
+  const Index n = rank_ * (in_ + out_) + (bias_trainable_ ? out_ : 0);
+  params_.setZero(n);
+  grads_.setZero(n);
+  if (has_bias_ && !bias_trainable_) bias_frozen_.setZero(out_);
+  dropout_rng_.reseed(detail::stream_seed(config.seed, detail::stream_dropout));
+  init_adapter();
+}
+
+template <class Scalar>
+void LoRALinear<Scalar>::init_adapter() {
+  if (rank_ == 0) return;
+  detail::Rng rng(detail::stream_seed(config_.seed, detail::stream_adapter));
+  auto A = lora_A();
+  auto B = lora_B();
+  // kaiming_uniform_(a=sqrt(5)) on (R, I): gain sqrt(2/(1+5)), bound gain·sqrt(3/fan_in) = 1/sqrt(I).
+  const double bound_A = 1.0 / std::sqrt(static_cast<double>(in_));
+  switch (config_.init_lora_weights) {
+    case InitLoraWeights::kaiming_uniform:
+      for (Index i = 0; i < A.size(); ++i) A.data()[i] = static_cast<Scalar>(rng.uniform(-bound_A, bound_A));
+      B.setZero();
+      break;
+    case InitLoraWeights::gaussian:
+      for (Index i = 0; i < A.size(); ++i) A.data()[i] = static_cast<Scalar>(rng.normal() / rank_);
+      B.setZero();
+      break;
+    case InitLoraWeights::random: {
+      const double bound_B = 1.0 / std::sqrt(static_cast<double>(rank_));
+      for (Index i = 0; i < A.size(); ++i) A.data()[i] = static_cast<Scalar>(rng.uniform(-bound_A, bound_A));
+      for (Index i = 0; i < B.size(); ++i) B.data()[i] = static_cast<Scalar>(rng.uniform(-bound_B, bound_B));
+      break;
+    }
+  }
+}
+
+template <class Scalar>
+LoRALinear<Scalar>::LoRALinear(Index in_features, Index out_features, const LoraConfig& config, bool bias) {
+  detail::check_features("LoRALinear", out_features, in_features);
+  config.validate();
+  in_ = in_features;
+  out_ = out_features;
+  weight_owned_.resize(out_, in_);
+  init_common(config, bias);
+  // torch.nn.Linear.reset_parameters: W and b ~ U(-1/sqrt(I), 1/sqrt(I)).
+  detail::Rng rng(detail::stream_seed(config.seed, detail::stream_base));
+  const double bound = 1.0 / std::sqrt(static_cast<double>(in_));
+  for (Index i = 0; i < weight_owned_.size(); ++i)
+    weight_owned_.data()[i] = static_cast<Scalar>(rng.uniform(-bound, bound));
+  if (has_bias_) {
+    auto b = this->bias();
+    for (Index i = 0; i < out_; ++i) b(0, i) = static_cast<Scalar>(rng.uniform(-bound, bound));
+  }
+}
+
+template <class Scalar>
+LoRALinear<Scalar>::LoRALinear(Mat weight, const LoraConfig& config) {
+  detail::check_features("LoRALinear(weight)", weight.rows(), weight.cols());
+  config.validate();
+  in_ = weight.cols();
+  out_ = weight.rows();
+  weight_owned_ = std::move(weight);
+  init_common(config, false);
+}
+
+template <class Scalar>
+LoRALinear<Scalar>::LoRALinear(Mat weight, Row bias, const LoraConfig& config) {
+  detail::check_features("LoRALinear(weight, bias)", weight.rows(), weight.cols());
+  if (bias.size() != weight.rows())
+    throw shape_error("LoRALinear(weight, bias): bias expected " + std::to_string(weight.rows()) +
+                      " entries (out_features of weight " + shape_string(weight.rows(), weight.cols()) + "), got " +
+                      std::to_string(bias.size()));
+  config.validate();
+  in_ = weight.cols();
+  out_ = weight.rows();
+  weight_owned_ = std::move(weight);
+  init_common(config, true);
+  this->bias() = bias;
+}
+
+template <class Scalar>
+LoRALinear<Scalar>::LoRALinear(ViewTag, WeightKind kind, const Scalar* weight, Index out_features,
+                               Index in_features, const LoraConfig& config, const Scalar* bias) {
+  const char* where = kind == WeightKind::view ? "LoRALinear::view" : "LoRALinear::mutable_view";
+  detail::check_features(where, out_features, in_features);
+  if (weight == nullptr) throw shape_error(std::string(where) + ": weight must not be null");
+  config.validate();
+  in_ = in_features;
+  out_ = out_features;
+  weight_kind_ = kind;
+  weight_external_ = weight;
+  init_common(config, bias != nullptr);
+  if (bias != nullptr) this->bias() = ConstMatrixMap<Scalar>(bias, 1, out_);
+}
+
+template <class Scalar>
+LoRALinear<Scalar> LoRALinear<Scalar>::view(const Scalar* weight, Index out_features, Index in_features,
+                                            const LoraConfig& config, const Scalar* bias) {
+  return LoRALinear(ViewTag{}, WeightKind::view, weight, out_features, in_features, config, bias);
+}
+
+template <class Scalar>
+LoRALinear<Scalar> LoRALinear<Scalar>::mutable_view(Scalar* weight, Index out_features, Index in_features,
+                                                    const LoraConfig& config, const Scalar* bias) {
+  return LoRALinear(ViewTag{}, WeightKind::mutable_view, weight, out_features, in_features, config, bias);
+}
+
+template <class Scalar>
+ParameterCount LoRALinear<Scalar>::parameter_count_for(Index in_features, Index out_features,
+                                                       const LoraConfig& config, bool bias) {
+  detail::check_features("LoRALinear::parameter_count_for", out_features, in_features);
+  config.validate();
+  const bool bias_trains = bias && (config.bias == BiasMode::all || (config.bias == BiasMode::lora_only && config.r > 0));
+  ParameterCount c;
+  c.trainable = static_cast<Index>(config.r) * (in_features + out_features) + (bias_trains ? out_features : 0);
+  c.frozen = out_features * in_features + (bias && !bias_trains ? out_features : 0);
+  return c;
+}
+
+template <class Scalar>
+ParameterList<Scalar> LoRALinear<Scalar>::parameters() {
+  ParameterList<Scalar> list;
+  if (rank_ > 0) {
+    list.push_back({"lora_A", params_.data(), grads_.data(), rank_, in_});
+    list.push_back({"lora_B", params_.data() + rank_ * in_, grads_.data() + rank_ * in_, out_, rank_});
+  }
+  if (bias_trainable_) {
+    const Index off = rank_ * (in_ + out_);
+    list.push_back({"bias", params_.data() + off, grads_.data() + off, 1, out_});
+  }
+  return list;
+}
+
+template <class Scalar>
+void LoRALinear<Scalar>::check_forward_args(const char* where, const ConstRef<Scalar>& x,
+                                            const MutRef<Scalar>& y) const {
+  detail::check_shape(where, "x", x, -1, in_);
+  detail::check_shape(where, "y", y, x.rows(), out_);
+  detail::check_no_overlap(where, "y", y, "x", x);
+}
+
+// x (N, I), W (O, I), b (O), A (R, I), B (O, R) -> y (N, O)
+template <class Scalar>
+void LoRALinear<Scalar>::forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) const {
+  const char* where = "LoRALinear::forward";
+  if (training_)
+    throw state_error(std::string(where) +
+                      " on a const layer runs in eval mode only, but the layer is in training mode: call eval() first "
+                      "(a training forward keeps activations for backward and needs a non-const layer)");
+  check_forward_args(where, x, y);
+  y.noalias() = x * weight().transpose();
+  if (has_bias_) y.rowwise() += bias().row(0);
+  if (rank_ > 0 && !merged_) {
+    const Mat H = x * lora_A().transpose();  // (N, R): small; a local so concurrent callers share nothing
+    y.noalias() += scaling_ * H * lora_B().transpose();
+  }
+}
+
+// Training: y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ, keeping H and the mask for backward.
+template <class Scalar>
+void LoRALinear<Scalar>::forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) {
+  if (!training_) {
+    std::as_const(*this).forward(x, y);
+    return;
+  }
+  const char* where = "LoRALinear::forward";
+  if (merged_)
+    throw state_error(std::string(where) +
+                      ": the layer is merged (W already holds s·B·A), so training it would count the adapter twice; "
+                      "call unmerge() before training, or eval() for inference");
+  check_forward_args(where, x, y);
+  const Index N = x.rows();
+  cached_rows_ = -1;  // invalid until this forward completes
+  y.noalias() = x * weight().transpose();
+  if (has_bias_) y.rowwise() += bias().row(0);
+  if (rank_ > 0) {
+    H_.resize(N, rank_);
+    if (dropout_ > 0) {
+      mask_.resize(N, in_);
+      x_dropped_.resize(N, in_);
+      // Keep with probability 1 - p, scaled by 1 / (1 - p), as torch.nn.Dropout.
+      const Scalar keep = Scalar(1) / (Scalar(1) - dropout_);
+      const double p = static_cast<double>(dropout_);
+      for (Index i = 0; i < mask_.size(); ++i) mask_.data()[i] = dropout_rng_.uniform() < p ? Scalar(0) : keep;
+      x_dropped_ = x.cwiseProduct(mask_);
+      H_.noalias() = x_dropped_ * lora_A().transpose();
+    } else {
+      H_.noalias() = x * lora_A().transpose();
+    }
+    y.noalias() += scaling_ * H_ * lora_B().transpose();
+  }
+  cached_rows_ = N;
+}
+
+template <class Scalar>
+typename LoRALinear<Scalar>::Mat LoRALinear<Scalar>::forward(const ConstRef<Scalar>& x) {
+  detail::check_shape("LoRALinear::forward", "x", x, -1, in_);
+  Mat y(x.rows(), out_);
+  forward(x, y);
+  return y;
+}
+
+template <class Scalar>
+typename LoRALinear<Scalar>::Mat LoRALinear<Scalar>::forward(const ConstRef<Scalar>& x) const {
+  detail::check_shape("LoRALinear::forward", "x", x, -1, in_);
+  Mat y(x.rows(), out_);
+  forward(x, y);
+  return y;
+}
+
+template <class Scalar>
+void LoRALinear<Scalar>::backward(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy, MutRef<Scalar> dx) {
+  detail::check_shape("LoRALinear::backward", "dx", dx, x.rows(), in_);
+  detail::check_no_overlap("LoRALinear::backward", "dx", dx, "dy", dy);
+  backward_impl(x, dy, &dx);
+}
+
+template <class Scalar>
+void LoRALinear<Scalar>::backward(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy) {
+  backward_impl(x, dy, nullptr);
+}
+
+// x (N, I), dy (N, O) -> dx (N, I); dA (R, I) +=, dB (O, R) +=, db (O) +=
+template <class Scalar>
+void LoRALinear<Scalar>::backward_impl(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy,
+                                       MutRef<Scalar>* dx) {
+  const std::string where = "LoRALinear::backward";
+  if (!training_) throw state_error(where + ": the layer is in eval mode; call train() and run forward again");
+  if (merged_) throw state_error(where + ": the layer is merged; call unmerge() before training");
+  detail::check_shape(where, "x", x, -1, in_);
+  detail::check_shape(where, "dy", dy, x.rows(), out_);
+  if (cached_rows_ != x.rows())
+    throw state_error(where + ": needs the training-mode forward of the same batch first; " +
+                      (cached_rows_ < 0 ? std::string("no forward was run")
+                                        : "the last forward had " + std::to_string(cached_rows_) + " rows") +
+                      ", backward got " + std::to_string(x.rows()));
+
+  if (bias_trainable_) {
+    // forward: y = ... + b (broadcast over rows), so db += Σ_rows dy
+    MatrixMap<Scalar>(grads_.data() + rank_ * (in_ + out_), 1, out_) += dy.colwise().sum();
+  }
+  if (rank_ > 0) {
+    MatrixMap<Scalar> dA(grads_.data(), rank_, in_);
+    MatrixMap<Scalar> dB(grads_.data() + rank_ * in_, out_, rank_);
+    // forward: y += s · H Bᵀ, so dB += s · dyᵀ H and dH = s · dy B (kept unscaled in G)
+    G_.resize(x.rows(), rank_);
+    G_.noalias() = dy * lora_B();
+    dB.noalias() += scaling_ * dy.transpose() * H_;
+    // forward: H = drop(x) Aᵀ, so dA += dHᵀ drop(x) = s · Gᵀ drop(x)
+    if (dropout_ > 0)
+      dA.noalias() += scaling_ * G_.transpose() * x_dropped_;
+    else
+      dA.noalias() += scaling_ * G_.transpose() * x;
+  }
+  if (dx != nullptr) {
+    // forward: y = x Wᵀ + s · (x ⊙ mask) Aᵀ Bᵀ, so dx = dy W + s · (G A) ⊙ mask
+    dx->noalias() = dy * weight();
+    if (rank_ > 0) {
+      if (dropout_ > 0) {
+        dx_lora_.resize(x.rows(), in_);
+        dx_lora_.noalias() = G_ * lora_A();
+        *dx += scaling_ * dx_lora_.cwiseProduct(mask_);
+      } else {
+        dx->noalias() += scaling_ * G_ * lora_A();
+      }
+    }
+  }
+}
+
+template <class Scalar>
+void LoRALinear<Scalar>::merge(bool safe_merge) {
+  if (merged_ || rank_ == 0) return;
+  if (weight_kind_ == WeightKind::view)
+    throw state_error(
+        "LoRALinear::merge: the weight is a read-only view of the host's memory and is never written; wrap it "
+        "with LoRALinear::mutable_view to allow merging, or serve the adapter unmerged");
+  MatrixMap<Scalar> W(const_cast<Scalar*>(weight_data()), out_, in_);  // owned, or a mutable_view made from Scalar*
+  if (safe_merge) {
+    Mat delta(out_, in_);
+    delta.noalias() = scaling_ * lora_B() * lora_A();
+    if (!(W + delta).allFinite())
+      throw numeric_error("LoRALinear::merge: W + s·B·A has non-finite entries (A, B or W hold inf/NaN, or the sum "
+                          "overflows); W is left unchanged");
+    W += delta;
+  } else {
+    W.noalias() += scaling_ * lora_B() * lora_A();
+  }
+  merged_A_ = lora_A();
+  merged_B_ = lora_B();
+  merged_scaling_ = scaling_;
+  merged_ = true;
+}
+
+template <class Scalar>
+void LoRALinear<Scalar>::unmerge() {
+  if (!merged_) return;
+  MatrixMap<Scalar> W(const_cast<Scalar*>(weight_data()), out_, in_);
+  W.noalias() -= merged_scaling_ * merged_B_ * merged_A_;
+  merged_A_.resize(0, 0);
+  merged_B_.resize(0, 0);
+  merged_ = false;
+}
+
+}  // namespace lora

@@ -1,0 +1,43 @@
+// Exception types. Bad input from a caller throws one of these, with a
+// message that names what was expected and what came; the object the call
+// was made on is left as it was. Internal invariants use assert.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+namespace lora {
+
+/// Base of every exception the library throws.
+class error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/// An argument has the wrong shape: "x: expected (N, 1024), got (32, 512)".
+class shape_error : public error {
+ public:
+  using error::error;
+};
+
+/// A configuration value is out of range (r < 0, dropout outside [0, 1), ...).
+class config_error : public error {
+ public:
+  using error::error;
+};
+
+/// The call is not allowed in the object's current state (training while
+/// merged, merging a read-only weight, backward without a training forward).
+class state_error : public error {
+ public:
+  using error::error;
+};
+
+/// A computation would produce non-finite values (an unsafe merge, a
+/// non-finite gradient norm when asked to refuse one).
+class numeric_error : public error {
+ public:
+  using error::error;
+};
+
+}  // namespace lora

@@ -1,0 +1,201 @@
+// LoRALinear: a frozen dense layer with a trainable low-rank path.
+//
+//   x (N, I), W (O, I), b (O), A (R, I), B (O, R), y (N, O)
+//
+//   forward:   H = drop(x) Aᵀ                       (N, R)
+//              y = x Wᵀ + b + s · H Bᵀ              (N, O)
+//   backward:  dB += s · dyᵀ H                      (O, R)
+//              dA += s · (dy B)ᵀ drop(x)            (R, I)
+//              db += Σ_rows dy                      (O)   only when the bias trains
+//              dx  = dy W + s · ((dy B) A) ⊙ mask   (N, I)
+//
+// with s = lora_alpha / r (or lora_alpha / sqrt(r) with use_rslora), and
+// drop(x) = x ⊙ mask, mask entries 0 or 1/(1-p), the same mask in forward and
+// backward. W never gets a gradient buffer. Gradients add up across backward
+// calls until zero_grad(), so micro-batch accumulation works.
+#pragma once
+
+#ifndef LORA_INSIDE_LIBRARY
+#define LORA_INSIDE_LIBRARY
+#endif
+
+#include <lora/config.hpp>
+#include <lora/detail/checks.hpp>
+#include <lora/detail/random.hpp>
+#include <lora/errors.hpp>
+#include <lora/params.hpp>
+#include <lora/types.hpp>
+
+#include <string>
+#include <type_traits>
+
+namespace lora {
+
+template <class Scalar>
+class LoRALinear {
+  static_assert(std::is_floating_point_v<Scalar>, "LoRALinear<Scalar>: Scalar must be float, double or long double");
+
+ public:
+  using Mat = Matrix<Scalar>;
+  using Row = RowVector<Scalar>;
+
+  /// Owns a new W (O, I) and b (O), initialised like torch.nn.Linear from config.seed:
+  /// U(-1/sqrt(I), 1/sqrt(I)).
+  LoRALinear(Index in_features, Index out_features, const LoraConfig& config = {}, bool bias = true);
+
+  /// Owns the given weight (O, I), without bias.
+  explicit LoRALinear(Mat weight, const LoraConfig& config = {});
+
+  /// Owns the given weight (O, I) and bias (O).
+  LoRALinear(Mat weight, Row bias, const LoraConfig& config = {});
+
+  /// Wraps a row-major (O, I) buffer the caller owns, without copying it. The
+  /// library never writes to it; merge() throws. The bias, when given, is copied
+  /// (it is O scalars and may train). The buffer must outlive the layer.
+  static LoRALinear view(const Scalar* weight, Index out_features, Index in_features, const LoraConfig& config = {},
+                         const Scalar* bias = nullptr);
+
+  /// As view(), but merge() / unmerge() may write W in place (the only writes ever made).
+  static LoRALinear mutable_view(Scalar* weight, Index out_features, Index in_features, const LoraConfig& config = {},
+                                 const Scalar* bias = nullptr);
+
+  // ---- forward / backward -------------------------------------------------
+
+  /// x (N, I) -> y (N, O); y must be sized (N, O) and must not overlap x.
+  /// Training mode: applies dropout and keeps H and the mask for backward().
+  /// Eval mode: same as the const overload.
+  void forward(const ConstRef<Scalar>& x, MutRef<Scalar> y);
+
+  /// Eval-mode forward: no dropout, nothing cached, safe from several threads
+  /// at once. Throws state_error if the layer is in training mode.
+  void forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) const;
+
+  /// Allocating conveniences: return y (N, O).
+  Mat forward(const ConstRef<Scalar>& x);
+  Mat forward(const ConstRef<Scalar>& x) const;
+
+  /// dy (N, O) -> dx (N, I); adds into dA, dB (and db). x must be the input of
+  /// the last training-mode forward.
+  void backward(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy, MutRef<Scalar> dx);
+
+  /// As above without dx (a first layer, whose input needs no gradient).
+  void backward(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy);
+
+  /// Sets dA, dB and db to zero.
+  void zero_grad() { grads_.setZero(); }
+
+  // ---- modes ----------------------------------------------------------------
+
+  void train(bool mode = true) { training_ = mode; }
+  void eval() { training_ = false; }
+  bool is_training() const { return training_; }
+
+  /// W += s · B A, once (a second call does nothing). With safe_merge the sum is
+  /// checked finite first and W is left untouched if it is not (numeric_error).
+  /// Throws state_error for a read-only view. A, B and s are remembered, so
+  /// unmerge() restores W even if A or B changed in between.
+  void merge(bool safe_merge = true);
+
+  /// W -= s · B A with the A, B, s of the merge; does nothing when not merged.
+  void unmerge();
+  bool is_merged() const { return merged_; }
+
+  /// Restarts the dropout mask sequence (masks are drawn per training forward).
+  void set_dropout_seed(std::uint64_t seed) { dropout_rng_.reseed(seed); }
+
+  // ---- tensors ----------------------------------------------------------------
+
+  ConstMatrixMap<Scalar> weight() const { return ConstMatrixMap<Scalar>(weight_data(), out_, in_); }
+  MatrixMap<Scalar> lora_A() { return MatrixMap<Scalar>(params_.data(), rank_, in_); }
+  ConstMatrixMap<Scalar> lora_A() const { return ConstMatrixMap<Scalar>(params_.data(), rank_, in_); }
+  MatrixMap<Scalar> lora_B() { return MatrixMap<Scalar>(params_.data() + rank_ * in_, out_, rank_); }
+  ConstMatrixMap<Scalar> lora_B() const { return ConstMatrixMap<Scalar>(params_.data() + rank_ * in_, out_, rank_); }
+  /// b (1, O); empty when the layer has no bias. Writable: a frozen bias is
+  /// the layer's own copy, never the host's memory.
+  MatrixMap<Scalar> bias() { return MatrixMap<Scalar>(bias_data(), has_bias_ ? 1 : 0, out_); }
+  ConstMatrixMap<Scalar> bias() const {
+    return ConstMatrixMap<Scalar>(const_cast<LoRALinear*>(this)->bias_data(), has_bias_ ? 1 : 0, out_);
+  }
+
+  ConstMatrixMap<Scalar> dA() const { return ConstMatrixMap<Scalar>(grads_.data(), rank_, in_); }
+  ConstMatrixMap<Scalar> dB() const { return ConstMatrixMap<Scalar>(grads_.data() + rank_ * in_, out_, rank_); }
+  /// db (1, O); empty unless the bias trains.
+  ConstMatrixMap<Scalar> db() const {
+    return ConstMatrixMap<Scalar>(grads_.data() + rank_ * (in_ + out_), bias_trainable_ ? 1 : 0, out_);
+  }
+
+  /// The trainable tensors (lora_A, lora_B, and bias when it trains) with their gradients.
+  ParameterList<Scalar> parameters();
+
+  // ---- shape and accounting ----------------------------------------------------
+
+  Index in_features() const { return in_; }
+  Index out_features() const { return out_; }
+  Index rank() const { return rank_; }
+  Scalar scaling() const { return scaling_; }
+  const LoraConfig& config() const { return config_; }
+  bool has_bias() const { return has_bias_; }
+  bool bias_trainable() const { return bias_trainable_; }
+  bool weight_is_view() const { return weight_kind_ != WeightKind::owned; }
+  bool weight_is_writable() const { return weight_kind_ != WeightKind::view; }
+
+  ParameterCount parameter_count() const { return parameter_count_for(in_, out_, config_, has_bias_); }
+
+  /// Counts for a layer of this shape, computed from the shape alone (no allocation):
+  /// for dry runs over models too large to build.
+  static ParameterCount parameter_count_for(Index in_features, Index out_features, const LoraConfig& config,
+                                            bool bias);
+
+ private:
+  enum class WeightKind { owned, view, mutable_view };
+  struct ViewTag {};
+
+  LoRALinear(ViewTag, WeightKind kind, const Scalar* weight, Index out_features, Index in_features,
+             const LoraConfig& config, const Scalar* bias);
+
+  void init_common(const LoraConfig& config, bool bias);
+  void init_adapter();
+  const Scalar* weight_data() const {
+    return weight_kind_ == WeightKind::owned ? weight_owned_.data() : weight_external_;
+  }
+  Scalar* bias_data() {
+    return bias_trainable_ ? params_.data() + rank_ * (in_ + out_) : bias_frozen_.data();
+  }
+  void check_forward_args(const char* where, const ConstRef<Scalar>& x, const MutRef<Scalar>& y) const;
+  void backward_impl(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy, MutRef<Scalar>* dx);
+
+  Index in_ = 0, out_ = 0, rank_ = 0;
+  LoraConfig config_;
+  Scalar scaling_ = 0;
+  Scalar dropout_ = 0;
+
+  WeightKind weight_kind_ = WeightKind::owned;
+  Mat weight_owned_;
+  const Scalar* weight_external_ = nullptr;  // view / mutable_view (writable only for mutable_view)
+
+  bool has_bias_ = false;
+  bool bias_trainable_ = false;
+  Vector<Scalar> bias_frozen_;  // (O) when the bias exists and does not train
+
+  Vector<Scalar> params_;  // [A (R·I) | B (O·R) | b (O) if it trains]
+  Vector<Scalar> grads_;   // same layout
+
+  bool training_ = true;  // like torch.nn.Module
+  bool merged_ = false;
+  Mat merged_A_, merged_B_;  // the adapter as merged, so unmerge() subtracts exactly what merge() added
+  Scalar merged_scaling_ = 0;
+
+  detail::Rng dropout_rng_;
+
+  // Workspace kept between forward and backward; resized only when N changes.
+  Index cached_rows_ = -1;  // N of the last training forward, -1 when there is none
+  Mat H_;                   // (N, R)  drop(x) Aᵀ
+  Mat G_;                   // (N, R)  dy B
+  Mat mask_;                // (N, I)  dropout mask, only when dropout > 0
+  Mat x_dropped_;           // (N, I)  x ⊙ mask, only when dropout > 0
+  Mat dx_lora_;             // (N, I)  (dy B) A before masking, only when dropout > 0
+};
+
+}  // namespace lora
+
+#include <lora/detail/linear_impl.hpp>

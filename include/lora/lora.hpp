@@ -1,0 +1,14 @@
+// Umbrella header: includes the whole library.
+#pragma once
+
+#include <lora/activations.hpp>
+#include <lora/config.hpp>
+#include <lora/errors.hpp>
+#include <lora/gradcheck.hpp>
+#include <lora/linear.hpp>
+#include <lora/loss.hpp>
+#include <lora/optim.hpp>
+#include <lora/params.hpp>
+#include <lora/schedule.hpp>
+#include <lora/sequential.hpp>
+#include <lora/types.hpp>

@@ -1,0 +1,65 @@
+// Parameter handles and accounting.
+//
+// A Parameter is a view of one trainable tensor and its gradient; optimizers
+// and gradient clipping work on lists of them and size their state by them.
+// Frozen weights are never handed out as Parameters and have no gradient.
+#pragma once
+
+#include <lora/types.hpp>
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+namespace lora {
+
+template <class Scalar>
+struct Parameter {
+  std::string name;  ///< "lora_A", "lora_B" or "bias" (a model prefixes the layer's path)
+  Scalar* value;     ///< row-major (rows, cols), contiguous
+  Scalar* grad;      ///< same layout as value; backward adds into it
+  Index rows;
+  Index cols;
+  Index size() const { return rows * cols; }
+  MatrixMap<Scalar> value_matrix() const { return MatrixMap<Scalar>(value, rows, cols); }
+  MatrixMap<Scalar> grad_matrix() const { return MatrixMap<Scalar>(grad, rows, cols); }
+};
+
+template <class Scalar>
+using ParameterList = std::vector<Parameter<Scalar>>;
+
+/// Trainable and frozen scalar counts of a layer or a model.
+struct ParameterCount {
+  Index trainable = 0;
+  Index frozen = 0;
+  Index total() const { return trainable + frozen; }
+  ParameterCount& operator+=(const ParameterCount& o) {
+    trainable += o.trainable;
+    frozen += o.frozen;
+    return *this;
+  }
+};
+
+/// 1234567 -> "1,234,567".
+inline std::string with_thousands(Index v) {
+  std::string digits = std::to_string(v < 0 ? -v : v);
+  std::string out;
+  const int n = static_cast<int>(digits.size());
+  for (int i = 0; i < n; ++i) {
+    if (i > 0 && (n - i) % 3 == 0) out += ',';
+    out += digits[static_cast<std::size_t>(i)];
+  }
+  return v < 0 ? '-' + out : out;
+}
+
+/// PEFT's print_trainable_parameters() line:
+/// "trainable params: 16,384 || all params: 1,064,960 || trainable%: 1.5385".
+inline std::string trainable_summary(const ParameterCount& c) {
+  char pct[32];
+  std::snprintf(pct, sizeof pct, "%.4f",
+                c.total() == 0 ? 0.0 : 100.0 * static_cast<double>(c.trainable) / static_cast<double>(c.total()));
+  return "trainable params: " + with_thousands(c.trainable) + " || all params: " + with_thousands(c.total()) +
+         " || trainable%: " + pct;
+}
+
+}  // namespace lora

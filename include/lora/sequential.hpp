@@ -1,0 +1,223 @@
+// Sequential: a chain of LoRALinear layers and activations with forward and
+// backward, so a multi-layer network trains in a few lines:
+//
+//   lora::Sequential<float> model;
+//   model.add(lora::LoRALinear<float>(784, 256, cfg)).add(lora::ReLU{}).add(lora::LoRALinear<float>(256, 10, cfg));
+//   lora::AdamW<float> opt(model.parameters());
+//   const auto& logits = model.forward(x);              // x (N, 784) -> (N, 10)
+//   float loss = lora::cross_entropy<float>(logits, labels, dlogits);
+//   model.backward(dlogits);                            // adds into every dA, dB (and db)
+//   opt.step(); opt.zero_grad();
+//
+// The model keeps one activation buffer and one gradient buffer per layer
+// boundary, reused from step to step: a steady-state step allocates nothing.
+#pragma once
+
+#ifndef LORA_INSIDE_LIBRARY
+#define LORA_INSIDE_LIBRARY
+#endif
+
+#include <lora/activations.hpp>
+#include <lora/errors.hpp>
+#include <lora/linear.hpp>
+#include <lora/params.hpp>
+#include <lora/types.hpp>
+
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <variant>
+#include <vector>
+
+namespace lora {
+
+template <class Scalar>
+class Sequential {
+ public:
+  using Mat = Matrix<Scalar>;
+  using Layer = std::variant<LoRALinear<Scalar>, ReLU, GELU>;
+
+  Sequential() = default;
+
+  /// Appends a layer. A LoRALinear's in_features must match the width coming
+  /// out of the layers before it (shape_error otherwise; the model is unchanged).
+  Sequential& add(LoRALinear<Scalar> layer) {
+    const Index width = output_width();
+    if (width >= 0 && layer.in_features() != width)
+      throw shape_error("Sequential::add: layer " + std::to_string(layers_.size()) + " expected in_features " +
+                        std::to_string(width) + " (the output width of layer " + std::to_string(last_linear_) +
+                        "), got " + std::to_string(layer.in_features()));
+    last_linear_ = static_cast<Index>(layers_.size());
+    layer.train(training_);
+    layers_.emplace_back(std::move(layer));
+    return *this;
+  }
+  Sequential& add(ReLU a) {
+    layers_.emplace_back(a);
+    return *this;
+  }
+  Sequential& add(GELU a) {
+    layers_.emplace_back(a);
+    return *this;
+  }
+
+  std::size_t size() const { return layers_.size(); }
+  Layer& operator[](std::size_t i) { return layers_.at(i); }
+  const Layer& operator[](std::size_t i) const { return layers_.at(i); }
+
+  /// The i-th layer as a LoRALinear (state_error if it is an activation).
+  LoRALinear<Scalar>& linear(std::size_t i) {
+    auto* l = std::get_if<LoRALinear<Scalar>>(&layers_.at(i));
+    if (!l) throw state_error("Sequential::linear: layer " + std::to_string(i) + " is an activation, not a LoRALinear");
+    return *l;
+  }
+
+  /// x (N, I) -> y (N, O). Returns a reference to the model's output buffer,
+  /// valid until the next forward. Training mode keeps every layer's input for backward().
+  const Mat& forward(const ConstRef<Scalar>& x) {
+    if (layers_.empty()) throw state_error("Sequential::forward: the model has no layers");
+    const Index N = x.rows();
+    acts_.resize(layers_.size() + 1);
+    acts_[0] = x;  // copied so backward does not depend on the caller keeping x alive (N·I, cheap next to the GEMMs)
+    for (std::size_t i = 0; i < layers_.size(); ++i) {
+      const Mat& in = acts_[i];
+      Mat& out = acts_[i + 1];
+      std::visit(
+          [&](auto& layer) {
+            using L = std::decay_t<decltype(layer)>;
+            if constexpr (std::is_same_v<L, LoRALinear<Scalar>>) {
+              out.resize(N, layer.out_features());
+              layer.forward(in, out);
+            } else {
+              out.resize(N, in.cols());
+              L::template forward<Scalar>(in, out);
+            }
+          },
+          layers_[i]);
+    }
+    forward_rows_ = training_ ? N : -1;
+    return acts_.back();
+  }
+
+  /// Eval-mode forward of a const model: allocates its own buffers, safe from several threads.
+  Mat forward(const ConstRef<Scalar>& x) const {
+    if (layers_.empty()) throw state_error("Sequential::forward: the model has no layers");
+    Mat cur = x, next;
+    for (const auto& l : layers_) {
+      std::visit(
+          [&](const auto& layer) {
+            using L = std::decay_t<decltype(layer)>;
+            if constexpr (std::is_same_v<L, LoRALinear<Scalar>>) {
+              next.resize(cur.rows(), layer.out_features());
+              layer.forward(cur, next);
+            } else {
+              next.resize(cur.rows(), cur.cols());
+              L::template forward<Scalar>(cur, next);
+            }
+          },
+          l);
+      std::swap(cur, next);
+    }
+    return cur;
+  }
+
+  /// dy (N, O): adds into every layer's gradients. The input gradient is not
+  /// computed (the first layer skips its dx).
+  void backward(const ConstRef<Scalar>& dy) { backward_impl(dy, nullptr); }
+
+  /// As above, and writes dx (N, I), the gradient with respect to the model's input.
+  void backward(const ConstRef<Scalar>& dy, MutRef<Scalar> dx) { backward_impl(dy, &dx); }
+
+  void zero_grad() {
+    for_each_linear([](LoRALinear<Scalar>& l) { l.zero_grad(); });
+  }
+  void train(bool mode = true) {
+    training_ = mode;
+    forward_rows_ = -1;
+    for_each_linear([mode](LoRALinear<Scalar>& l) { l.train(mode); });
+  }
+  void eval() { train(false); }
+  bool is_training() const { return training_; }
+  void merge(bool safe_merge = true) {
+    for_each_linear([safe_merge](LoRALinear<Scalar>& l) { l.merge(safe_merge); });
+  }
+  void unmerge() {
+    for_each_linear([](LoRALinear<Scalar>& l) { l.unmerge(); });
+  }
+
+  /// Every trainable tensor, named "<layer index>.lora_A" and so on.
+  ParameterList<Scalar> parameters() {
+    ParameterList<Scalar> all;
+    for (std::size_t i = 0; i < layers_.size(); ++i)
+      if (auto* l = std::get_if<LoRALinear<Scalar>>(&layers_[i]))
+        for (auto p : l->parameters()) {
+          p.name = std::to_string(i) + '.' + p.name;
+          all.push_back(std::move(p));
+        }
+    return all;
+  }
+
+  ParameterCount parameter_count() const {
+    ParameterCount c;
+    for (const auto& l : layers_)
+      if (const auto* lin = std::get_if<LoRALinear<Scalar>>(&l)) c += lin->parameter_count();
+    return c;
+  }
+
+  /// PEFT's print_trainable_parameters() line.
+  std::string summary() const { return trainable_summary(parameter_count()); }
+
+ private:
+  template <class F>
+  void for_each_linear(F&& f) {
+    for (auto& l : layers_)
+      if (auto* lin = std::get_if<LoRALinear<Scalar>>(&l)) f(*lin);
+  }
+
+  Index output_width() const {
+    if (last_linear_ < 0) return -1;
+    return std::get<LoRALinear<Scalar>>(layers_[static_cast<std::size_t>(last_linear_)]).out_features();
+  }
+
+  void backward_impl(const ConstRef<Scalar>& dy, MutRef<Scalar>* dx) {
+    const std::string where = "Sequential::backward";
+    if (!training_) throw state_error(where + ": the model is in eval mode; call train() and run forward again");
+    if (forward_rows_ < 0) throw state_error(where + ": needs a training-mode forward first");
+    detail::check_shape(where, "dy", dy, forward_rows_, acts_.back().cols());
+    if (dx) detail::check_shape(where, "dx", *dx, forward_rows_, acts_[0].cols());
+    grads_.resize(layers_.size() + 1);
+    grads_.back() = dy;
+    for (std::size_t k = layers_.size(); k-- > 0;) {
+      const Mat& in = acts_[k];
+      const Mat& d_out = grads_[k + 1];
+      Mat& d_in = grads_[k];
+      const bool need_dx = k > 0 || dx != nullptr;
+      std::visit(
+          [&](auto& layer) {
+            using L = std::decay_t<decltype(layer)>;
+            if constexpr (std::is_same_v<L, LoRALinear<Scalar>>) {
+              if (need_dx) {
+                d_in.resize(in.rows(), in.cols());
+                layer.backward(in, d_out, d_in);
+              } else {
+                layer.backward(in, d_out);
+              }
+            } else if (need_dx) {
+              d_in.resize(in.rows(), in.cols());
+              L::template backward<Scalar>(in, d_out, d_in);
+            }
+          },
+          layers_[k]);
+    }
+    if (dx) *dx = grads_[0];
+  }
+
+  std::vector<Layer> layers_;
+  Index last_linear_ = -1;
+  bool training_ = true;
+  Index forward_rows_ = -1;
+  std::vector<Mat> acts_;   // acts_[i]: input of layer i; acts_.back(): the output
+  std::vector<Mat> grads_;  // grads_[i]: gradient with respect to acts_[i]
+};
+
+}  // namespace lora
