@@ -46,9 +46,9 @@ namespace detail {
 template <class Scalar>
 Scalar cross_entropy_impl(const ConstRef<Scalar>& logits, const int* labels, Index n_labels, Scalar* dlogits_data,
                           Index dlogits_stride) {
-  const std::string where = "cross_entropy";
+  const char* where = "cross_entropy";
   if (n_labels != logits.rows())
-    throw shape_error(where + ": labels expected " + std::to_string(logits.rows()) + " entries (one per row of logits " +
+    throw shape_error(std::string(where) + ": labels expected " + std::to_string(logits.rows()) + " entries (one per row of logits " +
                       shape_string(logits.rows(), logits.cols()) + "), got " + std::to_string(n_labels));
   const Index C = logits.cols();
   Index counted = 0;
@@ -56,7 +56,7 @@ Scalar cross_entropy_impl(const ConstRef<Scalar>& logits, const int* labels, Ind
     const int y = labels[i];
     if (y == ignore_index) continue;
     if (y < 0 || y >= C)
-      throw shape_error(where + ": label at row " + std::to_string(i) + " expected in [0, " + std::to_string(C) +
+      throw shape_error(std::string(where) + ": label at row " + std::to_string(i) + " expected in [0, " + std::to_string(C) +
                         ") or ignore_index (-100), got " + std::to_string(y));
     ++counted;
   }

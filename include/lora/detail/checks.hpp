@@ -1,5 +1,7 @@
 // Argument checks shared by the layers: each throws with a message that
-// names the argument, the expected shape and the shape that came.
+// names the argument, the expected shape and the shape that came. They take
+// `const char*` and build strings only on failure: they run in every training
+// step, which must not allocate.
 #pragma once
 
 #ifndef LORA_INSIDE_LIBRARY
@@ -23,10 +25,10 @@ inline std::string expected_shape(Index rows, Index cols) {
 
 /// Throws shape_error unless m is (rows, cols); a negative rows accepts any row count.
 template <class Derived>
-void check_shape(const std::string& where, const char* name, const Eigen::MatrixBase<Derived>& m,
+void check_shape(const char* where, const char* name, const Eigen::MatrixBase<Derived>& m,
                  Index rows, Index cols) {
   if ((rows >= 0 && m.rows() != rows) || m.cols() != cols)
-    throw shape_error(where + ": " + name + " expected shape " + expected_shape(rows, cols) +
+    throw shape_error(std::string(where) + ": " + name + " expected shape " + expected_shape(rows, cols) +
                       ", got " + shape_string(m.rows(), m.cols()));
 }
 
@@ -41,13 +43,13 @@ std::pair<const char*, const char*> byte_span(const Eigen::MatrixBase<Derived>& 
 
 /// Throws shape_error when an output would overwrite an input it is computed from.
 template <class A, class B>
-void check_no_overlap(const std::string& where, const char* out_name, const Eigen::MatrixBase<A>& out,
+void check_no_overlap(const char* where, const char* out_name, const Eigen::MatrixBase<A>& out,
                       const char* in_name, const Eigen::MatrixBase<B>& in) {
   const auto o = byte_span(out);
   const auto i = byte_span(in);
   std::less<const char*> lt;
   if (lt(o.first, i.second) && lt(i.first, o.second))
-    throw shape_error(where + ": " + out_name + " must not overlap " + in_name +
+    throw shape_error(std::string(where) + ": " + out_name + " must not overlap " + in_name +
                       " (the output is written while the input is still being read)");
 }
 

@@ -261,13 +261,13 @@ void LoRALinear<Scalar>::backward(const ConstRef<Scalar>& x, const ConstRef<Scal
 template <class Scalar>
 void LoRALinear<Scalar>::backward_impl(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy,
                                        MutRef<Scalar>* dx) {
-  const std::string where = "LoRALinear::backward";
-  if (!training_) throw state_error(where + ": the layer is in eval mode; call train() and run forward again");
-  if (merged_) throw state_error(where + ": the layer is merged; call unmerge() before training");
+  const char* where = "LoRALinear::backward";
+  if (!training_) throw state_error(std::string(where) + ": the layer is in eval mode; call train() and run forward again");
+  if (merged_) throw state_error(std::string(where) + ": the layer is merged; call unmerge() before training");
   detail::check_shape(where, "x", x, -1, in_);
   detail::check_shape(where, "dy", dy, x.rows(), out_);
   if (cached_rows_ != x.rows())
-    throw state_error(where + ": needs the training-mode forward of the same batch first; " +
+    throw state_error(std::string(where) + ": needs the training-mode forward of the same batch first; " +
                       (cached_rows_ < 0 ? std::string("no forward was run")
                                         : "the last forward had " + std::to_string(cached_rows_) + " rows") +
                       ", backward got " + std::to_string(x.rows()));

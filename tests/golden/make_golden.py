@@ -1,0 +1,150 @@
+#!/usr/bin/python3
+"""Writes tests/data/golden.txt: reference values computed by PyTorch, the
+oracle the C++ tests compare against. The tests read only the output file;
+run this again (Debian: apt-get install python3-torch) to regenerate it.
+
+Every computation mirrors how PEFT's LoRA Linear layer does it:
+    result = F.linear(x, W, b) + lora_B(lora_A(dropout(x))) * scaling
+and uses torch's own autograd, optimizers and functional ops, in float64.
+
+File format, one tensor per record:
+    <name> <rows> <cols>
+    <rows*cols values, row-major, %.17g>
+"""
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+torch.manual_seed(20261129)
+torch.set_default_dtype(torch.float64)
+records = []
+
+
+def put(name, t):
+    t = torch.as_tensor(t, dtype=torch.float64).detach()
+    if t.dim() == 0:
+        t = t.reshape(1, 1)
+    elif t.dim() == 1:
+        t = t.reshape(1, -1)
+    records.append((name, t))
+
+
+def lora_forward(x, W, b, A, B, scaling):
+    return F.linear(x, W, b) + F.linear(F.linear(x, A), B) * scaling
+
+
+# ---- one LoRA layer: forward, backward --------------------------------------
+N, I, O, R = 6, 5, 4, 3
+alpha = 6.0
+scaling = alpha / R
+x = torch.randn(N, I, requires_grad=True)
+W = torch.randn(O, I)  # frozen: no grad
+b = torch.randn(O, requires_grad=True)
+A = torch.randn(R, I, requires_grad=True)
+B = torch.randn(O, R, requires_grad=True)  # nonzero so every gradient path is exercised
+dy = torch.randn(N, O)
+for name, t in [("x", x), ("W", W), ("b", b), ("A", A), ("B", B), ("dy", dy)]:
+    put("linear." + name, t)
+y = lora_forward(x, W, b, A, B, scaling)
+y.backward(dy)
+put("linear.y", y)
+put("linear.dx", x.grad)
+put("linear.dA", A.grad)
+put("linear.dB", B.grad)
+put("linear.db", b.grad)
+
+# rsLoRA scaling: alpha / sqrt(r)
+with torch.no_grad():
+    put("linear.y_rslora", lora_forward(x, W, b, A, B, alpha / math.sqrt(R)))
+
+# ---- 5 AdamW steps on (A, B, b) with an MSE loss ----------------------------
+target = torch.randn(N, O)
+put("adamw.target", target)
+params = [A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_(),
+          b.detach().clone().requires_grad_()]
+opt = torch.optim.AdamW(params, lr=0.05, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+xd = x.detach()
+losses = []
+for step in range(5):
+    opt.zero_grad()
+    loss = F.mse_loss(lora_forward(xd, W, params[2], params[0], params[1], scaling), target)
+    loss.backward()
+    losses.append(loss.item())
+    opt.step()
+put("adamw.losses", torch.tensor(losses))
+put("adamw.A", params[0])
+put("adamw.B", params[1])
+put("adamw.b", params[2])
+
+# ---- 3 SGD steps, momentum + nesterov + weight decay ------------------------
+params = [A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_()]
+opt = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=0.01, nesterov=True)
+for step in range(3):
+    opt.zero_grad()
+    loss = F.mse_loss(lora_forward(xd, W, b.detach(), params[0], params[1], scaling), target)
+    loss.backward()
+    opt.step()
+put("sgd.A", params[0])
+put("sgd.B", params[1])
+
+# ---- a two-layer model: LoRA -> GELU(tanh) -> LoRA, cross-entropy -----------
+H, C = 7, 4
+W1, b1 = torch.randn(H, I), torch.randn(H)
+A1, B1 = torch.randn(R, I, requires_grad=True), torch.randn(H, R, requires_grad=True)
+W2, b2 = torch.randn(C, H), torch.randn(C)
+A2, B2 = torch.randn(R, H, requires_grad=True), torch.randn(C, R, requires_grad=True)
+labels = torch.tensor([0, 3, 1, -100, 2, 3])
+xm = x.detach().clone().requires_grad_()
+h = F.gelu(lora_forward(xm, W1, b1, A1, B1, scaling), approximate="tanh")
+logits = lora_forward(h, W2, b2, A2, B2, scaling)
+loss = F.cross_entropy(logits, labels)  # ignore_index=-100 by default
+loss.backward()
+for name, t in [("W1", W1), ("b1", b1), ("A1", A1), ("B1", B1), ("W2", W2), ("b2", b2), ("A2", A2), ("B2", B2)]:
+    put("mlp." + name, t)
+put("mlp.labels", labels)
+put("mlp.logits", logits)
+put("mlp.loss", loss)
+put("mlp.dA1", A1.grad)
+put("mlp.dB1", B1.grad)
+put("mlp.dA2", A2.grad)
+put("mlp.dB2", B2.grad)
+put("mlp.dx", xm.grad)
+
+# ---- cross-entropy on extreme logits (stability) ----------------------------
+z = torch.tensor([[1000.0, -1000.0, 0.0], [-800.0, -805.0, -790.0], [3.0, 3.0, 3.0]], requires_grad=True)
+zl = torch.tensor([1, 2, 0])
+ce = F.cross_entropy(z, zl)
+ce.backward()
+put("ce.logits", z)
+put("ce.labels", zl)
+put("ce.loss", ce)
+put("ce.dlogits", z.grad)
+
+# ---- GELU (tanh) and its derivative ------------------------------------------
+g = torch.linspace(-6, 6, 25, requires_grad=True)
+gy = F.gelu(g, approximate="tanh")
+gy.sum().backward()
+put("gelu.x", g)
+put("gelu.y", gy)
+put("gelu.dx", g.grad)
+
+# ---- clip_grad_norm_ ---------------------------------------------------------
+p1, p2 = torch.zeros(3, 2, requires_grad=True), torch.zeros(4, requires_grad=True)
+p1.grad, p2.grad = torch.randn(3, 2) * 3, torch.randn(4) * 3
+put("clip.g1", p1.grad)
+put("clip.g2", p2.grad)
+norm = torch.nn.utils.clip_grad_norm_([p1, p2], max_norm=1.5)
+put("clip.norm", norm)
+put("clip.g1_clipped", p1.grad)
+put("clip.g2_clipped", p2.grad)
+
+out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data", "golden.txt")
+with open(out, "w") as f:
+    f.write("# PyTorch %s reference values; written by tests/golden/make_golden.py\n" % torch.__version__)
+    for name, t in records:
+        f.write("%s %d %d\n" % (name, t.shape[0], t.shape[1]))
+        f.write(" ".join("%.17g" % v for v in t.reshape(-1).tolist()) + "\n")
+print("wrote %d tensors to %s" % (len(records), os.path.normpath(out)), file=sys.stderr)

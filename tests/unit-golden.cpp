@@ -1,0 +1,93 @@
+// LoRALinear and Sequential against values PyTorch computed
+// (tests/golden/make_golden.py -> tests/data/golden.txt).
+#include <catch2/catch.hpp>
+#include <lora/lora.hpp>
+
+#include "golden.hpp"
+
+using lora_test::max_rel_diff;
+using lora_test::tensor;
+
+namespace {
+// float carries ~7 digits; double matches to rounding.
+template <class S>
+constexpr double tolerance = sizeof(S) == 4 ? 2e-5 : 1e-12;
+
+lora::LoraConfig golden_config() {
+  lora::LoraConfig c;
+  c.r = 3;
+  c.lora_alpha = 6;
+  return c;
+}
+
+std::vector<int> labels_from(const lora::Matrix<double>& m) {
+  std::vector<int> out;
+  for (lora::Index i = 0; i < m.size(); ++i) out.push_back(static_cast<int>(m.data()[i]));
+  return out;
+}
+}  // namespace
+
+TEMPLATE_TEST_CASE("LoRALinear forward and backward match PyTorch", "[golden][linear]", float, double) {
+  using S = TestType;
+  auto cfg = golden_config();
+  cfg.bias = lora::BiasMode::all;
+  lora::LoRALinear<S> layer(tensor<S>("linear.W"), tensor<S>("linear.b"), cfg);
+  layer.lora_A() = tensor<S>("linear.A");
+  layer.lora_B() = tensor<S>("linear.B");
+  const auto x = tensor<S>("linear.x");
+  const auto dy = tensor<S>("linear.dy");
+
+  lora::Matrix<S> y(x.rows(), layer.out_features()), dx(x.rows(), x.cols());
+  layer.forward(x, y);
+  layer.backward(x, dy, dx);
+  CHECK(max_rel_diff(y, tensor("linear.y")) < tolerance<S>);
+  CHECK(max_rel_diff(dx, tensor("linear.dx")) < tolerance<S>);
+  CHECK(max_rel_diff(layer.dA(), tensor("linear.dA")) < tolerance<S>);
+  CHECK(max_rel_diff(layer.dB(), tensor("linear.dB")) < tolerance<S>);
+  CHECK(max_rel_diff(layer.db(), tensor("linear.db")) < tolerance<S>);
+
+  // Eval and merged forwards give the same y.
+  layer.eval();
+  CHECK(max_rel_diff(layer.forward(x), tensor("linear.y")) < tolerance<S>);
+  layer.merge();
+  CHECK(max_rel_diff(layer.forward(x), tensor("linear.y")) < 10 * tolerance<S>);
+}
+
+TEMPLATE_TEST_CASE("rsLoRA forward matches PyTorch", "[golden][linear]", float, double) {
+  using S = TestType;
+  auto cfg = golden_config();
+  cfg.use_rslora = true;
+  lora::LoRALinear<S> layer(tensor<S>("linear.W"), tensor<S>("linear.b"), cfg);
+  layer.lora_A() = tensor<S>("linear.A");
+  layer.lora_B() = tensor<S>("linear.B");
+  layer.eval();
+  CHECK(max_rel_diff(layer.forward(tensor<S>("linear.x")), tensor("linear.y_rslora")) < tolerance<S>);
+}
+
+TEMPLATE_TEST_CASE("two-layer model with GELU and cross-entropy matches PyTorch", "[golden][sequential]", float,
+                   double) {
+  using S = TestType;
+  const auto cfg = golden_config();
+  lora::Sequential<S> model;
+  model.add(lora::LoRALinear<S>(tensor<S>("mlp.W1"), tensor<S>("mlp.b1"), cfg))
+      .add(lora::GELU{})
+      .add(lora::LoRALinear<S>(tensor<S>("mlp.W2"), tensor<S>("mlp.b2"), cfg));
+  model.linear(0).lora_A() = tensor<S>("mlp.A1");
+  model.linear(0).lora_B() = tensor<S>("mlp.B1");
+  model.linear(2).lora_A() = tensor<S>("mlp.A2");
+  model.linear(2).lora_B() = tensor<S>("mlp.B2");
+  const auto x = tensor<S>("linear.x");
+  const auto labels = labels_from(tensor("mlp.labels"));  // one row is -100: ignored
+
+  const auto& logits = model.forward(x);
+  CHECK(max_rel_diff(logits, tensor("mlp.logits")) < tolerance<S>);
+  lora::Matrix<S> dlogits(logits.rows(), logits.cols()), dx(x.rows(), x.cols());
+  const S loss = lora::cross_entropy<S>(logits, labels, dlogits);
+  CHECK(max_rel_diff(lora::Matrix<S>::Constant(1, 1, loss), tensor("mlp.loss")) < tolerance<S>);
+  model.backward(dlogits, dx);
+  CHECK(max_rel_diff(model.linear(0).dA(), tensor("mlp.dA1")) < tolerance<S>);
+  CHECK(max_rel_diff(model.linear(0).dB(), tensor("mlp.dB1")) < tolerance<S>);
+  CHECK(max_rel_diff(model.linear(2).dA(), tensor("mlp.dA2")) < tolerance<S>);
+  CHECK(max_rel_diff(model.linear(2).dB(), tensor("mlp.dB2")) < tolerance<S>);
+  CHECK(max_rel_diff(dx, tensor("mlp.dx")) < tolerance<S>);
+}

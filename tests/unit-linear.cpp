@@ -1,0 +1,454 @@
+// LoRALinear: hand-computed case, initialisation, modes, merge, views,
+// threads, accounting and bad input.
+#include <catch2/catch.hpp>
+#include <lora/lora.hpp>
+
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <thread>
+#include <vector>
+
+using Catch::Contains;
+using lora::Index;
+template <class S>
+using Mat = lora::Matrix<S>;
+
+namespace {
+
+lora::LoraConfig make_config(int r, double alpha, double dropout = 0.0, std::uint64_t seed = 7) {
+  lora::LoraConfig c;
+  c.r = r;
+  c.lora_alpha = alpha;
+  c.lora_dropout = dropout;
+  c.seed = seed;
+  return c;
+}
+
+template <class S>
+Mat<S> random_matrix(Index rows, Index cols, unsigned seed) {
+  std::srand(seed);
+  return Mat<S>::Random(rows, cols);
+}
+
+// A layer with nonzero B, so the LoRA path changes the output.
+template <class S>
+lora::LoRALinear<S> adapted_layer(Index in, Index out, int r, double alpha, double dropout = 0.0) {
+  lora::LoRALinear<S> layer(in, out, make_config(r, alpha, dropout));
+  layer.lora_B() = random_matrix<S>(out, r, 11);
+  return layer;
+}
+
+template <class S>
+Mat<S> base_output(const lora::LoRALinear<S>& layer, const Mat<S>& x) {
+  Mat<S> y(x.rows(), layer.out_features());
+  y.noalias() = x * layer.weight().transpose();
+  if (layer.has_bias()) y.rowwise() += layer.bias().row(0);
+  return y;
+}
+
+}  // namespace
+
+TEST_CASE("hand-computed forward and backward", "[linear]") {
+  // W = [[1,2],[3,4]], b = [0.5,-0.5], A = [[1,-1]], B = [[2],[1]], r = 1, alpha = 2 -> s = 2
+  // x = [[1,1],[2,0]]
+  // x Wᵀ + b = [[3.5, 6.5], [2.5, 5.5]]; H = x Aᵀ = [[0],[2]]; s·H Bᵀ = [[0,0],[8,4]]
+  Mat<double> W(2, 2), x(2, 2), dy(2, 2);
+  W << 1, 2, 3, 4;
+  x << 1, 1, 2, 0;
+  dy << 1, 0, 0, 1;
+  lora::RowVector<double> b(2);
+  b << 0.5, -0.5;
+  auto cfg = make_config(1, 2.0);
+  cfg.bias = lora::BiasMode::all;
+  lora::LoRALinear<double> layer(W, b, cfg);
+  layer.lora_A() << 1, -1;
+  layer.lora_B() << 2, 1;
+  REQUIRE(layer.scaling() == 2.0);
+
+  Mat<double> y(2, 2);
+  layer.forward(x, y);
+  Mat<double> y_expected(2, 2);
+  y_expected << 3.5, 6.5, 10.5, 9.5;
+  CHECK(y == y_expected);
+
+  // dB = s·dyᵀH = 2·[[0],[2]] = [[0],[4]]; G = dy B = [[2],[1]]; dA = s·Gᵀx = 2·[4, 2]
+  // dx = dy W + s·G A = [[1,2],[3,4]] + 2·[[2,-2],[1,-1]] = [[5,-2],[5,2]]; db = Σ_rows dy = [1, 1]
+  Mat<double> dx(2, 2);
+  layer.backward(x, dy, dx);
+  Mat<double> dA_expected(1, 2), dB_expected(2, 1), dx_expected(2, 2), db_expected(1, 2);
+  dA_expected << 8, 4;
+  dB_expected << 0, 4;
+  dx_expected << 5, -2, 5, 2;
+  db_expected << 1, 1;
+  CHECK(layer.dA() == dA_expected);
+  CHECK(layer.dB() == dB_expected);
+  CHECK(layer.db() == db_expected);
+  CHECK(dx == dx_expected);
+
+  // Gradients accumulate until zero_grad().
+  layer.forward(x, y);
+  layer.backward(x, dy);
+  CHECK(layer.dA() == 2 * dA_expected);
+  CHECK(layer.dB() == 2 * dB_expected);
+  layer.zero_grad();
+  CHECK(layer.dA().isZero(0));
+  CHECK(layer.dB().isZero(0));
+  CHECK(layer.db().isZero(0));
+}
+
+TEST_CASE("scaling is alpha / r, or alpha / sqrt(r) with rsLoRA", "[linear]") {
+  auto cfg = make_config(4, 8.0);
+  CHECK(lora::LoRALinear<float>(6, 5, cfg).scaling() == 2.0f);
+  cfg.use_rslora = true;
+  CHECK(lora::LoRALinear<float>(6, 5, cfg).scaling() == 4.0f);
+  cfg.r = 0;
+  CHECK(lora::LoRALinear<float>(6, 5, cfg).scaling() == 0.0f);
+}
+
+TEST_CASE("default init: A ~ U(-1/sqrt(I), 1/sqrt(I)), B = 0; seeds reproduce", "[linear][init]") {
+  const Index I = 400, O = 50;
+  lora::LoRALinear<double> layer(I, O, make_config(16, 16));
+  const double bound = 1.0 / std::sqrt(double(I));
+  const auto A = layer.lora_A();
+  CHECK(layer.lora_B().isZero(0));
+  CHECK(A.cwiseAbs().maxCoeff() <= bound);
+  // 6400 uniform draws: max close to the bound, mean near 0, variance near bound²/3.
+  CHECK(A.cwiseAbs().maxCoeff() > 0.99 * bound);
+  CHECK(std::abs(A.mean()) < 0.05 * bound);
+  const double var = (A.array() - A.mean()).square().mean();
+  CHECK(var == Approx(bound * bound / 3).epsilon(0.05));
+
+  lora::LoRALinear<double> same(I, O, make_config(16, 16));
+  CHECK(same.lora_A() == layer.lora_A());
+  CHECK(same.weight() == layer.weight());
+  lora::LoRALinear<double> other(I, O, make_config(16, 16, 0.0, /*seed*/ 8));
+  CHECK(other.lora_A() != layer.lora_A());
+
+  // A layer over a view gets the same A as one owning its weight: init streams are independent.
+  const Mat<double> W = layer.weight();
+  auto viewed = lora::LoRALinear<double>::view(W.data(), O, I, make_config(16, 16));
+  CHECK(viewed.lora_A() == layer.lora_A());
+}
+
+TEST_CASE("gaussian init: A ~ N(0, 1/r), B = 0; random init: B nonzero", "[linear][init]") {
+  auto cfg = make_config(4, 4);
+  cfg.init_lora_weights = lora::InitLoraWeights::gaussian;
+  lora::LoRALinear<double> layer(5000, 10, cfg);
+  const auto A = layer.lora_A();
+  const double sd = std::sqrt((A.array() - A.mean()).square().mean());
+  CHECK(sd == Approx(1.0 / 4).epsilon(0.03));  // 20000 draws: sd's relative error ~ 0.5%
+  CHECK(std::abs(A.mean()) < 0.01);
+  CHECK(layer.lora_B().isZero(0));
+
+  cfg.init_lora_weights = lora::InitLoraWeights::random;
+  lora::LoRALinear<double> noisy(50, 10, cfg);
+  CHECK(noisy.lora_B().cwiseAbs().minCoeff() > 0);
+  CHECK(noisy.lora_B().cwiseAbs().maxCoeff() <= 1.0 / std::sqrt(4.0));
+}
+
+TEMPLATE_TEST_CASE("B = 0 at init gives exactly the base output, even with dropout", "[linear]", float, double) {
+  auto cfg = make_config(8, 16, 0.5);
+  lora::LoRALinear<TestType> layer(12, 9, cfg);
+  const Mat<TestType> x = random_matrix<TestType>(5, 12, 3);
+  Mat<TestType> y(5, 9);
+  layer.forward(x, y);
+  CHECK(y == base_output(layer, x));
+  layer.eval();
+  layer.forward(x, y);
+  CHECK(y == base_output(layer, x));
+}
+
+TEST_CASE("dropout: masks are 0 or 1/(1-p), about p of them zero, reproducible by seed", "[linear][dropout]") {
+  // I = O = R = 1, W = 0, A = B = 1, alpha = 1: y = drop(x), so y shows the mask for x = 1.
+  const double p = 0.3;
+  lora::LoRALinear<double> layer(Mat<double>::Zero(1, 1), make_config(1, 1, p));
+  layer.lora_A()(0, 0) = 1;
+  layer.lora_B()(0, 0) = 1;
+  const Index N = 20000;
+  const Mat<double> x = Mat<double>::Ones(N, 1);
+  Mat<double> y(N, 1);
+  layer.set_dropout_seed(5);
+  layer.forward(x, y);
+  const Index zeros = (y.array() == 0).count();
+  const Index kept = (y.array() == 1 / (1 - p)).count();
+  CHECK(zeros + kept == N);
+  const double sigma = std::sqrt(N * p * (1 - p));  // ~65
+  CHECK(std::abs(double(zeros) - N * p) < 5 * sigma);
+
+  Mat<double> again(N, 1);
+  layer.forward(x, again);
+  CHECK(again != y);  // a new mask per forward
+  layer.set_dropout_seed(5);
+  layer.forward(x, again);
+  CHECK(again == y);  // the same mask after reseeding
+
+  layer.eval();  // no dropout in eval mode
+  layer.forward(x, again);
+  CHECK(again == x);
+}
+
+TEMPLATE_TEST_CASE("merge: merged forward equals unmerged, unmerge restores W, merge is idempotent", "[linear][merge]",
+                   float, double) {
+  auto layer = adapted_layer<TestType>(64, 48, 8, 16);
+  layer.eval();
+  const Mat<TestType> x = random_matrix<TestType>(7, 64, 4);
+  const Mat<TestType> W0 = layer.weight();
+  const Mat<TestType> y_unmerged = layer.forward(x);
+
+  layer.merge();
+  REQUIRE(layer.is_merged());
+  const Mat<TestType> W_merged = layer.weight();
+  const Mat<TestType> delta = (layer.scaling() * layer.lora_B() * layer.lora_A()).eval();
+  CHECK((W_merged - W0 - delta).cwiseAbs().maxCoeff() <= 1e-6 * (1 + W0.cwiseAbs().maxCoeff()));
+  const Mat<TestType> y_merged = layer.forward(x);
+  CHECK((y_merged - y_unmerged).cwiseAbs().maxCoeff() <= 1e-5 * (1 + y_unmerged.cwiseAbs().maxCoeff()));
+
+  layer.merge();  // second call does nothing
+  CHECK(layer.weight() == W_merged);
+
+  layer.unmerge();
+  CHECK_FALSE(layer.is_merged());
+  CHECK((layer.weight() - W0).norm() <= 1e-6 * W0.norm());
+  CHECK(layer.forward(x).isApprox(y_unmerged, TestType(1e-5)));
+  layer.unmerge();  // not merged: nothing happens
+  CHECK((layer.weight() - W0).norm() <= 1e-6 * W0.norm());
+}
+
+TEST_CASE("unmerge subtracts what merge added even if A and B changed in between", "[linear][merge]") {
+  auto layer = adapted_layer<double>(10, 6, 2, 4);
+  const Mat<double> W0 = layer.weight();
+  layer.merge();
+  layer.lora_A() *= 3;  // e.g. an optimizer step on a merged layer
+  layer.lora_B().setConstant(9);
+  layer.unmerge();
+  CHECK((layer.weight() - W0).cwiseAbs().maxCoeff() < 1e-14);
+}
+
+TEST_CASE("safe merge refuses a non-finite result and leaves W untouched", "[linear][merge]") {
+  auto layer = adapted_layer<float>(8, 5, 2, 4);
+  const Mat<float> W0 = layer.weight();
+  layer.lora_B()(1, 0) = std::numeric_limits<float>::quiet_NaN();
+  REQUIRE_THROWS_AS(layer.merge(), lora::numeric_error);
+  CHECK(layer.weight() == W0);
+  CHECK_FALSE(layer.is_merged());
+
+  layer.lora_B()(1, 0) = std::numeric_limits<float>::max();  // finite, but W + s·B·A overflows
+  layer.lora_A().setConstant(std::numeric_limits<float>::max());
+  REQUIRE_THROWS_WITH(layer.merge(), Contains("non-finite"));
+  CHECK(layer.weight() == W0);
+}
+
+TEST_CASE("training a merged layer is an error that changes nothing", "[linear][merge]") {
+  auto layer = adapted_layer<double>(6, 4, 2, 2);
+  layer.merge();
+  const Mat<double> W_merged = layer.weight();
+  const Mat<double> x = random_matrix<double>(3, 6, 5);
+  Mat<double> y = Mat<double>::Constant(3, 4, 42);
+  REQUIRE(layer.is_training());
+  REQUIRE_THROWS_AS(layer.forward(x, y), lora::state_error);
+  REQUIRE_THROWS_WITH(layer.forward(x, y), Contains("unmerge()"));
+  CHECK(y == Mat<double>::Constant(3, 4, 42));
+  CHECK(layer.weight() == W_merged);
+  CHECK(layer.is_merged());
+  Mat<double> dx(3, 6);
+  REQUIRE_THROWS_AS(layer.backward(x, Mat<double>::Ones(3, 4), dx), lora::state_error);
+  CHECK(layer.dA().isZero(0));
+}
+
+TEST_CASE("eval() never merges and a const layer refuses a training forward", "[linear]") {
+  auto layer = adapted_layer<double>(6, 4, 2, 2, 0.2);
+  const Mat<double> W0 = layer.weight();
+  layer.eval();
+  CHECK_FALSE(layer.is_merged());
+  CHECK(layer.weight() == W0);
+  layer.train();
+  const auto& const_layer = layer;
+  const Mat<double> x = random_matrix<double>(2, 6, 1);
+  Mat<double> y(2, 4);
+  REQUIRE_THROWS_AS(const_layer.forward(x, y), lora::state_error);
+  REQUIRE_THROWS_WITH(const_layer.forward(x, y), Contains("eval()"));
+}
+
+TEST_CASE("a read-only view is never written, never copied, and refuses merge", "[linear][view]") {
+  const Index O = 6, I = 5;
+  std::vector<float> host(O * I);
+  for (std::size_t i = 0; i < host.size(); ++i) host[i] = 0.01f * float(i) - 0.1f;
+  const std::vector<float> original = host;
+  auto cfg = make_config(3, 6);
+  auto layer = lora::LoRALinear<float>::view(host.data(), O, I, cfg);
+  CHECK(layer.weight().data() == host.data());  // no copy
+  CHECK(layer.weight_is_view());
+  CHECK_FALSE(layer.weight_is_writable());
+
+  // 20 AdamW steps on a regression target: the adapter moves, the host weight does not.
+  lora::AdamW<float> opt(layer.parameters(), {0.05, 0.9, 0.999, 1e-8, 0.1});
+  const Mat<float> x = random_matrix<float>(8, I, 2), target = random_matrix<float>(8, O, 3);
+  Mat<float> y(8, O), dy(8, O), dx(8, I);
+  for (int step = 0; step < 20; ++step) {
+    layer.forward(x, y);
+    lora::mse_loss<float>(y, target, dy);
+    layer.backward(x, dy, dx);
+    opt.step();
+    opt.zero_grad();
+  }
+  CHECK_FALSE(layer.lora_B().isZero(0));
+  CHECK(host == original);
+
+  REQUIRE_THROWS_AS(layer.merge(), lora::state_error);
+  REQUIRE_THROWS_WITH(layer.merge(), Contains("mutable_view"));
+  CHECK(host == original);
+  CHECK_FALSE(layer.is_merged());
+
+  // The view follows the host's buffer.
+  host[0] += 1.0f;
+  CHECK(layer.weight()(0, 0) == host[0]);
+}
+
+TEST_CASE("a mutable view merges in place and unmerges back", "[linear][view]") {
+  const Index O = 4, I = 3;
+  std::vector<double> host = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12};
+  const std::vector<double> original = host;
+  auto layer = lora::LoRALinear<double>::mutable_view(host.data(), O, I, make_config(2, 2));
+  layer.lora_B().setOnes();
+  layer.lora_A() << 1, 0, 0, 0, 1, 0;  // s·B·A = [[1,1,0], ...] for every row (s = 1)
+  layer.merge();
+  CHECK(host[0] == 2);
+  CHECK(host[1] == 3);
+  CHECK(host[2] == 3);
+  layer.unmerge();
+  CHECK(host == original);
+}
+
+TEST_CASE("eval forward of a const layer is safe from several threads", "[linear][threads]") {
+  auto layer = adapted_layer<float>(96, 80, 8, 16, 0.1);
+  layer.eval();
+  const lora::LoRALinear<float>& shared = layer;
+  std::vector<Mat<float>> inputs, expected;
+  for (unsigned t = 0; t < 4; ++t) {
+    inputs.push_back(random_matrix<float>(16 + t, 96, 100 + t));
+    expected.push_back(shared.forward(inputs.back()));
+  }
+  std::vector<int> mismatches(4, 0);
+  std::vector<std::thread> threads;
+  for (unsigned t = 0; t < 4; ++t)
+    threads.emplace_back([&, t] {
+      Mat<float> y(inputs[t].rows(), 80);
+      for (int rep = 0; rep < 50; ++rep) {
+        shared.forward(inputs[t], y);
+        if (y != expected[t]) ++mismatches[t];
+      }
+    });
+  for (auto& th : threads) th.join();
+  CHECK(mismatches == std::vector<int>(4, 0));
+}
+
+TEST_CASE("r = 0 is a plain frozen linear layer", "[linear]") {
+  auto cfg = make_config(0, 8);
+  lora::LoRALinear<double> layer(5, 3, cfg);
+  CHECK(layer.parameters().empty());
+  CHECK(layer.parameter_count().trainable == 0);
+  CHECK(layer.parameter_count().frozen == 5 * 3 + 3);
+  const Mat<double> x = random_matrix<double>(4, 5, 9), dy = random_matrix<double>(4, 3, 10);
+  Mat<double> y(4, 3), dx(4, 5);
+  layer.forward(x, y);
+  CHECK(y == base_output(layer, x));
+  layer.backward(x, dy, dx);
+  CHECK(dx.isApprox(dy * layer.weight()));
+  const Mat<double> W0 = layer.weight();
+  layer.merge();
+  CHECK(layer.weight() == W0);
+}
+
+TEST_CASE("bias modes decide which biases train, as loralib and PEFT", "[linear][params]") {
+  auto count = [](int r, lora::BiasMode mode) {
+    auto cfg = make_config(r, 8);
+    cfg.bias = mode;
+    lora::LoRALinear<float> layer(10, 6, cfg);
+    return std::make_pair(layer.bias_trainable(), layer.parameter_count());
+  };
+  // r = 2: A 2·10 + B 6·2 = 32; bias 6; W 60
+  CHECK(count(2, lora::BiasMode::none).first == false);
+  CHECK(count(2, lora::BiasMode::none).second.trainable == 32);
+  CHECK(count(2, lora::BiasMode::none).second.frozen == 66);
+  CHECK(count(2, lora::BiasMode::all).second.trainable == 38);
+  CHECK(count(2, lora::BiasMode::all).second.frozen == 60);
+  CHECK(count(2, lora::BiasMode::lora_only).second.trainable == 38);
+  CHECK(count(0, lora::BiasMode::all).second.trainable == 6);      // all: unadapted layers too
+  CHECK(count(0, lora::BiasMode::lora_only).second.trainable == 0);  // lora_only: adapted layers only
+  CHECK(count(0, lora::BiasMode::lora_only).second.frozen == 66);
+}
+
+TEST_CASE("parameter accounting: the seed example and PEFT's summary line", "[linear][params]") {
+  // d = k = 1024, r = 8: 16,384 trainable of 1,048,576 frozen, 64 times fewer.
+  auto cfg = make_config(8, 8);
+  lora::LoRALinear<float> layer(1024, 1024, cfg, /*bias*/ false);
+  CHECK(layer.parameter_count().trainable == 16384);
+  CHECK(layer.parameter_count().frozen == 1048576);
+  CHECK(lora::trainable_summary(layer.parameter_count()) ==
+        "trainable params: 16,384 || all params: 1,064,960 || trainable%: 1.5385");
+  // The shape-only count allocates nothing and agrees.
+  const auto dry = lora::LoRALinear<float>::parameter_count_for(12288, 12288, cfg, false);
+  CHECK(dry.trainable == 8 * (12288 + 12288));
+  CHECK(dry.frozen == Index(12288) * 12288);
+
+  lora::Sequential<float> model;
+  model.add(lora::LoRALinear<float>(16, 32, cfg)).add(lora::ReLU{}).add(lora::LoRALinear<float>(32, 4, cfg));
+  // trainable 8·(16+32) + 8·(32+4) = 672; frozen 16·32 + 32 + 32·4 + 4 = 676
+  CHECK(model.parameter_count().trainable == 672);
+  CHECK(model.parameter_count().frozen == 676);
+  CHECK(model.summary() == "trainable params: 672 || all params: 1,348 || trainable%: 49.8516");
+}
+
+TEST_CASE("bad configuration throws config_error naming the value", "[linear][errors]") {
+  auto cfg = make_config(-1, 8);
+  REQUIRE_THROWS_AS(lora::LoRALinear<float>(4, 4, cfg), lora::config_error);
+  REQUIRE_THROWS_WITH(lora::LoRALinear<float>(4, 4, cfg), Contains("r must be >= 0") && Contains("-1"));
+  for (double p : {1.0, -0.1, 1.5, std::nan("")}) {
+    cfg = make_config(2, 8, p);
+    REQUIRE_THROWS_WITH(lora::LoRALinear<float>(4, 4, cfg), Contains("lora_dropout must be in [0, 1)"));
+  }
+  for (double a : {std::numeric_limits<double>::infinity(), std::nan("")}) {
+    cfg = make_config(2, a);
+    REQUIRE_THROWS_WITH(lora::LoRALinear<float>(4, 4, cfg), Contains("lora_alpha must be finite"));
+  }
+  REQUIRE_THROWS_AS(lora::LoRALinear<float>(0, 4, make_config(2, 2)), lora::shape_error);
+  REQUIRE_THROWS_AS(lora::LoRALinear<float>::view(nullptr, 4, 4), lora::shape_error);
+  lora::RowVector<float> short_bias(3);
+  REQUIRE_THROWS_WITH(lora::LoRALinear<float>(Mat<float>::Zero(4, 5), short_bias, make_config(2, 2)),
+                      Contains("expected 4") && Contains("got 3"));
+}
+
+TEST_CASE("bad shapes throw shape_error naming expected and actual shapes; the layer is unchanged",
+          "[linear][errors]") {
+  auto layer = adapted_layer<double>(5, 4, 2, 2);
+  const Mat<double> A0 = layer.lora_A(), B0 = layer.lora_B();
+  Mat<double> y(3, 4);
+  const Mat<double> wrong_x = Mat<double>::Ones(3, 6);
+  REQUIRE_THROWS_AS(layer.forward(wrong_x, y), lora::shape_error);
+  REQUIRE_THROWS_WITH(layer.forward(wrong_x, y), Contains("x expected shape (N, 5), got (3, 6)"));
+  const Mat<double> x = Mat<double>::Ones(3, 5);
+  Mat<double> wrong_y(3, 5);
+  REQUIRE_THROWS_WITH(layer.forward(x, wrong_y), Contains("y expected shape (3, 4), got (3, 5)"));
+
+  // backward before any forward, with another batch size, or with a wrong dy
+  Mat<double> dx(3, 5);
+  REQUIRE_THROWS_WITH(layer.backward(x, Mat<double>::Ones(3, 4), dx), Contains("no forward was run"));
+  layer.forward(x, y);
+  const Mat<double> x2 = Mat<double>::Ones(2, 5);
+  Mat<double> dx2(2, 5);
+  REQUIRE_THROWS_WITH(layer.backward(x2, Mat<double>::Ones(2, 4), dx2), Contains("had 3 rows") && Contains("got 2"));
+  REQUIRE_THROWS_WITH(layer.backward(x, Mat<double>::Ones(3, 3), dx), Contains("dy expected shape (3, 4), got (3, 3)"));
+  Mat<double> wrong_dx(3, 4);
+  REQUIRE_THROWS_WITH(layer.backward(x, Mat<double>::Ones(3, 4), wrong_dx),
+                      Contains("dx expected shape (3, 5), got (3, 4)"));
+  CHECK(layer.dA().isZero(0));
+  CHECK(layer.dB().isZero(0));
+  CHECK(layer.lora_A() == A0);
+  CHECK(layer.lora_B() == B0);
+
+  // An output that overlaps its input would be read after being written.
+  Mat<double> square(3, 4);
+  lora::LoRALinear<double> sq(4, 4, make_config(2, 2));
+  REQUIRE_THROWS_WITH(sq.forward(square, square), Contains("must not overlap"));
+}
