@@ -23,7 +23,7 @@ namespace lora {
 
 namespace detail {
 inline void check_option(bool ok, const char* optimizer, const char* what, double got) {
-  if (!ok) throw config_error(std::string(optimizer) + ": " + what + ", got " + std::to_string(got));
+  if (!ok) throw config_error(std::string(optimizer) + ": " + what + ", got " + value_string(got));
 }
 }  // namespace detail
 
@@ -44,8 +44,12 @@ class SGD {
     detail::check_option(opt_.lr >= 0, "SGD", "lr must be >= 0", opt_.lr);
     detail::check_option(opt_.momentum >= 0, "SGD", "momentum must be >= 0", opt_.momentum);
     detail::check_option(opt_.weight_decay >= 0, "SGD", "weight_decay must be >= 0", opt_.weight_decay);
-    detail::check_option(!opt_.nesterov || (opt_.momentum > 0 && opt_.dampening == 0), "SGD",
-                         "nesterov needs momentum > 0 and dampening = 0; momentum", opt_.momentum);
+    detail::check_option(opt_.dampening >= 0 && opt_.dampening <= 1, "SGD", "dampening must be in [0, 1]",
+                         opt_.dampening);
+    detail::check_option(!opt_.nesterov || opt_.momentum > 0, "SGD", "nesterov needs momentum > 0; momentum",
+                         opt_.momentum);
+    detail::check_option(!opt_.nesterov || opt_.dampening == 0, "SGD", "nesterov needs dampening = 0; dampening",
+                         opt_.dampening);
     if (opt_.momentum != 0)
       for (const auto& p : params_) momentum_.push_back(Vector<Scalar>::Zero(p.size()));
   }
@@ -184,23 +188,27 @@ template <class Scalar>
 double clip_grad_norm(const ParameterList<Scalar>& params, double max_norm, double norm_type = 2.0,
                       bool error_if_nonfinite = false) {
   if (!(max_norm >= 0) || !std::isfinite(max_norm))
-    throw config_error("clip_grad_norm: max_norm must be finite and >= 0, got " + std::to_string(max_norm));
+    throw config_error("clip_grad_norm: max_norm must be finite and >= 0, got " + value_string(max_norm));
   if (!(norm_type > 0))
-    throw config_error("clip_grad_norm: norm_type must be > 0 (or infinity), got " + std::to_string(norm_type));
+    throw config_error("clip_grad_norm: norm_type must be > 0 (or infinity), got " + value_string(norm_type));
   double total = 0;
   const bool inf_norm = std::isinf(norm_type);
   for (const auto& p : params) {
     Eigen::Map<const Vector<Scalar>> g(p.grad, p.size());
-    if (inf_norm)
-      total = std::max(total, p.size() ? static_cast<double>(g.cwiseAbs().maxCoeff()) : 0.0);
-    else if (norm_type == 2.0)
-      total += static_cast<double>(g.squaredNorm());
-    else
+    if (inf_norm) {
+      // NaN propagates, as torch's max does: std::max(total, NaN) would drop it.
+      const double m = p.size() ? static_cast<double>(g.cwiseAbs().template maxCoeff<Eigen::PropagateNaN>()) : 0.0;
+      if (std::isnan(m) || m > total) total = m;
+    } else if (norm_type == 2.0) {
+      // In double: float squares overflow from |g| ~ 1.8e19, long before the norm itself does.
+      total += g.template cast<double>().squaredNorm();
+    } else {
       total += g.template cast<double>().array().abs().pow(norm_type).sum();
+    }
   }
   if (!inf_norm) total = norm_type == 2.0 ? std::sqrt(total) : std::pow(total, 1.0 / norm_type);
   if (error_if_nonfinite && !std::isfinite(total))
-    throw numeric_error("clip_grad_norm: the total gradient norm is " + std::to_string(total) +
+    throw numeric_error("clip_grad_norm: the total gradient norm is " + value_string(total) +
                         "; gradients left unchanged");
   const double coef = max_norm / (total + 1e-6);
   if (!(coef >= 1.0)) {  // also when NaN: as torch, a NaN norm spreads to the gradients

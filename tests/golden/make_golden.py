@@ -24,7 +24,8 @@ records = []
 
 
 def put(name, t):
-    t = torch.as_tensor(t, dtype=torch.float64).detach()
+    # clone: a later in-place op (clip_grad_norm_ scales p.grad) must not change what was recorded
+    t = torch.as_tensor(t, dtype=torch.float64).detach().clone()
     if t.dim() == 0:
         t = t.reshape(1, 1)
     elif t.dim() == 1:
