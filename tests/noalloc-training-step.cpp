@@ -12,9 +12,9 @@ inline long operator_new_calls = 0;
 }  // namespace noalloc
 
 #define EIGEN_RUNTIME_NO_MALLOC
-#define eigen_assert(x)                               \
-  do {                                                \
-    if (!(x)) ++::noalloc::eigen_violations;          \
+#define eigen_assert(x)                      \
+  do {                                       \
+    if (!(x)) ++::noalloc::eigen_violations; \
   } while (false)
 
 #include <catch2/catch.hpp>
@@ -25,8 +25,20 @@ void* operator new(std::size_t n) {
   if (void* p = std::malloc(n ? n : 1)) return p;
   throw std::bad_alloc();
 }
+void* operator new(std::size_t n, const std::nothrow_t&) noexcept {
+  ++noalloc::operator_new_calls;
+  return std::malloc(n ? n : 1);
+}
+void* operator new[](std::size_t n) { return ::operator new(n); }
+void* operator new[](std::size_t n, const std::nothrow_t& tag) noexcept { return ::operator new(n, tag); }
+// Every form of delete is replaced too: under AddressSanitizer a replaced new paired with the
+// sanitizer's own delete would be reported as a mismatch.
 void operator delete(void* p) noexcept { std::free(p); }
 void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
 
 namespace {
 // Counts what a block of code allocates, with Eigen's heap use forbidden inside it.

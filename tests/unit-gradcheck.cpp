@@ -21,8 +21,8 @@ TEST_CASE("LoRALinear backward matches finite differences", "[gradcheck][linear]
     int r;
   };
   // N = 1; r = 1; I != O both ways; r larger than min(I, O).
-  const Shape shape = GENERATE(Shape{1, 5, 4, 3}, Shape{3, 4, 6, 1}, Shape{4, 3, 2, 5}, Shape{2, 7, 3, 2},
-                               Shape{5, 6, 6, 8});
+  const Shape shape =
+      GENERATE(Shape{1, 5, 4, 3}, Shape{3, 4, 6, 1}, Shape{4, 3, 2, 5}, Shape{2, 7, 3, 2}, Shape{5, 6, 6, 8});
   const double dropout = GENERATE(0.0, 0.3);
   const bool bias = GENERATE(false, true);
   const bool rslora = GENERATE(false, true);

@@ -91,6 +91,7 @@ TEST_CASE("hand-computed forward and backward", "[linear]") {
   layer.backward(x, dy);
   CHECK(layer.dA() == 2 * dA_expected);
   CHECK(layer.dB() == 2 * dB_expected);
+  CHECK(layer.db() == 2 * db_expected);
   layer.zero_grad();
   CHECK(layer.dA().isZero(0));
   CHECK(layer.dB().isZero(0));
@@ -106,7 +107,7 @@ TEST_CASE("scaling is alpha / r, or alpha / sqrt(r) with rsLoRA", "[linear]") {
   CHECK(lora::LoRALinear<float>(6, 5, cfg).scaling() == 0.0f);
 }
 
-TEST_CASE("default init: A ~ U(-1/sqrt(I), 1/sqrt(I)), B = 0; seeds reproduce", "[linear][init]") {
+TEST_CASE("default init: A ~ U(-1/sqrt(I), 1/sqrt(I)), B = 0, and seeds reproduce", "[linear][init]") {
   const Index I = 400, O = 50;
   lora::LoRALinear<double> layer(I, O, make_config(16, 16));
   const double bound = 1.0 / std::sqrt(double(I));
@@ -131,7 +132,7 @@ TEST_CASE("default init: A ~ U(-1/sqrt(I), 1/sqrt(I)), B = 0; seeds reproduce", 
   CHECK(viewed.lora_A() == layer.lora_A());
 }
 
-TEST_CASE("gaussian init: A ~ N(0, 1/r), B = 0; random init: B nonzero", "[linear][init]") {
+TEST_CASE("gaussian init: A ~ N(0, 1/r) with B = 0, and random init: B nonzero", "[linear][init]") {
   auto cfg = make_config(4, 4);
   cfg.init_lora_weights = lora::InitLoraWeights::gaussian;
   lora::LoRALinear<double> layer(5000, 10, cfg);
@@ -374,7 +375,7 @@ TEST_CASE("bias modes decide which biases train, as loralib and PEFT", "[linear]
   CHECK(count(2, lora::BiasMode::all).second.trainable == 38);
   CHECK(count(2, lora::BiasMode::all).second.frozen == 60);
   CHECK(count(2, lora::BiasMode::lora_only).second.trainable == 38);
-  CHECK(count(0, lora::BiasMode::all).second.trainable == 6);      // all: unadapted layers too
+  CHECK(count(0, lora::BiasMode::all).second.trainable == 6);        // all: unadapted layers too
   CHECK(count(0, lora::BiasMode::lora_only).second.trainable == 0);  // lora_only: adapted layers only
   CHECK(count(0, lora::BiasMode::lora_only).second.frozen == 66);
 }
@@ -419,7 +420,7 @@ TEST_CASE("bad configuration throws config_error naming the value", "[linear][er
                       Contains("expected 4") && Contains("got 3"));
 }
 
-TEST_CASE("bad shapes throw shape_error naming expected and actual shapes; the layer is unchanged",
+TEST_CASE("bad shapes throw shape_error naming expected and actual shapes, and the layer is unchanged",
           "[linear][errors]") {
   auto layer = adapted_layer<double>(5, 4, 2, 2);
   const Mat<double> A0 = layer.lora_A(), B0 = layer.lora_B();

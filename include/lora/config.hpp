@@ -31,10 +31,10 @@ enum class BiasMode {
 };
 
 struct LoraConfig {
-  int r = 8;                     ///< rank; 0 means a plain frozen linear layer
-  double lora_alpha = 8;         ///< scaling numerator
-  double lora_dropout = 0;       ///< dropout on the LoRA path's input, in [0, 1)
-  bool use_rslora = false;       ///< scaling = alpha / sqrt(r) instead of alpha / r
+  int r = 8;                ///< rank; 0 means a plain frozen linear layer
+  double lora_alpha = 8;    ///< scaling numerator
+  double lora_dropout = 0;  ///< dropout on the LoRA path's input, in [0, 1)
+  bool use_rslora = false;  ///< scaling = alpha / sqrt(r) instead of alpha / r
   InitLoraWeights init_lora_weights = InitLoraWeights::kaiming_uniform;
   BiasMode bias = BiasMode::none;
   std::uint64_t seed = 0;  ///< seeds initialisation and the dropout masks
@@ -54,8 +54,7 @@ struct LoraConfig {
     };
     if (r < 0) fail("r must be >= 0", r);
     if (!std::isfinite(lora_alpha)) fail("lora_alpha must be finite", lora_alpha);
-    if (!(lora_dropout >= 0.0 && lora_dropout < 1.0))
-      fail("lora_dropout must be in [0, 1)", lora_dropout);
+    if (!(lora_dropout >= 0.0 && lora_dropout < 1.0)) fail("lora_dropout must be in [0, 1)", lora_dropout);
   }
 };
 

@@ -27,8 +27,8 @@ struct GradCheckOptions {
 
 struct GradCheckResult {
   Index checked = 0;
-  Index failures = 0;       ///< entries outside atol + rtol·|numeric|
-  Index worst_index = -1;   ///< entry with the largest |analytic - numeric|
+  Index failures = 0;      ///< entries outside atol + rtol·|numeric|
+  Index worst_index = -1;  ///< entry with the largest |analytic - numeric|
   double max_abs_error = 0;
   double analytic_at_worst = 0;
   double numeric_at_worst = 0;

@@ -143,8 +143,7 @@ class LoRALinear {
 
   /// Counts for a layer of this shape, computed from the shape alone (no allocation):
   /// for dry runs over models too large to build.
-  static ParameterCount parameter_count_for(Index in_features, Index out_features, const LoraConfig& config,
-                                            bool bias);
+  static ParameterCount parameter_count_for(Index in_features, Index out_features, const LoraConfig& config, bool bias);
 
  private:
   enum class WeightKind { owned, view, mutable_view };
@@ -158,9 +157,7 @@ class LoRALinear {
   const Scalar* weight_data() const {
     return weight_kind_ == WeightKind::owned ? weight_owned_.data() : weight_external_;
   }
-  Scalar* bias_data() {
-    return bias_trainable_ ? params_.data() + rank_ * (in_ + out_) : bias_frozen_.data();
-  }
+  Scalar* bias_data() { return bias_trainable_ ? params_.data() + rank_ * (in_ + out_) : bias_frozen_.data(); }
   void check_forward_args(const char* where, const ConstRef<Scalar>& x, const MutRef<Scalar>& y) const;
   void backward_impl(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy, MutRef<Scalar>* dx);
 

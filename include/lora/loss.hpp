@@ -48,16 +48,17 @@ Scalar cross_entropy_impl(const ConstRef<Scalar>& logits, const int* labels, Ind
                           Index dlogits_stride) {
   const char* where = "cross_entropy";
   if (n_labels != logits.rows())
-    throw shape_error(std::string(where) + ": labels expected " + std::to_string(logits.rows()) + " entries (one per row of logits " +
-                      shape_string(logits.rows(), logits.cols()) + "), got " + std::to_string(n_labels));
+    throw shape_error(std::string(where) + ": labels expected " + std::to_string(logits.rows()) +
+                      " entries (one per row of logits " + shape_string(logits.rows(), logits.cols()) + "), got " +
+                      std::to_string(n_labels));
   const Index C = logits.cols();
   Index counted = 0;
   for (Index i = 0; i < n_labels; ++i) {
     const int y = labels[i];
     if (y == ignore_index) continue;
     if (y < 0 || y >= C)
-      throw shape_error(std::string(where) + ": label at row " + std::to_string(i) + " expected in [0, " + std::to_string(C) +
-                        ") or ignore_index (-100), got " + std::to_string(y));
+      throw shape_error(std::string(where) + ": label at row " + std::to_string(i) + " expected in [0, " +
+                        std::to_string(C) + ") or ignore_index (-100), got " + std::to_string(y));
     ++counted;
   }
   // Mean over the rows that count, as PyTorch (all ignored gives NaN there; we return 0 and zero gradients).

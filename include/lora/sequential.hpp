@@ -181,7 +181,8 @@ class Sequential {
 
   void backward_impl(const ConstRef<Scalar>& dy, MutRef<Scalar>* dx) {
     const char* where = "Sequential::backward";
-    if (!training_) throw state_error(std::string(where) + ": the model is in eval mode; call train() and run forward again");
+    if (!training_)
+      throw state_error(std::string(where) + ": the model is in eval mode; call train() and run forward again");
     if (forward_rows_ < 0) throw state_error(std::string(where) + ": needs a training-mode forward first");
     detail::check_shape(where, "dy", dy, forward_rows_, acts_.back().cols());
     if (dx) detail::check_shape(where, "dx", *dx, forward_rows_, acts_[0].cols());

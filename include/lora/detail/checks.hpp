@@ -25,11 +25,10 @@ inline std::string expected_shape(Index rows, Index cols) {
 
 /// Throws shape_error unless m is (rows, cols); a negative rows accepts any row count.
 template <class Derived>
-void check_shape(const char* where, const char* name, const Eigen::MatrixBase<Derived>& m,
-                 Index rows, Index cols) {
+void check_shape(const char* where, const char* name, const Eigen::MatrixBase<Derived>& m, Index rows, Index cols) {
   if ((rows >= 0 && m.rows() != rows) || m.cols() != cols)
-    throw shape_error(std::string(where) + ": " + name + " expected shape " + expected_shape(rows, cols) +
-                      ", got " + shape_string(m.rows(), m.cols()));
+    throw shape_error(std::string(where) + ": " + name + " expected shape " + expected_shape(rows, cols) + ", got " +
+                      shape_string(m.rows(), m.cols()));
 }
 
 /// First and one-past-last byte a (possibly strided) row-major view touches.
@@ -43,8 +42,8 @@ std::pair<const char*, const char*> byte_span(const Eigen::MatrixBase<Derived>& 
 
 /// Throws shape_error when an output would overwrite an input it is computed from.
 template <class A, class B>
-void check_no_overlap(const char* where, const char* out_name, const Eigen::MatrixBase<A>& out,
-                      const char* in_name, const Eigen::MatrixBase<B>& in) {
+void check_no_overlap(const char* where, const char* out_name, const Eigen::MatrixBase<A>& out, const char* in_name,
+                      const Eigen::MatrixBase<B>& in) {
   const auto o = byte_span(out);
   const auto i = byte_span(in);
   std::less<const char*> lt;

@@ -116,8 +116,8 @@ LoRALinear<Scalar>::LoRALinear(Mat weight, Row bias, const LoraConfig& config) {
 }
 
 template <class Scalar>
-LoRALinear<Scalar>::LoRALinear(ViewTag, WeightKind kind, const Scalar* weight, Index out_features,
-                               Index in_features, const LoraConfig& config, const Scalar* bias) {
+LoRALinear<Scalar>::LoRALinear(ViewTag, WeightKind kind, const Scalar* weight, Index out_features, Index in_features,
+                               const LoraConfig& config, const Scalar* bias) {
   const char* where = kind == WeightKind::view ? "LoRALinear::view" : "LoRALinear::mutable_view";
   detail::check_features(where, out_features, in_features);
   if (weight == nullptr) throw shape_error(std::string(where) + ": weight must not be null");
@@ -143,11 +143,12 @@ LoRALinear<Scalar> LoRALinear<Scalar>::mutable_view(Scalar* weight, Index out_fe
 }
 
 template <class Scalar>
-ParameterCount LoRALinear<Scalar>::parameter_count_for(Index in_features, Index out_features,
-                                                       const LoraConfig& config, bool bias) {
+ParameterCount LoRALinear<Scalar>::parameter_count_for(Index in_features, Index out_features, const LoraConfig& config,
+                                                       bool bias) {
   detail::check_features("LoRALinear::parameter_count_for", out_features, in_features);
   config.validate();
-  const bool bias_trains = bias && (config.bias == BiasMode::all || (config.bias == BiasMode::lora_only && config.r > 0));
+  const bool bias_trains =
+      bias && (config.bias == BiasMode::all || (config.bias == BiasMode::lora_only && config.r > 0));
   ParameterCount c;
   c.trainable = static_cast<Index>(config.r) * (in_features + out_features) + (bias_trains ? out_features : 0);
   c.frozen = out_features * in_features + (bias && !bias_trains ? out_features : 0);
@@ -259,10 +260,10 @@ void LoRALinear<Scalar>::backward(const ConstRef<Scalar>& x, const ConstRef<Scal
 
 // x (N, I), dy (N, O) -> dx (N, I); dA (R, I) +=, dB (O, R) +=, db (O) +=
 template <class Scalar>
-void LoRALinear<Scalar>::backward_impl(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy,
-                                       MutRef<Scalar>* dx) {
+void LoRALinear<Scalar>::backward_impl(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy, MutRef<Scalar>* dx) {
   const char* where = "LoRALinear::backward";
-  if (!training_) throw state_error(std::string(where) + ": the layer is in eval mode; call train() and run forward again");
+  if (!training_)
+    throw state_error(std::string(where) + ": the layer is in eval mode; call train() and run forward again");
   if (merged_) throw state_error(std::string(where) + ": the layer is merged; call unmerge() before training");
   detail::check_shape(where, "x", x, -1, in_);
   detail::check_shape(where, "dy", dy, x.rows(), out_);
@@ -316,8 +317,9 @@ void LoRALinear<Scalar>::merge(bool safe_merge) {
     Mat delta(out_, in_);
     delta.noalias() = scaling_ * lora_B() * lora_A();
     if (!(W + delta).allFinite())
-      throw numeric_error("LoRALinear::merge: W + s·B·A has non-finite entries (A, B or W hold inf/NaN, or the sum "
-                          "overflows); W is left unchanged");
+      throw numeric_error(
+          "LoRALinear::merge: W + s·B·A has non-finite entries (A, B or W hold inf/NaN, or the sum "
+          "overflows); W is left unchanged");
     W += delta;
   } else {
     W.noalias() += scaling_ * lora_B() * lora_A();
