@@ -1,0 +1,198 @@
+// Compute cost of LoRA next to the dense product it wraps, measured in one run.
+//
+//   x (N, I), W (O, I), A (R, I), B (O, R), y (N, O); here I = O = D.
+//
+// Variants, each registered over (N, D, R):
+//   dense_forward         y = x Wᵀ                              the baseline for forwards
+//   lora_forward          y = x Wᵀ + s (x Aᵀ) Bᵀ, training mode, dropout 0
+//   lora_forward_merged   y = x W'ᵀ with W' = W + s B A merged once
+//   naive_rebuild         W' = W + s B A rebuilt, then y = x W'ᵀ (what not to do)
+//   dense_two_products    y = x Wᵀ and dx = dy W                the baseline for training steps
+//   lora_train_step       forward + backward (dA, dB, dx)
+//   full_ft_step          forward + dx = dy W + dW = dyᵀ x      what LoRA saves
+// After the runs a table gives each variant's median time over its baseline's.
+#include <benchmark/benchmark.h>
+#include <lora/lora.hpp>
+
+#include <algorithm>
+#include <cstdio>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace {
+using Mat = lora::Matrix<float>;
+
+struct Problem {
+  lora::Index N, D;
+  int R;
+  Mat x, dy, y, dx;
+  lora::LoRALinear<float> layer;
+  Problem(const benchmark::State& state)
+      : N(state.range(0)),
+        D(state.range(1)),
+        R(static_cast<int>(state.range(2))),
+        x(Mat::Random(N, D)),
+        dy(Mat::Random(N, D)),
+        y(N, D),
+        dx(N, D),
+        layer(D, D, config(R), false) {
+    layer.lora_B().setRandom();
+  }
+  static lora::LoraConfig config(int r) {
+    lora::LoraConfig c;
+    c.r = r;
+    c.lora_alpha = 2 * r;
+    return c;
+  }
+};
+
+void set_flops(benchmark::State& state, double flops_per_iter) {
+  state.counters["GFLOP/s"] = benchmark::Counter(flops_per_iter * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+double gemm_flops(double m, double n, double k) { return 2 * m * n * k; }
+
+void dense_forward(benchmark::State& state) {
+  Problem p(state);
+  const auto W = p.layer.weight();
+  for (auto _ : state) {
+    p.y.noalias() = p.x * W.transpose();
+    benchmark::DoNotOptimize(p.y.data());
+    benchmark::ClobberMemory();
+  }
+  set_flops(state, gemm_flops(p.N, p.D, p.D));
+}
+
+void lora_forward(benchmark::State& state) {
+  Problem p(state);
+  for (auto _ : state) {
+    p.layer.forward(p.x, p.y);
+    benchmark::DoNotOptimize(p.y.data());
+    benchmark::ClobberMemory();
+  }
+  set_flops(state, gemm_flops(p.N, p.D, p.D) + 2 * gemm_flops(p.N, p.D, p.R));
+}
+
+void lora_forward_merged(benchmark::State& state) {
+  Problem p(state);
+  p.layer.eval();
+  p.layer.merge();
+  for (auto _ : state) {
+    p.layer.forward(p.x, p.y);
+    benchmark::DoNotOptimize(p.y.data());
+    benchmark::ClobberMemory();
+  }
+  set_flops(state, gemm_flops(p.N, p.D, p.D));
+}
+
+void naive_rebuild(benchmark::State& state) {
+  Problem p(state);
+  Mat merged(p.D, p.D);
+  const float s = p.layer.scaling();
+  for (auto _ : state) {
+    merged = p.layer.weight();
+    merged.noalias() += s * p.layer.lora_B() * p.layer.lora_A();
+    p.y.noalias() = p.x * merged.transpose();
+    benchmark::DoNotOptimize(p.y.data());
+    benchmark::ClobberMemory();
+  }
+  set_flops(state, gemm_flops(p.N, p.D, p.D) + gemm_flops(p.D, p.D, p.R));
+}
+
+void dense_two_products(benchmark::State& state) {
+  Problem p(state);
+  const auto W = p.layer.weight();
+  for (auto _ : state) {
+    p.y.noalias() = p.x * W.transpose();
+    p.dx.noalias() = p.dy * W;
+    benchmark::DoNotOptimize(p.dx.data());
+    benchmark::ClobberMemory();
+  }
+  set_flops(state, 2 * gemm_flops(p.N, p.D, p.D));
+}
+
+void lora_train_step(benchmark::State& state) {
+  Problem p(state);
+  for (auto _ : state) {
+    p.layer.forward(p.x, p.y);
+    p.layer.backward(p.x, p.dy, p.dx);
+    benchmark::DoNotOptimize(p.dx.data());
+    benchmark::ClobberMemory();
+  }
+  set_flops(state, 2 * gemm_flops(p.N, p.D, p.D) + 6 * gemm_flops(p.N, p.D, p.R));
+}
+
+void full_ft_step(benchmark::State& state) {
+  Problem p(state);
+  const auto W = p.layer.weight();
+  Mat dW = Mat::Zero(p.D, p.D);
+  for (auto _ : state) {
+    p.y.noalias() = p.x * W.transpose();
+    p.dx.noalias() = p.dy * W;
+    dW.noalias() += p.dy.transpose() * p.x;
+    benchmark::DoNotOptimize(dW.data());
+    benchmark::ClobberMemory();
+  }
+  set_flops(state, 3 * gemm_flops(p.N, p.D, p.D));
+}
+
+void shapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"N", "D", "R"});
+  b->ArgsProduct({{1, 32, 512}, {1024, 4096}, {1, 8, 64}});
+  b->Unit(benchmark::kMillisecond);
+}
+
+BENCHMARK(dense_forward)->Apply(shapes);
+BENCHMARK(lora_forward)->Apply(shapes);
+BENCHMARK(lora_forward_merged)->Apply(shapes);
+BENCHMARK(naive_rebuild)->Apply(shapes);
+BENCHMARK(dense_two_products)->Apply(shapes);
+BENCHMARK(lora_train_step)->Apply(shapes);
+BENCHMARK(full_ft_step)->Apply(shapes);
+
+// Passes everything to the console and keeps each run's time (the median when
+// repetitions are on) to print ratios at the end.
+class RatioReporter : public benchmark::ConsoleReporter {
+ public:
+  void ReportRuns(const std::vector<Run>& runs) override {
+    for (const auto& r : runs) {
+      if (r.run_type == Run::RT_Aggregate && r.aggregate_name != "median") continue;
+      std::string name = r.benchmark_name();
+      if (r.run_type == Run::RT_Aggregate) name = name.substr(0, name.rfind('_'));
+      times_[name] = r.GetAdjustedRealTime();
+    }
+    ConsoleReporter::ReportRuns(runs);
+  }
+  void print_ratios() const {
+    const std::vector<std::pair<std::string, std::string>> pairs = {
+        {"lora_forward", "dense_forward"},      {"lora_forward_merged", "dense_forward"},
+        {"naive_rebuild", "dense_forward"},     {"lora_train_step", "dense_two_products"},
+        {"full_ft_step", "dense_two_products"}, {"full_ft_step", "lora_train_step"}};
+    std::printf("\n%-22s %-20s %-22s %8s\n", "variant", "shape", "relative to", "ratio");
+    for (const auto& [variant, base] : pairs)
+      for (const auto& [name, t] : times_) {
+        if (name.rfind(variant + "/", 0) != 0) continue;
+        const std::string shape = name.substr(variant.size());
+        auto it = times_.find(base + shape);
+        if (it == times_.end()) continue;
+        std::printf("%-22s %-20s %-22s %8.3f\n", variant.c_str(), shape.c_str() + 1, base.c_str(), t / it->second);
+      }
+  }
+
+ private:
+  std::map<std::string, double> times_;
+};
+}  // namespace
+
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  std::printf("Eigen %d.%d.%d, SIMD: %s, Eigen threads: %d\n", EIGEN_WORLD_VERSION, EIGEN_MAJOR_VERSION,
+              EIGEN_MINOR_VERSION, Eigen::SimdInstructionSetsInUse(), Eigen::nbThreads());
+  RatioReporter reporter;
+  benchmark::RunSpecifiedBenchmarks(&reporter);
+  reporter.print_ratios();
+  benchmark::Shutdown();
+  return 0;
+}
