@@ -240,6 +240,24 @@ TEST_CASE("safe merge refuses a non-finite result and leaves W untouched", "[lin
   CHECK(layer.weight() == W0);
 }
 
+TEST_CASE("safe merge of a wide layer works block by block and still checks every row first", "[linear][merge]") {
+  // I = 32768: the safe merge handles s·B·A a few rows at a time (2 here), so rows 0..3 are
+  // checked and found finite before the bad row 4; they must still be left untouched.
+  auto layer = adapted_layer<double>(32768, 5, 3, 6);
+  const Mat<double> W0 = layer.weight();
+  const Mat<double> delta = (layer.scaling() * layer.lora_B() * layer.lora_A()).eval();
+  layer.merge();
+  CHECK((layer.weight() - W0 - delta).cwiseAbs().maxCoeff() < 1e-15);
+  layer.unmerge();
+  CHECK((layer.weight() - W0).cwiseAbs().maxCoeff() < 1e-15);
+
+  const Mat<double> W1 = layer.weight();
+  layer.lora_B()(4, 2) = std::numeric_limits<double>::infinity();
+  REQUIRE_THROWS_WITH(layer.merge(), Contains("non-finite") && Contains("rows 4..4"));
+  CHECK(layer.weight() == W1);
+  CHECK_FALSE(layer.is_merged());
+}
+
 TEST_CASE("training a merged layer is an error that changes nothing", "[linear][merge]") {
   auto layer = adapted_layer<double>(6, 4, 2, 2);
   layer.merge();

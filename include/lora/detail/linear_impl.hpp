@@ -5,6 +5,7 @@
 #error "lora/detail/linear_impl.hpp is internal; include <lora/lora.hpp>"
 #endif
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <utility>
@@ -314,13 +315,24 @@ void LoRALinear<Scalar>::merge(bool safe_merge) {
         "with LoRALinear::mutable_view to allow merging, or serve the adapter unmerged");
   MatrixMap<Scalar> W(const_cast<Scalar*>(weight_data()), out_, in_);  // owned, or a mutable_view made from Scalar*
   if (safe_merge) {
-    Mat delta(out_, in_);
-    delta.noalias() = scaling_ * lora_B() * lora_A();
-    if (!(W + delta).allFinite())
-      throw numeric_error(
-          "LoRALinear::merge: W + s·B·A has non-finite entries (A, B or W hold inf/NaN, or the sum "
-          "overflows); W is left unchanged");
-    W += delta;
+    // s·B·A in blocks of rows (about 256 KiB of float each), twice: the first pass only checks that
+    // W + s·B·A is finite, the second adds it. W is untouched unless every entry is finite, and no
+    // temporary the size of W is ever allocated (a 4096 x 4096 layer would need 64 MiB more).
+    const Index block = std::max<Index>(1, std::min<Index>(out_, Index(1 << 16) / std::max<Index>(1, in_)));
+    Mat delta(block, in_);
+    for (int pass = 0; pass < 2; ++pass) {
+      for (Index i = 0; i < out_; i += block) {
+        const Index k = std::min(block, out_ - i);
+        auto d = delta.topRows(k);
+        d.noalias() = scaling_ * lora_B().middleRows(i, k) * lora_A();
+        if (pass == 1)
+          W.middleRows(i, k) += d;
+        else if (!(W.middleRows(i, k) + d).allFinite())
+          throw numeric_error("LoRALinear::merge: W + s·B·A has non-finite entries in rows " + std::to_string(i) +
+                              ".." + std::to_string(i + k - 1) +
+                              " (A, B or W hold inf/NaN, or the sum overflows); W is left unchanged");
+      }
+    }
   } else {
     W.noalias() += scaling_ * lora_B() * lora_A();
   }
