@@ -4,6 +4,8 @@
 
 #include <lora/types.hpp>
 
+#include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <map>
 #include <stdexcept>
@@ -58,5 +60,8 @@ double max_rel_diff(const Eigen::MatrixBase<DA>& a, const Eigen::MatrixBase<DB>&
   const auto bd = b.template cast<double>().eval();
   return ((ad - bd).array().abs() / bd.array().abs().max(1.0)).maxCoeff();
 }
+
+/// The same |a - b| / max(1, |b|) as max_rel_diff, for scalars.
+inline double rel_diff(double a, double b) { return std::abs(a - b) / std::max(1.0, std::abs(b)); }
 
 }  // namespace lora_test

@@ -13,6 +13,7 @@
 using Catch::Contains;
 using lora::Index;
 using lora_test::max_rel_diff;
+using lora_test::rel_diff;
 using lora_test::tensor;
 template <class S>
 using Mat = lora::Matrix<S>;
@@ -22,8 +23,6 @@ namespace {
 // float carries ~7 significant digits, double matches PyTorch's float64 to rounding.
 template <class S>
 constexpr double tolerance = sizeof(S) == 4 ? 1e-5 : 1e-10;
-
-double rel_diff(double a, double b) { return std::abs(a - b) / std::max(1.0, std::abs(b)); }
 
 // A (rows, cols) matrix from row-major values.
 template <class S>

@@ -15,6 +15,7 @@
 using Catch::Contains;
 using lora::Index;
 using lora_test::max_rel_diff;
+using lora_test::rel_diff;
 using lora_test::tensor;
 template <class S>
 using Mat = lora::Matrix<S>;
@@ -24,9 +25,6 @@ namespace {
 // float carries ~7 significant digits, double matches PyTorch's float64 to rounding.
 template <class S>
 constexpr double tolerance = sizeof(S) == 4 ? 1e-5 : 1e-10;
-
-// The same |a - b| / max(1, |b|) as max_rel_diff, for scalars.
-double rel_diff(double a, double b) { return std::abs(a - b) / std::max(1.0, std::abs(b)); }
 
 // The layer of make_golden.py: r = 3, alpha = 6 (s = 2), W, b, A, B from the file.
 template <class S>
