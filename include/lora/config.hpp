@@ -5,7 +5,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <sstream>
 #include <string>
 
 namespace lora {
@@ -48,9 +47,7 @@ struct LoraConfig {
   /// Throws config_error naming the first value out of range.
   void validate() const {
     auto fail = [](const std::string& what, double got) {
-      std::ostringstream s;
-      s << "LoraConfig: " << what << ", got " << got;
-      throw config_error(s.str());
+      throw config_error("LoraConfig: " + what + ", got " + value_string(got));
     };
     if (r < 0) fail("r must be >= 0", r);
     if (!std::isfinite(lora_alpha)) fail("lora_alpha must be finite", lora_alpha);

@@ -3,6 +3,7 @@
 // was made on is left as it was. Internal invariants use assert.
 #pragma once
 
+#include <sstream>
 #include <stdexcept>
 #include <string>
 
@@ -39,5 +40,12 @@ class numeric_error : public error {
  public:
   using error::error;
 };
+
+/// A number as an error message writes it: shortest of fixed and scientific (1e-08, not 0.000000).
+inline std::string value_string(double v) {
+  std::ostringstream s;
+  s << v;
+  return s.str();
+}
 
 }  // namespace lora

@@ -48,11 +48,4 @@ inline std::string shape_string(Index rows, Index cols) {
   return s.str();
 }
 
-/// A number as an error message writes it: shortest of fixed and scientific (1e-08, not 0.000000).
-inline std::string value_string(double v) {
-  std::ostringstream s;
-  s << v;
-  return s.str();
-}
-
 }  // namespace lora
