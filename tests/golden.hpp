@@ -61,6 +61,11 @@ double max_rel_diff(const Eigen::MatrixBase<DA>& a, const Eigen::MatrixBase<DB>&
   return ((ad - bd).array().abs() / bd.array().abs().max(1.0)).maxCoeff();
 }
 
+/// Agreement with PyTorch expected of a test in Scalar: float carries ~7 significant digits,
+/// double matches PyTorch's float64 to rounding.
+template <class Scalar>
+constexpr double tolerance = sizeof(Scalar) == 4 ? 1e-5 : 1e-10;
+
 /// The same |a - b| / max(1, |b|) as max_rel_diff, for scalars.
 inline double rel_diff(double a, double b) { return std::abs(a - b) / std::max(1.0, std::abs(b)); }
 

@@ -15,14 +15,11 @@ using lora::Index;
 using lora_test::max_rel_diff;
 using lora_test::rel_diff;
 using lora_test::tensor;
+using lora_test::tolerance;
 template <class S>
 using Mat = lora::Matrix<S>;
 
 namespace {
-
-// float carries ~7 significant digits, double matches PyTorch's float64 to rounding.
-template <class S>
-constexpr double tolerance = sizeof(S) == 4 ? 1e-5 : 1e-10;
 
 // A (rows, cols) matrix from row-major values.
 template <class S>

@@ -17,14 +17,11 @@ using lora::Index;
 using lora_test::max_rel_diff;
 using lora_test::rel_diff;
 using lora_test::tensor;
+using lora_test::tolerance;
 template <class S>
 using Mat = lora::Matrix<S>;
 
 namespace {
-
-// float carries ~7 significant digits, double matches PyTorch's float64 to rounding.
-template <class S>
-constexpr double tolerance = sizeof(S) == 4 ? 1e-5 : 1e-10;
 
 // The layer of make_golden.py: r = 3, alpha = 6 (s = 2), W, b, A, B from the file.
 template <class S>

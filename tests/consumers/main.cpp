@@ -1,5 +1,5 @@
-// Builds a rank-4 adapter on a 16 -> 8 layer from an installed lora; fails
-// unless the trainable count is R * (I + O).
+// Builds a rank-4 adapter on a 16 -> 8 layer, with lora installed (find_package/) or built as a
+// subproject (add_subdirectory/); fails unless the trainable count is R * (I + O).
 #include <lora/lora.hpp>
 
 #include <cstdio>
