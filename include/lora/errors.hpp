@@ -41,6 +41,20 @@ class numeric_error : public error {
   using error::error;
 };
 
+/// A file's contents are malformed or not what was asked for (a bad
+/// safetensors header, a missing adapter tensor): "<file>: <what is wrong>".
+class format_error : public error {
+ public:
+  using error::error;
+};
+
+/// The file system refused (a file that cannot be opened, a write that fails):
+/// "<file>: <operation>: <reason>". A failed save leaves the previous file as it was.
+class io_error : public error {
+ public:
+  using error::error;
+};
+
 /// A number as an error message writes it: shortest of fixed and scientific (1e-08, not 0.000000).
 inline std::string value_string(double v) {
   std::ostringstream s;
