@@ -9,6 +9,8 @@
 #include <lora/loss.hpp>
 #include <lora/optim.hpp>
 #include <lora/params.hpp>
+#include <lora/peft.hpp>
+#include <lora/safetensors.hpp>
 #include <lora/schedule.hpp>
 #include <lora/sequential.hpp>
 #include <lora/types.hpp>

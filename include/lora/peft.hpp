@@ -1,0 +1,674 @@
+// PEFT adapter files: a folder with adapter_model.safetensors and
+// adapter_config.json, exactly as Hugging Face PEFT writes and reads them.
+//
+//   keys    base_model.model.<module path>.lora_A.weight   A (R, I)
+//           base_model.model.<module path>.lora_B.weight   B (O, R)
+//           base_model.model.<module path>.bias            b (O), with bias "lora_only" / "all"
+//   file    __metadata__ {"format": "pt"}; F32 unless asked otherwise
+//   config  json.dumps(config, indent=2, sort_keys=True): peft_type "LORA", r,
+//           lora_alpha, target_modules, rank_pattern / alpha_pattern (per-module
+//           rank and alpha, PEFT's regex match "(.*\.)?(<key>)$"), use_rslora, ...
+//
+// The adapter name ("default") never appears in saved keys. fan_in_fan_out
+// (GPT-2's Conv1D) stores the base weight (I, O); the adapter tensors keep
+// their shapes and the delta merged into such a weight is s·(B A)ᵀ.
+#pragma once
+
+#ifndef LORA_INSIDE_LIBRARY
+#define LORA_INSIDE_LIBRARY
+#endif
+
+#include <lora/config.hpp>
+#include <lora/detail/file.hpp>
+#include <lora/errors.hpp>
+#include <lora/linear.hpp>
+#include <lora/safetensors.hpp>
+#include <lora/types.hpp>
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <optional>
+#include <regex>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace lora::peft {
+
+inline constexpr const char* config_file_name = "adapter_config.json";
+inline constexpr const char* weights_file_name = "adapter_model.safetensors";
+inline constexpr const char* key_prefix = "base_model.model.";
+
+/// adapter_config.json for peft_type "LORA". Keys the library does not use
+/// are kept in `other` and written back unchanged.
+struct AdapterConfig {
+  int r = 8;
+  double lora_alpha = 8;
+  double lora_dropout = 0;
+  /// Module-name suffixes to adapt (PEFT's list form); `target_modules_regex` when the file gives one string.
+  std::vector<std::string> target_modules;
+  std::optional<std::string> target_modules_regex;
+  bool fan_in_fan_out = false;
+  BiasMode bias = BiasMode::none;
+  bool use_rslora = false;
+  /// Per-module rank and alpha, in file order (the first matching key wins, as in PEFT).
+  std::vector<std::pair<std::string, int>> rank_pattern;
+  std::vector<std::pair<std::string, double>> alpha_pattern;
+  nlohmann::json init_lora_weights = true;
+  std::optional<std::string> task_type;
+  std::optional<std::string> base_model_name_or_path;
+  std::optional<std::vector<std::string>> modules_to_save;
+  bool inference_mode = true;
+  nlohmann::json other = nlohmann::json::object();
+  /// What the reader had to assume ("r is missing: assumed 8, PEFT's default").
+  std::vector<std::string> assumed;
+
+  /// Rank of one module: rank_pattern's first matching key, else r.
+  int rank_for(const std::string& module) const {
+    for (const auto& [pattern, rank] : rank_pattern)
+      if (pattern_matches(pattern, module)) return rank;
+    return r;
+  }
+  double alpha_for(const std::string& module) const {
+    for (const auto& [pattern, alpha] : alpha_pattern)
+      if (pattern_matches(pattern, module)) return alpha;
+    return lora_alpha;
+  }
+  double scaling_for(const std::string& module) const {
+    int rank = rank_for(module);
+    if (rank == 0) return 0;
+    double alpha = alpha_for(module);
+    return use_rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / rank;
+  }
+
+  /// The LoraConfig a LoRALinear for `module` needs to reproduce this adapter.
+  LoraConfig layer_config(const std::string& module) const {
+    LoraConfig c;
+    c.r = rank_for(module);
+    c.lora_alpha = alpha_for(module);
+    c.lora_dropout = lora_dropout;
+    c.use_rslora = use_rslora;
+    c.bias = bias;
+    return c;
+  }
+
+  /// PEFT's get_pattern_key: `key` matches `module` when re.match(r"(.*\.)?(key)$", module).
+  static bool pattern_matches(const std::string& key, const std::string& module) {
+    if (key == module) return true;
+    try {
+      return std::regex_match(module, std::regex("(.*\\.)?(" + key + ")"));
+    } catch (const std::regex_error&) {
+      return false;  // an invalid pattern matches nothing (parse() refuses it up front)
+    }
+  }
+
+  static AdapterConfig parse(const std::string& text, const std::string& source = "adapter_config.json");
+  static AdapterConfig read(const std::string& path);
+
+  /// PEFT's layout: indent 2, keys sorted, no trailing newline.
+  std::string to_json() const;
+  void save(const std::string& path) const {
+    std::string text = to_json();
+    lora::detail::write_file_atomically(path,
+                                        [&](lora::detail::FileSink& sink) { sink.write(text.data(), text.size()); });
+  }
+};
+
+inline const char* bias_name(BiasMode b) {
+  return b == BiasMode::none ? "none" : b == BiasMode::all ? "all" : "lora_only";
+}
+
+inline AdapterConfig AdapterConfig::parse(const std::string& text, const std::string& source) {
+  using json = nlohmann::ordered_json;
+  auto fail = [&](const std::string& what) -> void { throw format_error(source + ": " + what); };
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::parse_error& e) {
+    throw format_error(source + ": not valid JSON: " + std::string(e.what()).substr(0, 200));
+  }
+  if (!j.is_object()) fail(std::string("expected a JSON object, got ") + j.type_name());
+
+  AdapterConfig c;
+  auto type_error = [&](const char* key, const char* want, const json& v) {
+    fail(std::string("\"") + key + "\" must be " + want + ", got " + v.dump().substr(0, 80));
+  };
+  auto get_bool = [&](const char* key, bool& out) {
+    if (!j.contains(key) || j[key].is_null()) return;
+    if (!j[key].is_boolean()) type_error(key, "true or false", j[key]);
+    out = j[key].get<bool>();
+  };
+  auto get_string = [&](const char* key, std::optional<std::string>& out) {
+    if (!j.contains(key) || j[key].is_null()) return;
+    if (!j[key].is_string()) type_error(key, "a string or null", j[key]);
+    out = j[key].get<std::string>();
+  };
+  auto string_list = [&](const char* key, const json& v) {
+    std::vector<std::string> out;
+    if (!v.is_array()) type_error(key, "a list of strings", v);
+    for (const auto& s : v) {
+      if (!s.is_string()) type_error(key, "a list of strings", v);
+      out.push_back(s.get<std::string>());
+    }
+    return out;
+  };
+
+  if (!j.contains("peft_type")) fail("\"peft_type\" is missing (expected \"LORA\"); PEFT requires it");
+  if (!j["peft_type"].is_string() || j["peft_type"] != "LORA")
+    fail("peft_type must be \"LORA\", got " + j["peft_type"].dump() +
+         " (only LoRA adapters are supported; AdaLoRA, IA3, prompt tuning are not)");
+
+  if (!j.contains("r") || j["r"].is_null()) {
+    c.assumed.push_back("r is missing: assumed 8, PEFT's default");
+  } else if (!j["r"].is_number_integer() || j["r"].get<std::int64_t>() <= 0 || j["r"].get<std::int64_t>() > 1 << 20) {
+    type_error("r", "a positive integer", j["r"]);
+  } else {
+    c.r = j["r"].get<int>();
+  }
+  if (!j.contains("lora_alpha") || j["lora_alpha"].is_null()) {
+    c.assumed.push_back("lora_alpha is missing: assumed 8, PEFT's default");
+  } else if (!j["lora_alpha"].is_number() || !std::isfinite(j["lora_alpha"].get<double>())) {
+    type_error("lora_alpha", "a number", j["lora_alpha"]);
+  } else {
+    c.lora_alpha = j["lora_alpha"].get<double>();
+  }
+  if (j.contains("lora_dropout") && !j["lora_dropout"].is_null()) {
+    const auto& v = j["lora_dropout"];
+    if (!v.is_number() || !(v.get<double>() >= 0 && v.get<double>() < 1))
+      type_error("lora_dropout", "a number in [0, 1)", v);
+    c.lora_dropout = v.get<double>();
+  }
+  if (j.contains("target_modules") && !j["target_modules"].is_null()) {
+    if (j["target_modules"].is_string())
+      c.target_modules_regex = j["target_modules"].get<std::string>();
+    else
+      c.target_modules = string_list("target_modules", j["target_modules"]);
+  }
+  get_bool("fan_in_fan_out", c.fan_in_fan_out);
+  get_bool("use_rslora", c.use_rslora);
+  get_bool("inference_mode", c.inference_mode);
+  bool use_dora = false;
+  get_bool("use_dora", use_dora);
+  if (use_dora) fail("use_dora is true: DoRA adapters are not supported yet");
+  if (j.contains("bias") && !j["bias"].is_null()) {
+    const auto& v = j["bias"];
+    if (v == "none")
+      c.bias = BiasMode::none;
+    else if (v == "all")
+      c.bias = BiasMode::all;
+    else if (v == "lora_only")
+      c.bias = BiasMode::lora_only;
+    else
+      type_error("bias", "\"none\", \"all\" or \"lora_only\"", v);
+  }
+  for (const char* key : {"rank_pattern", "alpha_pattern"}) {
+    if (!j.contains(key) || j[key].is_null()) continue;
+    if (!j[key].is_object()) type_error(key, "an object", j[key]);
+    for (const auto& [pattern, value] : j[key].items()) {
+      try {
+        std::regex check("(.*\\.)?(" + pattern + ")");
+      } catch (const std::regex_error&) {
+        fail(std::string(key) + ": \"" + pattern + "\" is not a valid regular expression");
+      }
+      if (std::string(key) == "rank_pattern") {
+        if (!value.is_number_integer() || value.get<std::int64_t>() < 0 || value.get<std::int64_t>() > 1 << 20)
+          fail("rank_pattern[\"" + pattern + "\"] must be a non-negative integer, got " + value.dump());
+        c.rank_pattern.emplace_back(pattern, value.get<int>());
+      } else {
+        if (!value.is_number() || !std::isfinite(value.get<double>()))
+          fail("alpha_pattern[\"" + pattern + "\"] must be a number, got " + value.dump());
+        c.alpha_pattern.emplace_back(pattern, value.get<double>());
+      }
+    }
+  }
+  if (j.contains("init_lora_weights")) c.init_lora_weights = nlohmann::json::parse(j["init_lora_weights"].dump());
+  get_string("task_type", c.task_type);
+  get_string("base_model_name_or_path", c.base_model_name_or_path);
+  if (j.contains("modules_to_save") && !j["modules_to_save"].is_null())
+    c.modules_to_save = string_list("modules_to_save", j["modules_to_save"]);
+
+  static const char* known[] = {"peft_type",
+                                "r",
+                                "lora_alpha",
+                                "lora_dropout",
+                                "target_modules",
+                                "fan_in_fan_out",
+                                "use_rslora",
+                                "inference_mode",
+                                "use_dora",
+                                "bias",
+                                "rank_pattern",
+                                "alpha_pattern",
+                                "init_lora_weights",
+                                "task_type",
+                                "base_model_name_or_path",
+                                "modules_to_save"};
+  for (const auto& [key, value] : j.items()) {
+    if (std::find_if(std::begin(known), std::end(known), [&](const char* k) { return key == k; }) == std::end(known))
+      c.other[key] = nlohmann::json::parse(value.dump());
+  }
+  return c;
+}
+
+inline AdapterConfig AdapterConfig::read(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw io_error(path + ": cannot open");
+  std::ostringstream text;
+  text << in.rdbuf();
+  return parse(text.str(), path);
+}
+
+inline std::string AdapterConfig::to_json() const {
+  nlohmann::json j = other;  // std::map underneath: keys come out sorted, as sort_keys=True
+  // Python writes an int alpha as 16, not 16.0; keep integral values integral.
+  auto number = [](double v) {
+    if (v == std::floor(v) && std::abs(v) < 1e15) return nlohmann::json(static_cast<std::int64_t>(v));
+    return nlohmann::json(v);
+  };
+  auto pattern = [&](const auto& list) {
+    nlohmann::json o = nlohmann::json::object();
+    for (const auto& [k, v] : list) o[k] = number(v);
+    return o;
+  };
+  // Every key a PEFT LoraConfig writes, with PEFT's defaults where the library has no say.
+  for (const char* key :
+       {"auto_mapping", "layer_replication", "layers_pattern", "layers_to_transform", "megatron_config", "revision"})
+    if (!j.contains(key)) j[key] = nullptr;
+  if (!j.contains("loftq_config")) j["loftq_config"] = nlohmann::json::object();
+  if (!j.contains("megatron_core")) j["megatron_core"] = "megatron.core";
+  j["alpha_pattern"] = pattern(alpha_pattern);
+  j["base_model_name_or_path"] = base_model_name_or_path ? nlohmann::json(*base_model_name_or_path) : nullptr;
+  j["bias"] = bias_name(bias);
+  j["fan_in_fan_out"] = fan_in_fan_out;
+  j["inference_mode"] = inference_mode;
+  j["init_lora_weights"] = init_lora_weights;
+  j["lora_alpha"] = number(lora_alpha);
+  j["lora_dropout"] = lora_dropout;
+  j["modules_to_save"] = modules_to_save ? nlohmann::json(*modules_to_save) : nullptr;
+  j["peft_type"] = "LORA";
+  j["r"] = r;
+  j["rank_pattern"] = pattern(rank_pattern);
+  if (target_modules_regex)
+    j["target_modules"] = *target_modules_regex;
+  else
+    j["target_modules"] = target_modules;
+  j["task_type"] = task_type ? nlohmann::json(*task_type) : nullptr;
+  j["use_dora"] = false;
+  j["use_rslora"] = use_rslora;
+  return j.dump(2, ' ', true);
+}
+
+// ---- the tensors -------------------------------------------------------------------
+
+/// One adapted module as read from a file.
+template <class Scalar>
+struct ModuleAdapter {
+  std::string path;     ///< module path, e.g. "transformer.h.0.attn.c_attn"
+  Matrix<Scalar> A;     ///< (R, I)
+  Matrix<Scalar> B;     ///< (O, R)
+  Matrix<Scalar> bias;  ///< (1, O) when the file holds the module's bias, else empty
+  int r = 0;
+  double lora_alpha = 0;
+  double scaling = 0;
+  Index in_features() const { return A.cols(); }
+  Index out_features() const { return B.rows(); }
+};
+
+/// A whole adapter read into memory.
+template <class Scalar>
+struct Adapter {
+  AdapterConfig config;
+  std::vector<ModuleAdapter<Scalar>> modules;  ///< sorted by path
+  /// Tensors that are not LoRA matrices (a modules_to_save head such as
+  /// base_model.model.score.weight, biases of unadapted layers): never dropped,
+  /// read them from `file`.
+  std::vector<safetensors::TensorInfo> other_tensors;
+  std::optional<safetensors::File> file;
+  std::string source;
+
+  const ModuleAdapter<Scalar>* find(const std::string& path) const {
+    for (const auto& m : modules)
+      if (m.path == path) return &m;
+    return nullptr;
+  }
+  /// LoRA matrices only, as PEFT's "trainable params" counts an adapter.
+  std::uint64_t parameter_count() const {
+    std::uint64_t n = 0;
+    for (const auto& m : modules) n += static_cast<std::uint64_t>(m.A.size() + m.B.size());
+    return n;
+  }
+};
+
+namespace detail {
+
+enum class KeyKind { lora_A, lora_B, bias, unsupported_embedding, unsupported_dora, other };
+
+/// Splits a saved key into (module path, kind).
+inline std::pair<std::string, KeyKind> classify_key(const std::string& key) {
+  auto ends_with = [&](const std::string& suffix) {
+    return key.size() > suffix.size() && key.compare(key.size() - suffix.size(), suffix.size(), suffix) == 0;
+  };
+  const std::string prefix = key_prefix;
+  if (key.find("lora_embedding_A") != std::string::npos || key.find("lora_embedding_B") != std::string::npos)
+    return {key, KeyKind::unsupported_embedding};
+  if (key.find("lora_magnitude_vector") != std::string::npos) return {key, KeyKind::unsupported_dora};
+  if (key.compare(0, prefix.size(), prefix) != 0) return {key, KeyKind::other};
+  std::string rest = key.substr(prefix.size());
+  auto strip = [&](const std::string& suffix) { return rest.substr(0, rest.size() - suffix.size()); };
+  if (ends_with(".lora_A.weight")) return {strip(".lora_A.weight"), KeyKind::lora_A};
+  if (ends_with(".lora_B.weight")) return {strip(".lora_B.weight"), KeyKind::lora_B};
+  if (ends_with(".bias")) return {strip(".bias"), KeyKind::bias};
+  return {key, KeyKind::other};
+}
+
+inline std::string shape_of(const safetensors::TensorInfo& t) { return safetensors::shape_text(t.shape); }
+
+/// "dir/adapter_model.safetensors" and "dir/adapter_config.json" from a folder or from the .safetensors file.
+inline std::pair<std::string, std::string> adapter_paths(const std::string& dir_or_file) {
+  namespace fs = std::filesystem;
+  fs::path p(dir_or_file);
+  std::error_code ec;
+  if (fs::is_directory(p, ec)) {
+    fs::path weights = p / weights_file_name;
+    if (!fs::exists(weights, ec) && fs::exists(p / "adapter_model.bin", ec))
+      throw format_error(dir_or_file +
+                         ": holds adapter_model.bin (a PyTorch pickle), which is not supported: pickles can run "
+                         "code; re-save the adapter with safe_serialization=True");
+    return {weights.string(), (p / config_file_name).string()};
+  }
+  fs::path folder = p.has_parent_path() ? p.parent_path() : fs::path(".");
+  return {p.string(), (folder / config_file_name).string()};
+}
+
+}  // namespace detail
+
+/// Reads a PEFT adapter (a folder, or its adapter_model.safetensors with
+/// adapter_config.json beside it). Checks every module at once and throws
+/// format_error listing all problems: an A without its B, 2-D shapes, ranks
+/// that disagree with the config, unsupported DoRA / embedding tensors.
+template <class Scalar>
+Adapter<Scalar> read_adapter(const std::string& dir_or_file) {
+  auto [weights_path, config_path] = detail::adapter_paths(dir_or_file);
+  Adapter<Scalar> adapter;
+  adapter.source = weights_path;
+  adapter.config = AdapterConfig::read(config_path);
+  adapter.file = safetensors::File::open(weights_path);
+  const safetensors::File& file = *adapter.file;
+
+  std::map<std::string, std::pair<const safetensors::TensorInfo*, const safetensors::TensorInfo*>> found;
+  std::map<std::string, const safetensors::TensorInfo*> biases;
+  std::vector<std::string> problems;
+  for (const auto& t : file.tensors()) {
+    auto [path, kind] = detail::classify_key(t.name);
+    switch (kind) {
+      case detail::KeyKind::lora_A:
+        found[path].first = &t;
+        break;
+      case detail::KeyKind::lora_B:
+        found[path].second = &t;
+        break;
+      case detail::KeyKind::bias:
+        biases[path] = &t;
+        break;
+      case detail::KeyKind::unsupported_embedding:
+        problems.push_back(t.name + ": embedding adapters (lora_embedding_A/B) are not supported yet");
+        break;
+      case detail::KeyKind::unsupported_dora:
+        problems.push_back(t.name + ": DoRA magnitude vectors are not supported yet");
+        break;
+      default:
+        adapter.other_tensors.push_back(t);
+        break;
+    }
+  }
+  for (const auto& [path, pair] : found) {
+    const auto* a = pair.first;
+    const auto* b = pair.second;
+    if (a == nullptr || b == nullptr) {
+      problems.push_back(path + ": has lora_" + std::string(a ? "A" : "B") + " but no lora_" + (a ? "B" : "A"));
+      continue;
+    }
+    if (!safetensors::is_float(a->dtype) || !safetensors::is_float(b->dtype)) {
+      problems.push_back(path + ": lora_A/lora_B must be F16, BF16, F32 or F64, got " +
+                         safetensors::dtype_name(a->dtype) + "/" + safetensors::dtype_name(b->dtype));
+      continue;
+    }
+    if (a->shape.size() != 2 || b->shape.size() != 2) {
+      problems.push_back(path + ": lora_A " + detail::shape_of(*a) + " and lora_B " + detail::shape_of(*b) +
+                         " must both be 2-D");
+      continue;
+    }
+    const int rank = adapter.config.rank_for(path);
+    if (a->shape[0] != b->shape[1] || a->shape[0] != static_cast<std::uint64_t>(rank)) {
+      problems.push_back(path + ": lora_A " + detail::shape_of(*a) + " and lora_B " + detail::shape_of(*b) +
+                         " do not have the rank the config gives this module (" + std::to_string(rank) + ")");
+      continue;
+    }
+    if (a->shape[1] == 0 || b->shape[0] == 0) {
+      problems.push_back(path + ": lora_A " + detail::shape_of(*a) + " / lora_B " + detail::shape_of(*b) +
+                         " have a zero dimension");
+      continue;
+    }
+    ModuleAdapter<Scalar> m;
+    m.path = path;
+    m.r = rank;
+    m.lora_alpha = adapter.config.alpha_for(path);
+    m.scaling = adapter.config.scaling_for(path);
+    m.A = file.matrix<Scalar>(a->name);
+    m.B = file.matrix<Scalar>(b->name);
+    if (auto it = biases.find(path); it != biases.end()) {
+      const auto* t = it->second;
+      if (!safetensors::is_float(t->dtype) || t->shape.size() != 1 || t->shape[0] != b->shape[0])
+        problems.push_back(path + ".bias: expected " + safetensors::shape_text({b->shape[0]}) + ", got " +
+                           safetensors::dtype_name(t->dtype) + " " + detail::shape_of(*t));
+      else
+        m.bias = file.matrix<Scalar>(t->name);
+      biases.erase(it);
+    }
+    adapter.modules.push_back(std::move(m));
+  }
+  for (const auto& [path, t] : biases) adapter.other_tensors.push_back(*t);  // biases of unadapted layers
+  if (!problems.empty()) {
+    std::string message = weights_path + ": " + std::to_string(problems.size()) + " problem(s):";
+    for (const auto& p : problems) message += "\n  " + p;
+    throw format_error(message);
+  }
+  return adapter;
+}
+
+/// What load_adapter found besides the LoRA matrices it loaded.
+struct LoadReport {
+  std::vector<std::string> loaded;                     ///< module paths
+  std::vector<safetensors::TensorInfo> other_tensors;  ///< handed to the caller, never dropped
+  std::vector<std::string> assumed;                    ///< config defaults the reader assumed
+};
+
+/// Loads an adapter into the given layers (module path -> layer), checking
+/// everything first and reporting every problem at once (missing keys,
+/// unexpected keys, shape mismatches with expected and actual shapes,
+/// scaling that the layer was not built with); no layer changes unless all
+/// checks pass. Non-LoRA tensors come back in the report.
+template <class Scalar>
+LoadReport load_adapter(const std::string& dir_or_file, const std::map<std::string, LoRALinear<Scalar>*>& model) {
+  Adapter<Scalar> adapter = read_adapter<Scalar>(dir_or_file);
+  std::vector<std::string> problems;
+  for (const auto& [path, layer] : model) {
+    if (layer->rank() == 0) continue;
+    const ModuleAdapter<Scalar>* m = adapter.find(path);
+    if (m == nullptr) {
+      problems.push_back("missing: " + std::string(key_prefix) + path + ".lora_A.weight / .lora_B.weight");
+      continue;
+    }
+    if (m->A.rows() != layer->rank() || m->A.cols() != layer->in_features())
+      problems.push_back(path + ".lora_A.weight: expected " + shape_string(layer->rank(), layer->in_features()) +
+                         ", got " + shape_string(m->A.rows(), m->A.cols()));
+    if (m->B.rows() != layer->out_features() || m->B.cols() != layer->rank())
+      problems.push_back(path + ".lora_B.weight: expected " + shape_string(layer->out_features(), layer->rank()) +
+                         ", got " + shape_string(m->B.rows(), m->B.cols()));
+    const double layer_scaling = static_cast<double>(layer->scaling());
+    if (std::abs(layer_scaling - m->scaling) > 1e-6 * std::max(1.0, std::abs(m->scaling)))
+      problems.push_back(path + ": the file's scaling is " + value_string(m->scaling) + " (lora_alpha " +
+                         value_string(m->lora_alpha) + ", r " + std::to_string(m->r) +
+                         (adapter.config.use_rslora ? ", rsLoRA" : "") + "), the layer was built with " +
+                         value_string(layer_scaling) + "; build it with AdapterConfig::layer_config(\"" + path + "\")");
+    if (m->bias.size() > 0 && !layer->bias_trainable())
+      problems.push_back(path + ".bias: the file has a trained bias, the layer's bias does not train (bias mode " +
+                         std::string(bias_name(adapter.config.bias)) + ")");
+    if (layer->is_merged()) problems.push_back(path + ": the layer is merged; unmerge() it before loading");
+  }
+  for (const auto& m : adapter.modules)
+    if (model.find(m.path) == model.end())
+      problems.push_back("unexpected: " + std::string(key_prefix) + m.path + ".lora_A.weight / .lora_B.weight " +
+                         "(no layer with that module path)");
+  if (!problems.empty()) {
+    std::string message =
+        adapter.source + ": cannot load into this model, " + std::to_string(problems.size()) + " problem(s):";
+    for (const auto& p : problems) message += "\n  " + p;
+    throw format_error(message);
+  }
+  LoadReport report;
+  for (const auto& [path, layer] : model) {
+    if (layer->rank() == 0) continue;
+    const ModuleAdapter<Scalar>* m = adapter.find(path);
+    layer->lora_A() = m->A;
+    layer->lora_B() = m->B;
+    if (m->bias.size() > 0) layer->bias() = m->bias;
+    report.loaded.push_back(path);
+  }
+  report.other_tensors = adapter.other_tensors;
+  report.assumed = adapter.config.assumed;
+  return report;
+}
+
+namespace detail {
+/// target_modules, when the caller gave none: the distinct last components of the adapted paths.
+template <class Scalar>
+void finish_target_modules(const std::map<std::string, LoRALinear<Scalar>*>& model, AdapterConfig& config) {
+  if (!config.target_modules.empty() || config.target_modules_regex) return;
+  std::vector<std::string> names;
+  for (const auto& [path, layer] : model) {
+    if (layer->rank() == 0) continue;
+    auto dot = path.rfind('.');
+    names.push_back(dot == std::string::npos ? path : path.substr(dot + 1));
+  }
+  std::sort(names.begin(), names.end());
+  names.erase(std::unique(names.begin(), names.end()), names.end());
+  config.target_modules = names;
+}
+}  // namespace detail
+
+/// The config save_adapter writes for a model: r and lora_alpha are the most
+/// common values, rank_pattern / alpha_pattern list the modules that differ,
+/// target_modules the distinct last components of the paths. Fields of
+/// `base` that a model cannot tell (task_type, base_model_name_or_path,
+/// modules_to_save, explicit target_modules, other) are kept.
+template <class Scalar>
+AdapterConfig config_for(const std::map<std::string, LoRALinear<Scalar>*>& model, AdapterConfig base = {}) {
+  std::map<int, int> rank_votes;
+  std::map<double, int> alpha_votes;
+  bool first = true;
+  for (const auto& [path, layer] : model) {
+    const LoraConfig& c = layer->config();
+    if (c.r == 0) continue;
+    rank_votes[c.r]++;
+    alpha_votes[c.lora_alpha]++;
+    if (first) {
+      base.use_rslora = c.use_rslora;
+      base.lora_dropout = c.lora_dropout;
+      base.bias = c.bias;
+      first = false;
+    } else if (c.use_rslora != base.use_rslora) {
+      throw config_error("peft::save_adapter: layer \"" + path +
+                         "\" disagrees with the others on use_rslora; one PEFT adapter has one setting");
+    } else if (c.bias != base.bias) {
+      throw config_error("peft::save_adapter: layer \"" + path +
+                         "\" disagrees with the others on the bias mode; one PEFT adapter has one setting");
+    }
+  }
+  if (first) throw config_error("peft::save_adapter: no layer with r > 0 to save");
+  // Keep the caller's r, lora_alpha and patterns when they already give every layer its rank and alpha
+  // (a loaded adapter saved back keeps its file's patterns); otherwise derive them.
+  bool base_fits = true;
+  for (const auto& [path, layer] : model) {
+    const LoraConfig& c = layer->config();
+    if (c.r != 0 && (base.rank_for(path) != c.r || base.alpha_for(path) != c.lora_alpha)) base_fits = false;
+  }
+  if (base_fits) {
+    detail::finish_target_modules(model, base);
+    base.assumed.clear();
+    return base;
+  }
+  auto most = [](const auto& votes) {
+    return std::max_element(votes.begin(), votes.end(), [](auto& a, auto& b) { return a.second < b.second; })->first;
+  };
+  base.r = most(rank_votes);
+  base.lora_alpha = most(alpha_votes);
+  base.rank_pattern.clear();
+  base.alpha_pattern.clear();
+  for (const auto& [path, layer] : model) {
+    const LoraConfig& c = layer->config();
+    if (c.r == 0) continue;
+    if (c.r != base.r) base.rank_pattern.emplace_back(path, c.r);
+    if (c.lora_alpha != base.lora_alpha) base.alpha_pattern.emplace_back(path, c.lora_alpha);
+  }
+  detail::finish_target_modules(model, base);
+  base.assumed.clear();
+  return base;
+}
+
+/// Writes `dir`/adapter_model.safetensors and `dir`/adapter_config.json as
+/// PEFT does (creating `dir`), each atomically. `extra` adds non-LoRA tensors
+/// under their full names (a modules_to_save head). The files a failed save
+/// would have replaced stay as they were.
+template <class Scalar>
+void save_adapter(const std::string& dir, const std::map<std::string, LoRALinear<Scalar>*>& model,
+                  const AdapterConfig& base = {}, safetensors::Dtype dtype = safetensors::Dtype::F32,
+                  const std::map<std::string, Matrix<Scalar>>& extra = {}) {
+  AdapterConfig config = config_for(model, base);
+  safetensors::Writer writer;
+  writer.set_metadata("format", "pt");
+  for (const auto& [path, layer] : model) {
+    if (layer->is_merged())
+      throw state_error("peft::save_adapter: layer \"" + path + "\" is merged; save before merging or unmerge()");
+    const std::string key = key_prefix + path;
+    if (layer->rank() > 0) {
+      writer.add(key + ".lora_A.weight", layer->lora_A(), dtype);
+      writer.add(key + ".lora_B.weight", layer->lora_B(), dtype);
+    }
+    if (layer->bias_trainable())
+      writer.add(key + ".bias", layer->bias(), dtype, {static_cast<std::uint64_t>(layer->out_features())});
+  }
+  for (const auto& [name, tensor] : extra) writer.add(name, tensor, dtype);
+  std::filesystem::create_directories(dir);
+  writer.save((std::filesystem::path(dir) / weights_file_name).string());
+  config.save((std::filesystem::path(dir) / config_file_name).string());
+}
+
+// ---- merging into a base weight ------------------------------------------------------
+
+/// W += scale · s · B A for a weight stored (O, I), or W += scale · s · (B A)ᵀ
+/// for one stored (I, O) (fan_in_fan_out). Shapes are checked first.
+template <class Scalar, class AccScalar = Scalar>
+void merge_into(MutRef<Scalar> weight, const ModuleAdapter<AccScalar>& m, double scale, bool fan_in_fan_out) {
+  const Index O = m.out_features(), I = m.in_features();
+  const Index rows = fan_in_fan_out ? I : O, cols = fan_in_fan_out ? O : I;
+  if (weight.rows() != rows || weight.cols() != cols)
+    throw shape_error("peft::merge_into(\"" + m.path + "\"): weight expected " + shape_string(rows, cols) +
+                      (fan_in_fan_out ? " (in, out) with fan_in_fan_out" : " (out, in)") + ", got " +
+                      shape_string(weight.rows(), weight.cols()));
+  const AccScalar s = static_cast<AccScalar>(scale * m.scaling);
+  Matrix<AccScalar> delta(O, I);
+  delta.noalias() = m.B * m.A;
+  if (fan_in_fan_out)
+    weight += (s * delta.transpose()).template cast<Scalar>();
+  else
+    weight += (s * delta).template cast<Scalar>();
+}
+
+}  // namespace lora::peft
