@@ -4,6 +4,7 @@
 #include <catch2/catch.hpp>
 #include <lora/peft.hpp>
 
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -343,5 +344,53 @@ TEST_CASE("peft refuses DoRA and embedding tensors, pickles, and half adapters",
   fs::remove(dir / "adapter_model.safetensors");
   write_text((dir / "adapter_model.bin").string(), "pickle");
   CHECK_THAT(message(), Contains("adapter_model.bin (a PyTorch pickle), which is not supported"));
+  fs::remove_all(dir);
+}
+
+TEST_CASE("merge_adapter_file matches PyTorch's merged weights and copies the rest through", "[peft][merge]") {
+  fs::path dir = scratch_dir("merge");
+  struct Case {
+    const char* base;
+    const char* expected;
+    double scale;
+    float tolerance;
+  };
+  // BF16: torch rounded (W + delta) in float32 to bfloat16; allow one bf16 step where a tie falls differently.
+  for (const Case& c : {Case{"base.safetensors", "merged.safetensors", 1.0, 1e-5f},
+                        Case{"base.safetensors", "merged_half.safetensors", 0.5, 1e-5f},
+                        Case{"base_bf16.safetensors", "merged_bf16.safetensors", 1.0, 1.0f / 128}}) {
+    INFO(c.expected);
+    const std::string out = (dir / "out.safetensors").string();
+    auto report = peft::merge_adapter_file(golden_dir + "/" + c.base, golden_dir + "/adapter", out, c.scale);
+    CHECK(report.merged.size() == 4);
+    CHECK(report.copied == 6);
+    auto got = st::File::open(out);
+    auto expected = st::File::open(golden_dir + "/" + c.expected);
+    auto base = st::File::open(golden_dir + "/" + c.base);
+    CHECK(got.metadata() == base.metadata());
+    REQUIRE(got.tensors().size() == expected.tensors().size());
+    std::size_t differing = 0;
+    for (const auto& t : expected.tensors()) {
+      INFO(t.name);
+      const auto& g = got.at(t.name);
+      CHECK(g.dtype == t.dtype);
+      CHECK(g.shape == t.shape);
+      if (!st::is_float(t.dtype)) {
+        CHECK(std::memcmp(got.bytes(g), expected.bytes(t), t.nbytes()) == 0);
+        continue;
+      }
+      Mat a = got.matrix<float>(t.name), b = expected.matrix<float>(t.name);
+      CHECK((a - b).cwiseAbs().maxCoeff() <= c.tolerance * (1.0f + b.cwiseAbs().maxCoeff()));
+      if (std::memcmp(got.bytes(g), base.bytes(base.at(t.name)), t.nbytes()) != 0) ++differing;
+    }
+    CHECK(differing == 4);  // exactly the four adapted weights changed; biases, wte, the I64 mask did not
+  }
+  std::size_t files = 0;
+  for ([[maybe_unused]] const auto& e : fs::directory_iterator(dir)) ++files;
+  CHECK(files == 1);
+  CHECK_THROWS_WITH(
+      peft::merge_adapter_file(golden_dir + "/base.safetensors", tiny_lora, (dir / "never.safetensors").string()),
+      Contains("12 problem(s)"));
+  CHECK_FALSE(fs::exists(dir / "never.safetensors"));
   fs::remove_all(dir);
 }

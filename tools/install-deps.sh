@@ -3,7 +3,7 @@
 # format lora. Does nothing (and needs no network) when all are present.
 set -euo pipefail
 
-packages=(cmake g++ make git libeigen3-dev nlohmann-json3-dev catch2 libbenchmark-dev clang-format)
+packages=(cmake g++ make git libeigen3-dev nlohmann-json3-dev libcli11-dev catch2 libbenchmark-dev clang-format)
 
 missing=()
 for package in "${packages[@]}"; do

@@ -34,6 +34,7 @@
 #include <map>
 #include <optional>
 #include <regex>
+#include <set>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -397,8 +398,8 @@ Adapter<Scalar> read_adapter(const std::string& dir_or_file) {
   auto [weights_path, config_path] = detail::adapter_paths(dir_or_file);
   Adapter<Scalar> adapter;
   adapter.source = weights_path;
+  adapter.file = safetensors::File::open(weights_path);  // the tensors first: a bad file is named as such
   adapter.config = AdapterConfig::read(config_path);
-  adapter.file = safetensors::File::open(weights_path);
   const safetensors::File& file = *adapter.file;
 
   std::map<std::string, std::pair<const safetensors::TensorInfo*, const safetensors::TensorInfo*>> found;
@@ -669,6 +670,163 @@ void merge_into(MutRef<Scalar> weight, const ModuleAdapter<AccScalar>& m, double
     weight += (s * delta.transpose()).template cast<Scalar>();
   else
     weight += (s * delta).template cast<Scalar>();
+}
+
+}  // namespace lora::peft
+
+namespace lora::peft {
+
+/// What merge_adapter_file did: each adapted module and the base tensor it went into.
+struct MergeReport {
+  std::vector<std::pair<std::string, std::string>> merged;  ///< (module path, base tensor name)
+  std::size_t copied = 0;                                   ///< tensors copied through unchanged
+};
+
+/// The base tensor a module's weight lives in: "<path>.weight", or the same
+/// without a leading "transformer." / "model." when the base file lacks it.
+inline const safetensors::TensorInfo* find_base_weight(const safetensors::File& base, const std::string& path) {
+  if (const auto* t = base.find(path + ".weight")) return t;
+  for (const char* prefix : {"transformer.", "model."}) {
+    const std::string p = prefix;
+    if (path.compare(0, p.size(), p) == 0)
+      if (const auto* t = base.find(path.substr(p.size()) + ".weight")) return t;
+  }
+  return nullptr;
+}
+
+/// lora-merge: writes `out_path`, the base file with each adapted weight
+/// replaced by W + scale · s · B A (transposed for fan_in_fan_out),
+/// accumulated in float (double for F64) and stored in the weight's own
+/// dtype; a bias the adapter trained replaces the base's. Every other tensor
+/// and the metadata are copied through unchanged. Refuses (format_error,
+/// listing them all) modules with no base weight or a weight of the wrong
+/// shape or dtype, before writing anything; the output is written atomically.
+inline MergeReport merge_adapter_file(const std::string& base_path, const std::string& adapter_path,
+                                      const std::string& out_path, double scale = 1.0) {
+  if (!std::isfinite(scale)) throw config_error("merge_adapter_file: scale must be finite, got " + value_string(scale));
+  Adapter<double> adapter = read_adapter<double>(adapter_path);
+  safetensors::File base = safetensors::File::open(base_path);
+  const bool fan_in_fan_out = adapter.config.fan_in_fan_out;
+
+  struct Job {
+    const ModuleAdapter<double>* module;
+    const safetensors::TensorInfo* weight;
+    const safetensors::TensorInfo* bias;
+  };
+  std::vector<Job> jobs;
+  std::vector<std::string> problems;
+  for (const auto& m : adapter.modules) {
+    const auto* w = find_base_weight(base, m.path);
+    if (w == nullptr) {
+      problems.push_back(m.path + ": no base tensor \"" + m.path +
+                         ".weight\" (nor without a leading transformer./model.)");
+      continue;
+    }
+    const std::uint64_t O = static_cast<std::uint64_t>(m.out_features()),
+                        I = static_cast<std::uint64_t>(m.in_features());
+    const std::vector<std::uint64_t> want =
+        fan_in_fan_out ? std::vector<std::uint64_t>{I, O} : std::vector<std::uint64_t>{O, I};
+    if (w->shape != want) {
+      problems.push_back(m.path + ": base tensor \"" + w->name + "\" is " + safetensors::shape_text(w->shape) +
+                         ", the adapter needs " + safetensors::shape_text(want) +
+                         (fan_in_fan_out ? " (in, out), fan_in_fan_out" : " (out, in)"));
+      continue;
+    }
+    if (!safetensors::is_float(w->dtype)) {
+      problems.push_back(m.path + ": base tensor \"" + w->name + "\" has dtype " + safetensors::dtype_name(w->dtype) +
+                         ", expected F16, BF16, F32 or F64");
+      continue;
+    }
+    const safetensors::TensorInfo* b = nullptr;
+    if (m.bias.size() > 0) {
+      std::string bias_name = w->name.substr(0, w->name.size() - std::string(".weight").size()) + ".bias";
+      b = base.find(bias_name);
+      if (b == nullptr || b->shape != std::vector<std::uint64_t>{O} || !safetensors::is_float(b->dtype)) {
+        problems.push_back(m.path + ": the adapter trained a bias but the base has no float tensor \"" + bias_name +
+                           "\" of shape [" + std::to_string(O) + "]");
+        continue;
+      }
+    }
+    jobs.push_back({&m, w, b});
+  }
+  if (!problems.empty()) {
+    std::string message =
+        base_path + ": cannot merge " + adapter.source + ", " + std::to_string(problems.size()) + " problem(s):";
+    for (const auto& p : problems) message += "\n  " + p;
+    throw format_error(message);
+  }
+
+  // Stores `values` (row-major, as the tensor's shape) in the tensor's dtype.
+  auto encode = [](const Matrix<double>& values, safetensors::Dtype dtype) {
+    std::vector<std::uint8_t> out(static_cast<std::size_t>(values.size()) * safetensors::dtype_size(dtype));
+    for (Index i = 0; i < values.size(); ++i) {
+      double v = values.data()[i];
+      std::uint16_t h;
+      float f;
+      switch (dtype) {
+        case safetensors::Dtype::F16:
+          h = safetensors::float_to_half(static_cast<float>(v));
+          std::memcpy(&out[2 * i], &h, 2);
+          break;
+        case safetensors::Dtype::BF16:
+          h = safetensors::float_to_bf16(static_cast<float>(v));
+          std::memcpy(&out[2 * i], &h, 2);
+          break;
+        case safetensors::Dtype::F32:
+          f = static_cast<float>(v);
+          std::memcpy(&out[4 * i], &f, 4);
+          break;
+        default:
+          std::memcpy(&out[8 * i], &v, 8);
+          break;
+      }
+    }
+    return out;
+  };
+
+  safetensors::Writer writer;
+  if (base.has_metadata())
+    for (const auto& [k, v] : base.metadata()) writer.set_metadata(k, v);
+  std::vector<std::vector<std::uint8_t>> buffers;  // the merged tensors, alive until save
+  buffers.reserve(2 * jobs.size());
+  std::set<std::string> replaced;
+  MergeReport report;
+  for (const Job& job : jobs) {
+    const auto& m = *job.module;
+    const auto* w = job.weight;
+    const Index rows = static_cast<Index>(w->shape[0]), cols = static_cast<Index>(w->shape[1]);
+    Matrix<double> merged(rows, cols);
+    if (w->dtype == safetensors::Dtype::F64) {
+      base.convert_into(*w, merged.data());
+      merge_into<double, double>(merged, m, scale, fan_in_fan_out);
+    } else {  // float accumulation, as PEFT does for a float32 base and llama.cpp's export-lora
+      Matrix<float> w32(rows, cols);
+      base.convert_into(*w, w32.data());
+      ModuleAdapter<float> m32;
+      m32.path = m.path;
+      m32.A = m.A.cast<float>();
+      m32.B = m.B.cast<float>();
+      m32.scaling = m.scaling;
+      merge_into<float, float>(w32, m32, scale, fan_in_fan_out);
+      merged = w32.cast<double>();
+    }
+    buffers.push_back(encode(merged, w->dtype));
+    writer.add_bytes(w->name, w->dtype, w->shape, buffers.back().data(), buffers.back().size());
+    replaced.insert(w->name);
+    if (job.bias != nullptr) {
+      buffers.push_back(encode(m.bias, job.bias->dtype));
+      writer.add_bytes(job.bias->name, job.bias->dtype, job.bias->shape, buffers.back().data(), buffers.back().size());
+      replaced.insert(job.bias->name);
+    }
+    report.merged.emplace_back(m.path, w->name);
+  }
+  for (const auto& t : base.tensors()) {
+    if (replaced.count(t.name)) continue;
+    writer.add_bytes(t.name, t.dtype, t.shape, base.bytes(t), static_cast<std::size_t>(t.nbytes()));
+    ++report.copied;
+  }
+  writer.save(out_path);
+  return report;
 }
 
 }  // namespace lora::peft

@@ -1,0 +1,22 @@
+# Runs a command-line tool and checks what it did:
+#   cmake -DCOMMAND="exe|arg|..." -DEXPECT_RC=0 [-DSTDOUT_REGEX=...] [-DSTDERR_REGEX=...]
+#         [-DSTDERR_ONE_LINE=ON] -P run_cli.cmake
+string(REPLACE "|" ";" COMMAND "${COMMAND}")
+execute_process(COMMAND ${COMMAND} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+message("exit status ${rc}\n--- stdout\n${out}--- stderr\n${err}---")
+if(NOT rc STREQUAL EXPECT_RC)
+  message(FATAL_ERROR "expected exit status ${EXPECT_RC}, got ${rc}")
+endif()
+if(DEFINED STDOUT_REGEX AND NOT out MATCHES "${STDOUT_REGEX}")
+  message(FATAL_ERROR "stdout does not match: ${STDOUT_REGEX}")
+endif()
+if(DEFINED STDERR_REGEX AND NOT err MATCHES "${STDERR_REGEX}")
+  message(FATAL_ERROR "stderr does not match: ${STDERR_REGEX}")
+endif()
+if(STDERR_ONE_LINE)
+  string(REGEX MATCHALL "\n" newlines "${err}")
+  list(LENGTH newlines lines)
+  if(NOT lines EQUAL 1)
+    message(FATAL_ERROR "expected exactly one line on stderr, got ${lines}")
+  endif()
+endif()
