@@ -4,6 +4,8 @@
 #include <catch2/catch.hpp>
 #include <lora/peft.hpp>
 
+#include "test_files.hpp"
+
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -24,22 +26,14 @@ const std::string data_dir = LORA_TEST_DATA_DIR;
 const std::string golden_dir = data_dir + "/peft/golden";
 const std::string tiny_lora = data_dir + "/peft/tiny_lora";
 
-std::vector<std::uint8_t> read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::vector<std::uint8_t>(std::istreambuf_iterator<char>(in), {});
-}
-
 void write_text(const std::string& path, const std::string& text) {
   std::ofstream out(path, std::ios::binary);
   out << text;
 }
 
-fs::path scratch_dir(const std::string& name) {
-  fs::path dir = fs::temp_directory_path() / ("lora-test-peft-" + name + "-" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
+using lora_test::read_bytes;
+
+fs::path scratch_dir(const std::string& name) { return lora_test::scratch_dir("peft-" + name); }
 
 const std::vector<std::string> golden_modules = {"transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
                                                  "transformer.h.1.attn.c_attn", "transformer.h.1.attn.c_proj"};
@@ -385,12 +379,43 @@ TEST_CASE("merge_adapter_file matches PyTorch's merged weights and copies the re
     }
     CHECK(differing == 4);  // exactly the four adapted weights changed; biases, wte, the I64 mask did not
   }
-  std::size_t files = 0;
-  for ([[maybe_unused]] const auto& e : fs::directory_iterator(dir)) ++files;
-  CHECK(files == 1);
+  CHECK(lora_test::count_files(dir) == 1);
   CHECK_THROWS_WITH(
       peft::merge_adapter_file(golden_dir + "/base.safetensors", tiny_lora, (dir / "never.safetensors").string()),
       Contains("12 problem(s)"));
   CHECK_FALSE(fs::exists(dir / "never.safetensors"));
+  fs::remove_all(dir);
+}
+
+TEST_CASE("peft save is atomic: a failed write leaves the old adapter whole", "[peft][atomic]") {
+  fs::path dir = scratch_dir("atomic");
+  lora::LoraConfig small_config;
+  small_config.r = 2;
+  lora::LoRALinear<float> small(4, 3, small_config, false);
+  std::map<std::string, lora::LoRALinear<float>*> small_model{{"fc", &small}};
+  peft::save_adapter(dir.string(), small_model);
+  const auto weights = read_bytes((dir / "adapter_model.safetensors").string());
+  const auto config = read_bytes((dir / "adapter_config.json").string());
+
+  lora::LoraConfig big_config;
+  big_config.r = 64;
+  lora::LoRALinear<float> big(256, 256, big_config, false);  // 128 KiB of adapter
+  std::map<std::string, lora::LoRALinear<float>*> big_model{{"fc", &big}};
+  std::string message;
+  {
+    lora_test::FileSizeLimit limit(64 * 1024);
+    REQUIRE(limit.ok());
+    try {
+      peft::save_adapter(dir.string(), big_model);
+    } catch (const lora::io_error& e) {
+      message = e.what();
+    }
+  }
+  CHECK_THAT(message, Contains("adapter_model.safetensors: write failed"));
+  CHECK(read_bytes((dir / "adapter_model.safetensors").string()) == weights);  // neither file replaced
+  CHECK(read_bytes((dir / "adapter_config.json").string()) == config);
+  CHECK(lora_test::count_files(dir) == 2);  // no temporaries left behind
+  peft::save_adapter(dir.string(), big_model);
+  CHECK(peft::read_adapter<float>(dir.string()).find("fc")->r == 64);
   fs::remove_all(dir);
 }

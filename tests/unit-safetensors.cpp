@@ -4,15 +4,13 @@
 #include <catch2/catch.hpp>
 #include <lora/safetensors.hpp>
 
-#include <csignal>
 #include <cstdint>
 #include <filesystem>
-#include <fstream>
 #include <limits>
 #include <string>
 #include <vector>
 
-#include <sys/resource.h>
+#include "test_files.hpp"
 
 using Catch::Contains;
 namespace st = lora::safetensors;
@@ -41,19 +39,7 @@ std::string refused(const Bytes& b) {
   return "accepted";
 }
 
-Bytes read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return Bytes(std::istreambuf_iterator<char>(in), {});
-}
-
 const std::string data_dir = LORA_TEST_DATA_DIR;
-
-fs::path scratch_dir(const std::string& name) {
-  fs::path dir = fs::temp_directory_path() / ("lora-test-" + name + "-" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
 
 }  // namespace
 
@@ -180,39 +166,33 @@ TEST_CASE("safetensors writer refuses duplicate and reserved names", "[safetenso
 }
 
 TEST_CASE("safetensors save is atomic: a failed write leaves the old file", "[safetensors][atomic]") {
-  fs::path dir = scratch_dir("atomic");
+  fs::path dir = lora_test::scratch_dir("atomic");
   const std::string path = (dir / "weights.safetensors").string();
   lora::Matrix<float> small = lora::Matrix<float>::Constant(2, 2, 1.0f);
   st::Writer good;
   good.add("w", small);
   good.save(path);
-  const Bytes before = read_file(path);
+  const Bytes before = lora_test::read_bytes(path);
   REQUIRE(st::File::open(path).matrix<float>("w") == small);
 
   // A file-size limit makes the kernel fail the write part-way (EFBIG), as a full disk would.
   lora::Matrix<float> big = lora::Matrix<float>::Constant(512, 512, 2.0f);  // 1 MiB
   st::Writer large;
   large.add("w", big);
-  struct rlimit old_limit {};
-  REQUIRE(::getrlimit(RLIMIT_FSIZE, &old_limit) == 0);
-  auto old_handler = std::signal(SIGXFSZ, SIG_IGN);
-  struct rlimit limit = old_limit;
-  limit.rlim_cur = 64 * 1024;
-  REQUIRE(::setrlimit(RLIMIT_FSIZE, &limit) == 0);
   std::string message;
-  try {
-    large.save(path);
-  } catch (const lora::io_error& e) {
-    message = e.what();
+  {
+    lora_test::FileSizeLimit limit(64 * 1024);
+    REQUIRE(limit.ok());
+    try {
+      large.save(path);
+    } catch (const lora::io_error& e) {
+      message = e.what();
+    }
   }
-  ::setrlimit(RLIMIT_FSIZE, &old_limit);
-  std::signal(SIGXFSZ, old_handler);
 
   CHECK_THAT(message, Contains("weights.safetensors: write failed"));
-  CHECK(read_file(path) == before);
-  std::size_t files = 0;
-  for ([[maybe_unused]] const auto& entry : fs::directory_iterator(dir)) ++files;
-  CHECK(files == 1);  // the temporary file is gone
+  CHECK(lora_test::read_bytes(path) == before);
+  CHECK(lora_test::count_files(dir) == 1);  // the temporary file is gone
 
   large.save(path);  // without the limit it goes through and replaces the file
   CHECK(st::File::open(path).matrix<float>("w") == big);

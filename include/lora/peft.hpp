@@ -114,10 +114,10 @@ struct AdapterConfig {
 
   /// PEFT's layout: indent 2, keys sorted, no trailing newline.
   std::string to_json() const;
-  void save(const std::string& path) const {
+  void save(const std::string& path) const { stage(path).commit(); }
+  lora::detail::StagedFile stage(const std::string& path) const {
     std::string text = to_json();
-    lora::detail::write_file_atomically(path,
-                                        [&](lora::detail::FileSink& sink) { sink.write(text.data(), text.size()); });
+    return lora::detail::StagedFile(path, [&](lora::detail::FileSink& sink) { sink.write(text.data(), text.size()); });
   }
 };
 
@@ -624,7 +624,8 @@ AdapterConfig config_for(const std::map<std::string, LoRALinear<Scalar>*>& model
 }
 
 /// Writes `dir`/adapter_model.safetensors and `dir`/adapter_config.json as
-/// PEFT does (creating `dir`), each atomically. `extra` adds non-LoRA tensors
+/// PEFT does (creating `dir`): both are written to temporaries in full
+/// before either is renamed into place. `extra` adds non-LoRA tensors
 /// under their full names (a modules_to_save head). The files a failed save
 /// would have replaced stay as they were.
 template <class Scalar>
@@ -646,9 +647,14 @@ void save_adapter(const std::string& dir, const std::map<std::string, LoRALinear
       writer.add(key + ".bias", layer->bias(), dtype, {static_cast<std::uint64_t>(layer->out_features())});
   }
   for (const auto& [name, tensor] : extra) writer.add(name, tensor, dtype);
-  std::filesystem::create_directories(dir);
-  writer.save((std::filesystem::path(dir) / weights_file_name).string());
-  config.save((std::filesystem::path(dir) / config_file_name).string());
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) throw io_error(dir + ": cannot create the folder: " + ec.message());
+  // Both files are written in full before either replaces its old version.
+  auto weights = writer.stage((std::filesystem::path(dir) / weights_file_name).string());
+  auto config_file = config.stage((std::filesystem::path(dir) / config_file_name).string());
+  weights.commit();
+  config_file.commit();
 }
 
 // ---- merging into a base weight ------------------------------------------------------

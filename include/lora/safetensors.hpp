@@ -739,8 +739,12 @@ class Writer {
   }
 
   /// Writes the file atomically (temporary file beside it, then rename).
-  void save(const std::string& path) const {
-    lora::detail::write_file_atomically(
+  void save(const std::string& path) const { stage(path).commit(); }
+
+  /// Writes the whole file to a temporary beside `path` without putting it in
+  /// place yet (see lora::detail::StagedFile): for saving several files together.
+  lora::detail::StagedFile stage(const std::string& path) const {
+    return lora::detail::StagedFile(
         path, [&](lora::detail::FileSink& sink) { write_to([&](const void* p, std::size_t n) { sink.write(p, n); }); });
   }
 

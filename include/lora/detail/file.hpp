@@ -1,5 +1,5 @@
 // Files: a read-only memory map (or a plain read where mmap is missing) and
-// an atomic write (temporary file in the destination folder, flush, fsync,
+// atomic writes (temporary file in the destination folder, flush, fsync,
 // rename), so a crash or a full disk never leaves half a file where a good
 // one was.
 #pragma once
@@ -120,57 +120,70 @@ class FileSink {
   const std::string& path_;
 };
 
-/// Writes `path` through a temporary file beside it and renames it into place.
-/// On any failure the temporary is removed, `path` is left as it was, and
-/// io_error says which step failed.
-inline void write_file_atomically(const std::string& path, const std::function<void(FileSink&)>& body) {
-  namespace fs = std::filesystem;
-  fs::path target(path);
-  fs::path folder = target.has_parent_path() ? target.parent_path() : fs::path(".");
-  std::string temp = (folder / ("." + target.filename().string() + ".tmp-XXXXXX")).string();
-
+/// A file written in full to a temporary beside its destination and flushed
+/// to disk, not yet in place: commit() renames it over the destination;
+/// destroying it uncommitted removes the temporary. Staging several files
+/// before committing any means a failed write (a full disk) changes none.
+class StagedFile {
+ public:
+  StagedFile(const std::string& path, const std::function<void(FileSink&)>& body) : path_(path) {
+    namespace fs = std::filesystem;
+    fs::path target(path);
+    fs::path folder = target.has_parent_path() ? target.parent_path() : fs::path(".");
+    temp_ = (folder / ("." + target.filename().string() + ".tmp-XXXXXX")).string();
 #if LORA_HAVE_POSIX_FILES
-  std::vector<char> name(temp.begin(), temp.end());
-  name.push_back('\0');
-  int fd = ::mkstemp(name.data());
-  if (fd < 0)
-    throw io_error(path + ": cannot create a temporary file in " + folder.string() + ": " + errno_text(errno));
-  temp.assign(name.data());
-  ::fchmod(fd, 0644);
-  std::FILE* file = ::fdopen(fd, "wb");
-  if (file == nullptr) {
-    int code = errno;
-    ::close(fd);
-    ::unlink(temp.c_str());
-    throw io_error(path + ": cannot open the temporary file: " + errno_text(code));
-  }
+    std::vector<char> name(temp_.begin(), temp_.end());
+    name.push_back('\0');
+    int fd = ::mkstemp(name.data());
+    if (fd < 0)
+      throw io_error(path + ": cannot create a temporary file in " + folder.string() + ": " + errno_text(errno));
+    temp_.assign(name.data());
+    ::fchmod(fd, 0644);
+    std::FILE* file = ::fdopen(fd, "wb");
+    if (file == nullptr) {
+      int code = errno;
+      ::close(fd);
+      ::unlink(temp_.c_str());
+      throw io_error(path + ": cannot open the temporary file: " + errno_text(code));
+    }
 #else
-  temp.replace(temp.size() - 6, 6, "000000");
-  std::FILE* file = std::fopen(temp.c_str(), "wb");
-  if (file == nullptr) throw io_error(path + ": cannot create a temporary file in " + folder.string());
+    temp_.replace(temp_.size() - 6, 6, "000000");
+    std::FILE* file = std::fopen(temp_.c_str(), "wb");
+    if (file == nullptr) throw io_error(path + ": cannot create a temporary file in " + folder.string());
 #endif
-  auto discard = [&]() {
-    if (file != nullptr) std::fclose(file);
-    file = nullptr;
-    std::remove(temp.c_str());
-  };
-  try {
-    FileSink sink(file, path);
-    body(sink);
-    if (std::fflush(file) != 0) throw io_error(path + ": flush failed: " + errno_text(errno));
+    try {
+      FileSink sink(file, path);
+      body(sink);
+      if (std::fflush(file) != 0) throw io_error(path + ": flush failed: " + errno_text(errno));
 #if LORA_HAVE_POSIX_FILES
-    if (::fsync(::fileno(file)) != 0) throw io_error(path + ": fsync failed: " + errno_text(errno));
+      if (::fsync(::fileno(file)) != 0) throw io_error(path + ": fsync failed: " + errno_text(errno));
 #endif
-    std::FILE* closing = file;
-    file = nullptr;
-    if (std::fclose(closing) != 0) throw io_error(path + ": close failed: " + errno_text(errno));
-    std::error_code ec;
-    fs::rename(temp, target, ec);
-    if (ec) throw io_error(path + ": cannot rename the temporary file into place: " + ec.message());
-  } catch (...) {
-    discard();
-    throw;
+      std::FILE* closing = file;
+      file = nullptr;
+      if (std::fclose(closing) != 0) throw io_error(path + ": close failed: " + errno_text(errno));
+    } catch (...) {
+      if (file != nullptr) std::fclose(file);
+      std::remove(temp_.c_str());
+      throw;
+    }
   }
-}
+  StagedFile(const StagedFile&) = delete;
+  StagedFile& operator=(const StagedFile&) = delete;
+  ~StagedFile() {
+    if (!committed_) std::remove(temp_.c_str());
+  }
+
+  /// Renames the temporary into place (atomic on POSIX file systems).
+  void commit() {
+    std::error_code ec;
+    std::filesystem::rename(temp_, path_, ec);
+    if (ec) throw io_error(path_ + ": cannot rename the temporary file into place: " + ec.message());
+    committed_ = true;
+  }
+
+ private:
+  std::string path_, temp_;
+  bool committed_ = false;
+};
 
 }  // namespace lora::detail
