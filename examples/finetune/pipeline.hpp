@@ -119,23 +119,30 @@ class Batches {
 /// y = x Wᵀ + b with W (O, I) and b (O) that train: LoRALinear never computes dW (its W is frozen by
 /// design), so pretraining and full fine-tuning use this layer, written out here, with the library's
 /// initialisation, GELU, loss and optimizer.
-struct DenseLinear {
+template <class Scalar>
+struct BasicDenseLinear {
+  using Mat = lora::Matrix<Scalar>;
+  using Row = lora::RowVector<Scalar>;
   Mat W, dW;  // (O, I)
   Row b, db;  // (O)
   bool trainable = true;
 };
 
-/// Linear, GELU, Linear, GELU, ..., Linear.
-class DenseMLP {
+/// Linear, GELU, Linear, GELU, ..., Linear. Float in the demo; double for the gradient check in the tests.
+template <class Scalar>
+class BasicDenseMLP {
  public:
+  using Mat = lora::Matrix<Scalar>;
+  using Row = lora::RowVector<Scalar>;
+
   /// widths {D, H, ..., C}; each layer initialised as torch.nn.Linear (LoRALinear's own init) from seed.
-  DenseMLP(const std::vector<Index>& widths, std::uint64_t seed) {
+  BasicDenseMLP(const std::vector<Index>& widths, std::uint64_t seed) {
     for (std::size_t k = 0; k + 1 < widths.size(); ++k) {
       lora::LoraConfig cfg;
       cfg.r = 0;
       cfg.seed = seed * 1000 + k;
-      const lora::LoRALinear<float> init(widths[k], widths[k + 1], cfg, /*bias*/ true);
-      DenseLinear l;
+      const lora::LoRALinear<Scalar> init(widths[k], widths[k + 1], cfg, /*bias*/ true);
+      BasicDenseLinear<Scalar> l;
       l.W = init.weight();
       l.b = init.bias();
       l.dW = Mat::Zero(l.W.rows(), l.W.cols());
@@ -150,7 +157,7 @@ class DenseMLP {
   }
 
   /// Training forward: keeps every layer's input and pre-activation for backward.
-  const Mat& forward(const lora::ConstRef<float>& x) {
+  const Mat& forward(const lora::ConstRef<Scalar>& x) {
     const std::size_t L = layers.size();
     in_.resize(L);
     pre_.resize(L);
@@ -162,20 +169,20 @@ class DenseMLP {
       pre_[k].rowwise() += layers[k].b;
       if (k + 1 < L) {
         in_[k + 1].resize(pre_[k].rows(), pre_[k].cols());
-        lora::GELU::forward<float>(pre_[k], in_[k + 1]);
+        lora::GELU::forward<Scalar>(pre_[k], in_[k + 1]);
       }
     }
     return pre_.back();
   }
 
   /// dlogits (N, C): adds into dW, db of the trainable layers; stops below the lowest trainable layer.
-  void backward(const lora::ConstRef<float>& dlogits) {
+  void backward(const lora::ConstRef<Scalar>& dlogits) {
     std::size_t lowest = layers.size();
     for (std::size_t k = layers.size(); k-- > 0;)
       if (layers[k].trainable) lowest = k;
     dz_ = dlogits;
     for (std::size_t k = layers.size(); k-- > lowest;) {
-      DenseLinear& l = layers[k];
+      BasicDenseLinear<Scalar>& l = layers[k];
       if (l.trainable) {
         // forward: z = a Wᵀ + b, so dW += dzᵀ a and db += Σ_rows dz
         l.dW.noalias() += dz_.transpose() * in_[k];
@@ -186,12 +193,12 @@ class DenseMLP {
       da_.resize(dz_.rows(), l.W.cols());
       da_.noalias() = dz_ * l.W;
       dz_.resize(da_.rows(), da_.cols());
-      lora::GELU::backward<float>(pre_[k - 1], da_, dz_);
+      lora::GELU::backward<Scalar>(pre_[k - 1], da_, dz_);
     }
   }
 
   /// Eval forward, allocating its own buffers.
-  Mat predict(const lora::ConstRef<float>& x) const {
+  Mat predict(const lora::ConstRef<Scalar>& x) const {
     Mat a = x, z;
     for (std::size_t k = 0; k < layers.size(); ++k) {
       z.resize(a.rows(), layers[k].W.rows());
@@ -199,16 +206,16 @@ class DenseMLP {
       z.rowwise() += layers[k].b;
       if (k + 1 < layers.size()) {
         a.resize(z.rows(), z.cols());
-        lora::GELU::forward<float>(z, a);
+        lora::GELU::forward<Scalar>(z, a);
       }
     }
     return z;
   }
 
-  lora::ParameterList<float> parameters() {
-    lora::ParameterList<float> ps;
+  lora::ParameterList<Scalar> parameters() {
+    lora::ParameterList<Scalar> ps;
     for (std::size_t k = 0; k < layers.size(); ++k) {
-      DenseLinear& l = layers[k];
+      BasicDenseLinear<Scalar>& l = layers[k];
       if (!l.trainable) continue;
       ps.push_back({std::to_string(k) + ".weight", l.W.data(), l.dW.data(), l.W.rows(), l.W.cols()});
       ps.push_back({std::to_string(k) + ".bias", l.b.data(), l.db.data(), 1, l.b.cols()});
@@ -224,12 +231,15 @@ class DenseMLP {
 
   void train() {}  // no dropout: training and eval forward compute the same
 
-  std::vector<DenseLinear> layers;
+  std::vector<BasicDenseLinear<Scalar>> layers;
 
  private:
   std::vector<Mat> in_, pre_;  // in_[k]: input of layer k; pre_[k]: its output before the activation
   Mat dz_, da_;
 };
+
+using DenseLinear = BasicDenseLinear<float>;
+using DenseMLP = BasicDenseMLP<float>;
 
 // ---- the same network with LoRA ------------------------------------------------------------------
 
