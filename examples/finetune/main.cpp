@@ -1,0 +1,377 @@
+// finetune: adapt a pretrained network to a new task on real data (Fashion-MNIST), and show what LoRA buys.
+//
+// Pretrains a 784-512-512-10 GELU MLP on task A (classes 0-4), then adapts it to task B (classes 5-9,
+// which the base never saw) with the frozen base, the classifier head only, LoRA on every layer at
+// several ranks, and full fine-tuning, all with the same AdamW, schedule, batches and steps. Prints one
+// table (trainable parameters, optimizer state, time, task B accuracy, task A accuracy after adapting),
+// writes CSVs of the curves and the rank sweep, and a PNG plot when gnuplot is installed.
+//
+// Exits 1 if an invariant fails (switching a LoRA adapter off, or merging and unmerging it, does not give
+// back the pretrained model's predictions bit for bit, or training did not lower the loss); 77 if the
+// data set is not installed; 2 on bad flags.
+#include <CLI/CLI.hpp>
+#include <lora/lora.hpp>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "mnist.hpp"
+#include "pipeline.hpp"
+
+namespace {
+
+using finetune::Index;
+using finetune::Mat;
+
+struct Method {
+  std::string name;
+  int rank = -1;  // LoRA rank, -1 for the others
+  finetune::TrainResult train;
+  double acc_b = 0;
+  double acc_a = 0;                 // after adapting (LoRA: adapter switched off)
+  double acc_a_roundtrip = NAN;     // LoRA: merged, then unmerged, adapter off
+  bool a_bitwise_off = true;        // LoRA: adapter-off task A logits == pretrained logits, bit for bit
+  bool a_bitwise_roundtrip = true;  // LoRA: the same after merge() then unmerge()
+  double max_w_change = 0;          // LoRA: max |W - W_pretrained| after merge() then unmerge()
+  double acc_b_merged = NAN;        // LoRA: task B accuracy served merged
+};
+
+bool same_bits(const Mat& a, const Mat& b) {
+  return a.rows() == b.rows() && a.cols() == b.cols() &&
+         std::memcmp(a.data(), b.data(), sizeof(float) * static_cast<std::size_t>(a.size())) == 0;
+}
+
+std::string bytes_string(std::size_t b) {
+  char buf[32];
+  if (b == 0) return "0";
+  if (b < (1u << 20))
+    std::snprintf(buf, sizeof buf, "%.1f KiB", static_cast<double>(b) / 1024.0);
+  else
+    std::snprintf(buf, sizeof buf, "%.2f MiB", static_cast<double>(b) / (1024.0 * 1024.0));
+  return buf;
+}
+
+bool command_exists(const char* name) {
+  const std::string cmd = std::string("command -v ") + name + " >/dev/null 2>&1";
+  return std::system(cmd.c_str()) == 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{
+      "Adapt a network pretrained on Fashion-MNIST classes 0-4 to classes 5-9: frozen base, head only, "
+      "LoRA at several ranks, full fine-tuning."};
+  long steps = 1000, pretrain_steps = 1000;
+  std::vector<int> ranks{1, 2, 4, 8, 16, 64};
+  int threads = 1, hidden = 512;
+  std::size_t batch = 128, train_limit = 0, test_limit = 0;
+  double lr = 1e-3;
+  std::uint64_t seed = 1;
+  std::string output = "out/finetune", data_dir = mnist::kDefaultDir;
+  bool plot = true;
+  app.add_option("--steps", steps, "Adaptation steps, the same for every method")
+      ->check(CLI::Range(1L, 100000000L))
+      ->capture_default_str();
+  app.add_option("--pretrain-steps", pretrain_steps, "Pretraining steps on task A")
+      ->check(CLI::Range(1L, 100000000L))
+      ->capture_default_str();
+  app.add_option("--ranks", ranks, "LoRA ranks to sweep, e.g. --ranks 1,4,16")
+      ->delimiter(',')
+      ->check(CLI::Range(1, 4096))
+      ->capture_default_str();
+  app.add_option("--threads", threads, "Threads for Eigen's matrix products")
+      ->check(CLI::Range(1, 256))
+      ->capture_default_str();
+  app.add_option("--output", output, "Folder for the CSVs and the plot")->capture_default_str();
+  app.add_option("--seed", seed, "Seed of the initialisation and the batch order")->capture_default_str();
+  app.add_option("--batch", batch, "Batch size")
+      ->check(CLI::Range(std::size_t{1}, std::size_t{1} << 20))
+      ->capture_default_str();
+  app.add_option("--lr", lr, "Peak learning rate (AdamW, cosine schedule, 5% warmup)")
+      ->check([](const std::string& v) {
+        return std::strtod(v.c_str(), nullptr) > 0 ? std::string() : "expected a learning rate > 0, got " + v;
+      })
+      ->capture_default_str();
+  app.add_option("--hidden", hidden, "Width of the two hidden layers")
+      ->check(CLI::Range(1, 65536))
+      ->capture_default_str();
+  app.add_option("--train-limit", train_limit, "Use only the first N training images of each task (0: all)")
+      ->capture_default_str();
+  app.add_option("--test-limit", test_limit, "Use only the first N test images of each task (0: all)")
+      ->capture_default_str();
+  app.add_option("--data", data_dir, "Folder with the gzip'd IDX files")->capture_default_str();
+  app.add_flag("!--no-plot", plot, "Do not run gnuplot");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 2;
+  }
+
+  Eigen::setNbThreads(threads);
+  const int eigen_threads = Eigen::nbThreads();
+  if (eigen_threads != threads)
+    std::printf("note: --threads %d asked, Eigen uses %d (built without OpenMP)\n", threads, eigen_threads);
+
+  // ---- data ---------------------------------------------------------------------------------------
+  mnist::Dataset train_set, test_set;
+  try {
+    train_set = mnist::load(data_dir, "train");
+    test_set = mnist::load(data_dir, "t10k");
+  } catch (const mnist::missing_data_error& e) {
+    std::fprintf(stderr, "finetune: %s\n", e.what());
+    return 77;
+  } catch (const mnist::idx_error& e) {
+    std::fprintf(stderr, "finetune: %s\n", e.what());
+    return 1;
+  }
+  const finetune::Task train_a = finetune::make_task(train_set, 0, train_limit);
+  const finetune::Task train_b = finetune::make_task(train_set, 5, train_limit);
+  const finetune::Task test_a = finetune::make_task(test_set, 0, test_limit);
+  const finetune::Task test_b = finetune::make_task(test_set, 5, test_limit);
+  const Mat x_test_a = finetune::all_images(test_a), x_test_b = finetune::all_images(test_b);
+  std::printf(
+      "Fashion-MNIST from %s: task A (classes 0-4) %zu train / %zu test images, task B (classes 5-9) "
+      "%zu / %zu; %d thread(s), seed %llu\n",
+      data_dir.c_str(), train_a.size(), test_a.size(), train_b.size(), test_b.size(), eigen_threads,
+      static_cast<unsigned long long>(seed));
+
+  // ---- pretraining on task A ------------------------------------------------------------------------
+  const Index D = static_cast<Index>(train_set.pixels_per_image());
+  finetune::DenseMLP base({D, hidden, hidden, 10}, seed);
+  finetune::TrainOptions pre;
+  pre.steps = pretrain_steps;
+  pre.batch = batch;
+  pre.lr = lr;
+  pre.seed = seed;
+  const auto pretrain = finetune::train(base, train_a, pre, "pretrain A", stdout);
+
+  // The pretrained model as the library runs it (r = 0): the reference for every task A comparison.
+  auto base_eval = finetune::lora_model(base, 0, seed);
+  base_eval.eval();
+  const Mat base_logits_a = finetune::predict(base_eval, x_test_a);
+  const double pretrained_acc_a = finetune::accuracy(base_logits_a, 0, test_a.labels);
+  std::printf("pretrained: task A test accuracy %.2f%%\n\n", 100 * pretrained_acc_a);
+
+  // ---- adapting to task B -----------------------------------------------------------------------------
+  finetune::TrainOptions adapt = pre;
+  adapt.steps = steps;
+  adapt.seed = seed + 1;  // the same batches for every method
+  std::vector<Method> methods;
+
+  {
+    Method m;
+    m.name = "frozen base";
+    m.train.params = base.parameter_count();
+    m.train.params.frozen += m.train.params.trainable;
+    m.train.params.trainable = 0;
+    m.acc_b = finetune::accuracy(finetune::predict(base_eval, x_test_b), 5, test_b.labels);
+    m.acc_a = pretrained_acc_a;
+    methods.push_back(m);
+  }
+  {
+    Method m;
+    m.name = "head only";
+    finetune::DenseMLP model = base;
+    model.freeze_all_but_head();
+    m.train = finetune::train(model, train_b, adapt, m.name, stdout);
+    m.acc_b = finetune::accuracy(model.predict(x_test_b), 5, test_b.labels);
+    m.acc_a = finetune::accuracy(model.predict(x_test_a), 0, test_a.labels);
+    methods.push_back(m);
+  }
+  for (int r : ranks) {
+    Method m;
+    m.name = "LoRA r=" + std::to_string(r);
+    m.rank = r;
+    auto model = finetune::lora_model(base, r, seed);
+    m.train = finetune::train(model, train_b, adapt, m.name, stdout);
+    model.eval();
+    m.acc_b = finetune::accuracy(finetune::predict(model, x_test_b), 5, test_b.labels);
+
+    // Adapter off: the frozen W and b the adapted model holds, without s·B·A.
+    const Mat off_a = finetune::predict(finetune::adapter_off(model), x_test_a);
+    m.acc_a = finetune::accuracy(off_a, 0, test_a.labels);
+    m.a_bitwise_off = same_bits(off_a, base_logits_a);
+
+    // Served merged (W += s·B·A), then unmerged (W -= s·B·A) and switched off again.
+    model.merge();
+    m.acc_b_merged = finetune::accuracy(finetune::predict(model, x_test_b), 5, test_b.labels);
+    model.unmerge();
+    const Mat roundtrip_a = finetune::predict(finetune::adapter_off(model), x_test_a);
+    m.acc_a_roundtrip = finetune::accuracy(roundtrip_a, 0, test_a.labels);
+    m.a_bitwise_roundtrip = same_bits(roundtrip_a, base_logits_a);
+    for (std::size_t k = 0; k < base.layers.size(); ++k)
+      m.max_w_change = std::max(
+          m.max_w_change, static_cast<double>((model.linear(2 * k).weight() - base.layers[k].W).cwiseAbs().maxCoeff()));
+    methods.push_back(m);
+  }
+  {
+    Method m;
+    m.name = "full FT";
+    finetune::DenseMLP model = base;
+    m.train = finetune::train(model, train_b, adapt, m.name, stdout);
+    m.acc_b = finetune::accuracy(model.predict(x_test_b), 5, test_b.labels);
+    m.acc_a = finetune::accuracy(model.predict(x_test_a), 0, test_a.labels);
+    methods.push_back(m);
+  }
+  const Method& full = methods.back();
+
+  // ---- the table ---------------------------------------------------------------------------------------
+  std::printf(
+      "\nAdapting to task B: %ld steps of %zu images, AdamW lr %g (cosine, 5%% warmup), weight decay %g, "
+      "clip 1.0; LoRA alpha = 2r on every layer\n\n",
+      steps, batch, lr, adapt.weight_decay);
+  std::printf(
+      "| method | trainable params | %% of full FT | optimizer state | train time | task B acc | "
+      "task A acc after | task A acc, merged then unmerged |\n");
+  std::printf("|---|--:|--:|--:|--:|--:|--:|--:|\n");
+  const double full_params = static_cast<double>(full.train.params.trainable);
+  for (const auto& m : methods) {
+    char roundtrip[32] = "";
+    if (m.rank > 0) std::snprintf(roundtrip, sizeof roundtrip, "%.2f%%", 100 * m.acc_a_roundtrip);
+    std::printf("| %s | %s | %.2f%% | %s | %.2f s | %.2f%% | %.2f%%%s | %s |\n", m.name.c_str(),
+                lora::with_thousands(m.train.params.trainable).c_str(),
+                100 * static_cast<double>(m.train.params.trainable) / full_params,
+                bytes_string(m.train.optimizer_state_bytes).c_str(), m.train.seconds, 100 * m.acc_b, 100 * m.acc_a,
+                m.rank > 0 ? " (adapter off)" : "", roundtrip);
+  }
+  std::printf("\npretrained task A accuracy: %.2f%%\n", 100 * pretrained_acc_a);
+
+  // ---- invariants and the claims -------------------------------------------------------------------------
+  bool ok = true;
+  bool roundtrip_acc_equal = true, roundtrip_bitwise = true;
+  double max_w_change = 0;
+  for (const auto& m : methods) {
+    if (m.rank <= 0) continue;
+    if (!m.a_bitwise_off) {
+      std::printf("FAIL: %s with the adapter off does not give the pretrained task A logits bit for bit\n",
+                  m.name.c_str());
+      ok = false;
+    }
+    roundtrip_acc_equal = roundtrip_acc_equal && m.acc_a_roundtrip == pretrained_acc_a;
+    roundtrip_bitwise = roundtrip_bitwise && m.a_bitwise_roundtrip;
+    max_w_change = std::max(max_w_change, m.max_w_change);
+    if (m.acc_b_merged != m.acc_b)
+      std::printf("note: %s served merged: task B accuracy %.2f%% (unmerged %.2f%%)\n", m.name.c_str(),
+                  100 * m.acc_b_merged, 100 * m.acc_b);
+  }
+  std::printf("LoRA, adapter off: task A logits bit for bit those of the pretrained model at every rank: %s\n",
+              ok ? "yes" : "NO");
+  // unmerge() subtracts s·B·A from W + s·B·A in float, which need not give W back to the last bit.
+  std::printf(
+      "LoRA, merged then unmerged: task A accuracy equal to the pretrained at every rank: %s; logits bit for "
+      "bit: %s (W moved by at most %.1e, float rounding of (W + s·B·A) - s·B·A)\n",
+      roundtrip_acc_equal ? "yes" : "NO", roundtrip_bitwise ? "yes" : "no", max_w_change);
+  auto mean = [](const std::vector<float>& v, std::size_t from, std::size_t to) {
+    double s = 0;
+    for (std::size_t i = from; i < to; ++i) s += v[i];
+    return s / static_cast<double>(to - from);
+  };
+  for (const auto* curve : {&pretrain.losses, &full.train.losses}) {
+    const std::size_t n = curve->size(), w = n / 10;
+    if (n < 20) continue;  // too short a run to judge
+    if (!(mean(*curve, n - w, n) < mean(*curve, 0, w))) {
+      std::printf("FAIL: the training loss did not fall (first tenth %.4f, last tenth %.4f)\n", mean(*curve, 0, w),
+                  mean(*curve, n - w, n));
+      ok = false;
+    }
+  }
+  for (const auto& m : methods)
+    if (m.rank == 8)
+      std::printf(
+          "LoRA r=8 vs full fine-tuning on task B: %+.2f points with %.2f%% of its trainable parameters; "
+          "task A: %.2f%% with the adapter off (pretrained %.2f%%), %.2f%% after full fine-tuning\n",
+          100 * (m.acc_b - full.acc_b), 100 * static_cast<double>(m.train.params.trainable) / full_params,
+          100 * m.acc_a, 100 * pretrained_acc_a, 100 * full.acc_a);
+
+  // ---- CSVs and the plot -----------------------------------------------------------------------------------
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::create_directories(output, ec);
+  if (ec) {
+    std::fprintf(stderr, "finetune: cannot create the output folder %s: %s\n", output.c_str(), ec.message().c_str());
+    return 1;
+  }
+  {
+    std::ofstream f(output + "/sweep.csv");
+    f << "method,rank,trainable_params,optimizer_state_bytes,train_seconds,task_b_acc,task_a_acc,"
+         "task_a_acc_merged_unmerged\n";
+    for (const auto& m : methods) {
+      f << m.name << ',' << std::max(0, m.rank) << ',' << m.train.params.trainable << ','
+        << m.train.optimizer_state_bytes << ',' << m.train.seconds << ',' << m.acc_b << ',' << m.acc_a << ',';
+      if (m.rank > 0) f << m.acc_a_roundtrip;
+      f << '\n';
+    }
+  }
+  {
+    std::ofstream f(output + "/curves.csv");  // adaptation loss per step, one column per trained method
+    f << "step";
+    for (std::size_t k = 1; k < methods.size(); ++k) f << ',' << methods[k].name;
+    f << '\n';
+    for (long s = 0; s < steps; ++s) {
+      f << s + 1;
+      for (std::size_t k = 1; k < methods.size(); ++k) f << ',' << methods[k].train.losses[static_cast<std::size_t>(s)];
+      f << '\n';
+    }
+    // The same, each value the mean of the last 25 steps, for the plot.
+    std::ofstream m(output + "/curves_smoothed.csv");
+    m << "step";
+    for (std::size_t k = 1; k < methods.size(); ++k) m << ',' << methods[k].name;
+    m << '\n';
+    const long window = 25;
+    for (long s = 0; s < steps; ++s) {
+      m << s + 1;
+      const long from = std::max(0L, s + 1 - window);
+      for (std::size_t k = 1; k < methods.size(); ++k) {
+        const auto& l = methods[k].train.losses;
+        m << ',' << mean(l, static_cast<std::size_t>(from), static_cast<std::size_t>(s + 1));
+      }
+      m << '\n';
+    }
+    std::ofstream p(output + "/pretrain.csv");
+    p << "step,loss\n";
+    for (std::size_t s = 0; s < pretrain.losses.size(); ++s) p << s + 1 << ',' << pretrain.losses[s] << '\n';
+  }
+  std::printf("wrote %s/sweep.csv, curves.csv, curves_smoothed.csv, pretrain.csv\n", output.c_str());
+  if (plot) {
+    if (!command_exists("gnuplot")) {
+      std::printf("gnuplot not found (Debian: gnuplot-nox): no plot\n");
+    } else {
+      const double head_b = methods[1].acc_b, frozen_b = methods[0].acc_b;
+      std::ofstream g(output + "/plot.gp");
+      g << "set datafile separator ','\n"
+           "set terminal pngcairo size 1200,450 font ',10'\n"
+           "set output '"
+        << output << "/finetune.png'\n"
+        << "set multiplot layout 1,2\n"
+           "set title 'Task B test accuracy (classes 5-9, never seen in pretraining)'\n"
+           "set logscale x 2\nset xlabel 'LoRA rank r (every layer)'\nset ylabel 'accuracy (%)'\n"
+           "set key bottom right\nset grid\n"
+           "plot '"
+        << output << "/sweep.csv' using ($2>0 ? $2 : 1/0):($6*100) with linespoints lw 2 pt 7 title 'LoRA', "
+        << 100 * full.acc_b << " with lines lw 2 dt 2 title 'full fine-tuning', " << 100 * head_b
+        << " with lines lw 2 dt 3 title 'head only', " << 100 * frozen_b
+        << " with lines lw 1 dt 4 title 'frozen base'\n"
+        << "unset logscale x\nset logscale y\n"
+           "set title 'Task B training loss (mean of the last 25 steps)'\nset xlabel 'step'\n"
+           "set ylabel 'cross-entropy'\n"
+           "set key top right autotitle columnhead\n"
+           "plot for [i=2:"
+        << methods.size() << "] '" << output << "/curves_smoothed.csv' using 1:i with lines lw 1.5\n"
+        << "unset multiplot\n";
+      g.close();
+      const std::string cmd = "gnuplot '" + output + "/plot.gp'";
+      if (std::system(cmd.c_str()) == 0)
+        std::printf("wrote %s/finetune.png\n", output.c_str());
+      else
+        std::printf("gnuplot failed on %s/plot.gp: no plot\n", output.c_str());
+    }
+  }
+  return ok ? 0 : 1;
+}
