@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian/Ubuntu packages needed to build, test, benchmark and
-# format lora, its tools (nlohmann-json, CLI11) and examples/finetune (zlib, the
-# Fashion-MNIST data set; gnuplot-nox is optional and adds its PNG plot). Does nothing (and
-# needs no network) when all are present.
+# format lora, its tools (nlohmann-json, CLI11) and examples/finetune (zlib,
+# the Fashion-MNIST data set; gnuplot-nox is optional and adds its PNG plot).
+# Does nothing (and needs no network) when all are present.
 set -euo pipefail
 
 packages=(cmake g++ make git libeigen3-dev nlohmann-json3-dev libcli11-dev catch2 libbenchmark-dev clang-format
