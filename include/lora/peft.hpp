@@ -762,39 +762,9 @@ inline MergeReport merge_adapter_file(const std::string& base_path, const std::s
     throw format_error(message);
   }
 
-  // Stores `values` (row-major, as the tensor's shape) in the tensor's dtype.
-  auto encode = [](const Matrix<double>& values, safetensors::Dtype dtype) {
-    std::vector<std::uint8_t> out(static_cast<std::size_t>(values.size()) * safetensors::dtype_size(dtype));
-    for (Index i = 0; i < values.size(); ++i) {
-      double v = values.data()[i];
-      std::uint16_t h;
-      float f;
-      switch (dtype) {
-        case safetensors::Dtype::F16:
-          h = safetensors::float_to_half(static_cast<float>(v));
-          std::memcpy(&out[2 * i], &h, 2);
-          break;
-        case safetensors::Dtype::BF16:
-          h = safetensors::float_to_bf16(static_cast<float>(v));
-          std::memcpy(&out[2 * i], &h, 2);
-          break;
-        case safetensors::Dtype::F32:
-          f = static_cast<float>(v);
-          std::memcpy(&out[4 * i], &f, 4);
-          break;
-        default:
-          std::memcpy(&out[8 * i], &v, 8);
-          break;
-      }
-    }
-    return out;
-  };
-
   safetensors::Writer writer;
   if (base.has_metadata())
     for (const auto& [k, v] : base.metadata()) writer.set_metadata(k, v);
-  std::vector<std::vector<std::uint8_t>> buffers;  // the merged tensors, alive until save
-  buffers.reserve(2 * jobs.size());
   std::set<std::string> replaced;
   MergeReport report;
   for (const Job& job : jobs) {
@@ -816,12 +786,10 @@ inline MergeReport merge_adapter_file(const std::string& base_path, const std::s
       merge_into<float, float>(w32, m32, scale, fan_in_fan_out);
       merged = w32.cast<double>();
     }
-    buffers.push_back(encode(merged, w->dtype));
-    writer.add_bytes(w->name, w->dtype, w->shape, buffers.back().data(), buffers.back().size());
+    writer.add(w->name, merged, w->dtype, w->shape);  // back to the weight's own dtype
     replaced.insert(w->name);
     if (job.bias != nullptr) {
-      buffers.push_back(encode(m.bias, job.bias->dtype));
-      writer.add_bytes(job.bias->name, job.bias->dtype, job.bias->shape, buffers.back().data(), buffers.back().size());
+      writer.add(job.bias->name, m.bias, job.bias->dtype, job.bias->shape);
       replaced.insert(job.bias->name);
     }
     report.merged.emplace_back(m.path, w->name);
