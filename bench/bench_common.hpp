@@ -77,6 +77,7 @@ inline bool has_openmp() {
 /// needs OpenBLAS or OpenMP; without either the program says so and exits.
 inline void set_threads(int threads, const char* program) {
 #ifdef LORA_USE_OPENBLAS
+  (void)program;
   openblas_set_num_threads(threads);
 #else
   if (threads > 1 && !has_openmp()) {
