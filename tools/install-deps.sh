@@ -3,7 +3,9 @@
 # format lora. Does nothing (and needs no network) when all are present.
 set -euo pipefail
 
-packages=(cmake g++ make git libeigen3-dev catch2 libbenchmark-dev clang-format)
+# libopenblas-dev: the LORA_USE_BLAS backend; python3-torch: bench/peers/pytorch_lora.py
+# (and tests/golden/make_golden.py).
+packages=(cmake g++ make git libeigen3-dev catch2 libbenchmark-dev clang-format libopenblas-dev python3-torch)
 
 missing=()
 for package in "${packages[@]}"; do
