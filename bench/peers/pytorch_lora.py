@@ -125,18 +125,26 @@ def time_once(fn, min_time):
         iters = max(iters + 1, int(iters * min(10.0, 1.4 * min_time / max(elapsed, 1e-9))))
 
 
-def openblas_core():
+def openblas():
+    """The OpenBLAS that torch loaded (the same soname resolves to the loaded copy), or None."""
     for name in ("libopenblas.so.0", "libblas.so.3"):
         try:
             lib = ctypes.CDLL(name)
             lib.openblas_get_corename.restype = ctypes.c_char_p
             lib.openblas_get_config.restype = ctypes.c_char_p
-            return "core %s (OPENBLAS_CORETYPE=%s), config: %s" % (
-                lib.openblas_get_corename().decode(), os.environ.get("OPENBLAS_CORETYPE", "unset"),
-                lib.openblas_get_config().decode())
+            lib.openblas_get_num_threads.restype = ctypes.c_int
+            return lib
         except (OSError, AttributeError):
             continue
-    return "unknown"
+    return None
+
+
+def openblas_core(lib):
+    if lib is None:
+        return "unknown"
+    return "core %s (OPENBLAS_CORETYPE=%s), config: %s, OpenBLAS threads: %d" % (
+        lib.openblas_get_corename().decode(), os.environ.get("OPENBLAS_CORETYPE", "unset"),
+        lib.openblas_get_config().decode(), lib.openblas_get_num_threads())
 
 
 def cpu_model():
@@ -164,9 +172,14 @@ def main():
         args.shapes, args.repetitions, args.min_time = ["32:64:8"], 1, 0.01
 
     torch.set_num_threads(args.threads)
+    # Debian's torch calls OpenBLAS (pthreads), whose own pool ignores torch.set_num_threads and would use every
+    # core: without this, "1 thread" ran its GEMMs on 2.
+    blas = openblas()
+    if blas is not None:
+        blas.openblas_set_num_threads(args.threads)
     context = {
         "backend": "PyTorch %s" % torch.__version__,
-        "kernel": openblas_core(),
+        "kernel": openblas_core(blas),
         "threads": torch.get_num_threads(),
         "cpu": cpu_model(),
     }
