@@ -3,7 +3,7 @@
 # bench/peers/pytorch_lora.py) and prints one table of ratios at the end.
 #
 #   bench/run_all.sh            Eigen and OpenBLAS backends, 1 and 2 threads, the headline
-#                               shapes with 5 interleaved repetitions (about 8 minutes on 2 cores)
+#                               shapes with 5 interleaved repetitions
 #   bench/run_all.sh --smoke    tiny shapes and a few iterations: proves it all still runs (CI)
 #
 # Environment: BACKENDS (default "eigen blas"), THREADS ("1 2"), OUT (build-bench/results),
@@ -58,9 +58,12 @@ section "bench_params"
 if [ "$smoke" = 1 ]; then
   compute_flags=(--smoke --benchmark_min_time=0.01)
 else
-  compute_flags=("--benchmark_filter=N:(1|512)/D:4096/R:8/" --benchmark_repetitions=5
+  # 0.2 s per repetition: one or two iterations of a 4096 x 4096 step, each repetition a sample of the median.
+  compute_flags=("--benchmark_filter=N:(1|512)/D:4096/R:8/" --benchmark_repetitions=5 --benchmark_min_time=0.2
     --benchmark_enable_random_interleaving=true --benchmark_report_aggregates_only=true)
 fi
+peer_flags=(--min-time 0.2)
+[ "$smoke" = 1 ] && peer_flags=(--smoke)
 for backend in "${backends[@]}"; do
   for threads in "${threads_list[@]}"; do
     section "bench_compute: $backend, $threads thread(s)"
@@ -74,7 +77,7 @@ section "bench_memory (${backends[0]}, 1 thread)"
 
 for threads in "${threads_list[@]}"; do
   section "bench/peers/pytorch_lora.py, $threads thread(s)"
-  "$python" bench/peers/pytorch_lora.py --threads "$threads" "${smoke_flag[@]}" --json "$out/pytorch-t$threads.json"
+  "$python" bench/peers/pytorch_lora.py --threads "$threads" "${peer_flags[@]}" --json "$out/pytorch-t$threads.json"
 done
 
 section "summary"
