@@ -9,10 +9,21 @@
 //   naive_rebuild         W' = W + s B A rebuilt, then y = x W'ᵀ (what not to do)
 //   dense_two_products    y = x Wᵀ and dx = dy W                the baseline for training steps
 //   lora_train_step       forward + backward (dA, dB, dx)
-//   full_ft_step          forward + dx = dy W + dW = dyᵀ x      what LoRA saves
+//   full_ft_step          forward + dx = dy W + dW += dyᵀ x     what LoRA saves
+//   dense_dx, dense_dW    dx = dy W and dW += dyᵀ x alone       the pieces of the two steps above
+//   lora_step_adamw       lora_train_step + AdamW on A, B (and zero_grad)
+//   full_ft_step_adamw    full_ft_step + AdamW on W (and zero_grad)
 // After the runs a table gives each variant's median time over its baseline's.
+//
+// Flags besides google benchmark's: --threads=T (default 1) and --smoke (small
+// shapes, for CI). The first lines of the output name the backend, the GEMM
+// kernel, the threads and the CPU.
 #include <benchmark/benchmark.h>
 #include <lora/lora.hpp>
+
+#include "bench_common.hpp"
+
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -137,38 +148,116 @@ void full_ft_step(benchmark::State& state) {
   set_flops(state, 3 * gemm_flops(p.N, p.D, p.D));
 }
 
-void shapes(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"N", "D", "R"});
-  b->ArgsProduct({{1, 32, 512}, {1024, 4096}, {1, 8, 64}});
-  b->Unit(benchmark::kMillisecond);
+void dense_dx(benchmark::State& state) {
+  Problem p(state);
+  const auto W = p.layer.weight();
+  for (auto _ : state) {
+    p.dx.noalias() = p.dy * W;
+    benchmark::DoNotOptimize(p.dx.data());
+    benchmark::ClobberMemory();
+  }
+  set_flops(state, gemm_flops(p.N, p.D, p.D));
 }
 
-BENCHMARK(dense_forward)->Apply(shapes);
-BENCHMARK(lora_forward)->Apply(shapes);
-BENCHMARK(lora_forward_merged)->Apply(shapes);
-BENCHMARK(naive_rebuild)->Apply(shapes);
-BENCHMARK(dense_two_products)->Apply(shapes);
-BENCHMARK(lora_train_step)->Apply(shapes);
-BENCHMARK(full_ft_step)->Apply(shapes);
+void dense_dW(benchmark::State& state) {
+  Problem p(state);
+  Mat dW = Mat::Zero(p.D, p.D);
+  for (auto _ : state) {
+    dW.noalias() += p.dy.transpose() * p.x;
+    benchmark::DoNotOptimize(dW.data());
+    benchmark::ClobberMemory();
+  }
+  set_flops(state, gemm_flops(p.D, p.D, p.N));
+}
+
+void lora_step_adamw(benchmark::State& state) {
+  Problem p(state);
+  lora::AdamW<float> opt(p.layer.parameters());
+  for (auto _ : state) {
+    p.layer.forward(p.x, p.y);
+    p.layer.backward(p.x, p.dy, p.dx);
+    opt.step();
+    opt.zero_grad();
+    benchmark::DoNotOptimize(p.dx.data());
+    benchmark::ClobberMemory();
+  }
+  set_flops(state, 2 * gemm_flops(p.N, p.D, p.D) + 6 * gemm_flops(p.N, p.D, p.R));
+}
+
+// Full fine-tuning trains W itself: a gradient dW and two AdamW moments the size of W.
+void full_ft_step_adamw(benchmark::State& state) {
+  Problem p(state);
+  Mat W = p.layer.weight();
+  Mat dW = Mat::Zero(p.D, p.D);
+  lora::AdamW<float> opt({{"weight", W.data(), dW.data(), p.D, p.D}});
+  for (auto _ : state) {
+    p.y.noalias() = p.x * W.transpose();
+    p.dx.noalias() = p.dy * W;
+    dW.noalias() += p.dy.transpose() * p.x;
+    opt.step();
+    opt.zero_grad();
+    benchmark::DoNotOptimize(W.data());
+    benchmark::ClobberMemory();
+  }
+  set_flops(state, 3 * gemm_flops(p.N, p.D, p.D));
+}
+
+// The variants in registration order; google benchmark's random interleaving
+// shuffles the runs, so the ratios see the same machine state on average.
+const std::vector<std::pair<const char*, void (*)(benchmark::State&)>> variants = {
+    {"dense_forward", dense_forward},
+    {"lora_forward", lora_forward},
+    {"lora_forward_merged", lora_forward_merged},
+    {"naive_rebuild", naive_rebuild},
+    {"dense_two_products", dense_two_products},
+    {"lora_train_step", lora_train_step},
+    {"full_ft_step", full_ft_step},
+    {"dense_dx", dense_dx},
+    {"dense_dW", dense_dW},
+    {"lora_step_adamw", lora_step_adamw},
+    {"full_ft_step_adamw", full_ft_step_adamw},
+};
+
+void register_all(bool smoke) {
+  // The issue's grid; --smoke keeps the code paths (N = 1 and N > 1, R = 1 and R > 1) at shapes CI runs in seconds.
+  const std::vector<std::vector<int64_t>> grid =
+      smoke ? std::vector<std::vector<int64_t>>{{1, 32}, {64}, {1, 8}}
+            : std::vector<std::vector<int64_t>>{{1, 32, 512}, {1024, 4096}, {1, 8, 64}};
+  for (const auto& [name, fn] : variants)
+    benchmark::RegisterBenchmark(name, fn)
+        ->ArgNames({"N", "D", "R"})
+        ->ArgsProduct(grid)
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();  // with several threads the main thread's CPU time is not the cost
+}
 
 // Passes everything to the console and keeps each run's time (the median when
 // repetitions are on) to print ratios at the end.
 class RatioReporter : public benchmark::ConsoleReporter {
  public:
+  // Colours only on a terminal: a custom reporter does not get --benchmark_color, and logs should stay plain text.
+  RatioReporter() : ConsoleReporter(isatty(STDOUT_FILENO) ? OO_Defaults : OO_Tabular) {}
   void ReportRuns(const std::vector<Run>& runs) override {
     for (const auto& r : runs) {
       if (r.run_type == Run::RT_Aggregate && r.aggregate_name != "median") continue;
       std::string name = r.benchmark_name();
       if (r.run_type == Run::RT_Aggregate) name = name.substr(0, name.rfind('_'));
+      const auto suffix = name.find("/real_time");
+      if (suffix != std::string::npos) name.erase(suffix);
       times_[name] = r.GetAdjustedRealTime();
     }
     ConsoleReporter::ReportRuns(runs);
   }
   void print_ratios() const {
-    const std::vector<std::pair<std::string, std::string>> pairs = {
-        {"lora_forward", "dense_forward"},      {"lora_forward_merged", "dense_forward"},
-        {"naive_rebuild", "dense_forward"},     {"lora_train_step", "dense_two_products"},
-        {"full_ft_step", "dense_two_products"}, {"full_ft_step", "lora_train_step"}};
+    const std::vector<std::pair<std::string, std::string>> pairs = {{"lora_forward", "dense_forward"},
+                                                                    {"lora_forward_merged", "dense_forward"},
+                                                                    {"naive_rebuild", "dense_forward"},
+                                                                    {"lora_train_step", "dense_two_products"},
+                                                                    {"full_ft_step", "dense_two_products"},
+                                                                    {"full_ft_step", "lora_train_step"},
+                                                                    {"dense_dx", "dense_forward"},
+                                                                    {"dense_dW", "dense_forward"},
+                                                                    {"full_ft_step_adamw", "lora_step_adamw"}};
     std::printf("\n%-22s %-20s %-22s %8s\n", "variant", "shape", "relative to", "ratio");
     for (const auto& [variant, base] : pairs)
       for (const auto& [name, t] : times_) {
@@ -186,10 +275,16 @@ class RatioReporter : public benchmark::ConsoleReporter {
 }  // namespace
 
 int main(int argc, char** argv) {
+  const auto options = lora_bench::take_options(argc, argv);
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  std::printf("Eigen %d.%d.%d, SIMD: %s, Eigen threads: %d\n", EIGEN_WORLD_VERSION, EIGEN_MAJOR_VERSION,
-              EIGEN_MINOR_VERSION, Eigen::SimdInstructionSetsInUse(), Eigen::nbThreads());
+  lora_bench::set_threads(options.threads, argv[0]);
+  std::fputs(lora_bench::context_lines().c_str(), stdout);
+  benchmark::AddCustomContext("lora_backend", lora_bench::backend_name());
+  benchmark::AddCustomContext("lora_kernel", lora_bench::kernel_description());
+  benchmark::AddCustomContext("lora_threads", std::to_string(lora_bench::backend_threads()));
+  benchmark::AddCustomContext("lora_cpu", lora_bench::cpu_model());
+  register_all(options.smoke);
   RatioReporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
   reporter.print_ratios();

@@ -5,8 +5,10 @@
 # Does nothing (and needs no network) when all are present.
 set -euo pipefail
 
+# libopenblas-dev: the LORA_USE_BLAS backend of the benchmarks. Not here: python3-torch (about 1 GB), which only
+# bench/peers/pytorch_lora.py and the golden-data scripts use; .ci/run installs it for its benchmark step.
 packages=(cmake g++ make git libeigen3-dev nlohmann-json3-dev libcli11-dev catch2 libbenchmark-dev clang-format
-  zlib1g-dev dataset-fashion-mnist)
+  zlib1g-dev dataset-fashion-mnist libopenblas-dev)
 
 missing=()
 for package in "${packages[@]}"; do

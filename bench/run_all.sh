@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Builds and runs every benchmark (bench_params, bench_compute, bench_memory,
+# bench/peers/pytorch_lora.py) and prints one table of ratios at the end.
+#
+#   bench/run_all.sh            Eigen and OpenBLAS backends, 1 and 2 threads, the issue's headline
+#                               shapes with 5 interleaved repetitions
+#   bench/run_all.sh --smoke    tiny shapes and a few iterations: proves it all still runs (CI)
+#
+# Environment: BACKENDS (default "eigen blas"), THREADS ("1 2"), OUT (build-bench/results),
+# JOBS (build parallelism, 2), PYTHON (/usr/bin/python3, which has Debian's python3-torch).
+# OPENBLAS_CORETYPE is left as the caller has it; every program prints the kernel that ran.
+# bench/RESULTS.md was made with: env -u OPENBLAS_CORETYPE bench/run_all.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+smoke=0
+case "${1:-}" in
+  --smoke) smoke=1 ;;
+  "") ;;
+  *)
+    echo "usage: bench/run_all.sh [--smoke]" >&2
+    exit 2
+    ;;
+esac
+read -r -a backends <<<"${BACKENDS:-eigen blas}"
+read -r -a threads_list <<<"${THREADS:-1 2}"
+out=${OUT:-build-bench/results}
+jobs=${JOBS:-2}
+python=${PYTHON:-/usr/bin/python3}
+mkdir -p "$out"
+rm -f "$out"/compute-*.json "$out"/pytorch-*.json "$out"/memory.txt
+
+section() { printf '\n===== %s\n' "$*"; }
+
+# Eigen's products use threads only under OpenMP; OpenBLAS has its own.
+for backend in "${backends[@]}"; do
+  case "$backend" in
+    eigen) flags=(-DLORA_USE_OPENMP=ON) ;;
+    blas) flags=(-DLORA_USE_BLAS=ON) ;;
+    *)
+      echo "run_all.sh: unknown backend '$backend' (eigen or blas)" >&2
+      exit 2
+      ;;
+  esac
+  section "build: $backend backend in build-bench/$backend"
+  cmake -S . -B "build-bench/$backend" -DCMAKE_BUILD_TYPE=Release -DLORA_BUILD_TESTS=OFF \
+    -DLORA_BUILD_EXAMPLES=OFF -DLORA_INSTALL=OFF "${flags[@]}" >/dev/null
+  cmake --build "build-bench/$backend" -j"$jobs" --target bench_params bench_compute bench_memory
+done
+first="build-bench/${backends[0]}/bench"
+
+smoke_flag=()
+[ "$smoke" = 1 ] && smoke_flag=(--smoke)
+
+section "bench_params"
+"$first/bench_params" "${smoke_flag[@]}"
+
+if [ "$smoke" = 1 ]; then
+  compute_flags=(--smoke --benchmark_min_time=0.01)
+else
+  # 0.2 s per repetition: one or two iterations of a 4096 x 4096 step, each repetition a sample of the median.
+  compute_flags=("--benchmark_filter=N:(1|512)/D:4096/R:8/" --benchmark_repetitions=5 --benchmark_min_time=0.2
+    --benchmark_enable_random_interleaving=true --benchmark_report_aggregates_only=true)
+fi
+peer_flags=(--min-time 0.2)
+[ "$smoke" = 1 ] && peer_flags=(--smoke)
+for backend in "${backends[@]}"; do
+  for threads in "${threads_list[@]}"; do
+    section "bench_compute: $backend, $threads thread(s)"
+    "build-bench/$backend/bench/bench_compute" --threads="$threads" "${compute_flags[@]}" --benchmark_color=false \
+      --benchmark_out="$out/compute-$backend-t$threads.json" --benchmark_out_format=json
+  done
+done
+
+section "bench_memory (${backends[0]}, 1 thread)"
+"$first/bench_memory" "${smoke_flag[@]}" | tee "$out/memory.txt"
+
+if "$python" -c 'import torch' >/dev/null 2>&1; then
+  for threads in "${threads_list[@]}"; do
+    section "bench/peers/pytorch_lora.py, $threads thread(s)"
+    "$python" bench/peers/pytorch_lora.py --threads "$threads" "${peer_flags[@]}" --json "$out/pytorch-t$threads.json"
+  done
+else
+  section "bench/peers/pytorch_lora.py: skipped, $python cannot import torch (Debian: apt-get install python3-torch)"
+fi
+
+section "summary"
+"$python" bench/summarize.py "$out"
