@@ -69,7 +69,7 @@ int main(int argc, char** argv) {
     for (const auto& t : adapter.other_tensors)
       std::printf("  %s %s %s\n", t.name.c_str(), lora::safetensors::dtype_name(t.dtype),
                   lora::safetensors::shape_text(t.shape).c_str());
-    std::printf("trainable params: %s\n", lora::safetensors::detail::with_commas(adapter.parameter_count()).c_str());
+    std::printf("trainable params: %s\n", lora::with_thousands(adapter.parameter_count()).c_str());
   } catch (const std::exception& e) {
     std::cerr << "lora-inspect: " << lora_tools::one_line(e.what()) << '\n';
     return 1;

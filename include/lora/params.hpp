@@ -7,6 +7,7 @@
 
 #include <lora/types.hpp>
 
+#include <cstdint>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -41,15 +42,18 @@ struct ParameterCount {
 };
 
 /// 1234567 -> "1,234,567".
-inline std::string with_thousands(Index v) {
-  std::string digits = std::to_string(v < 0 ? -v : v);
+inline std::string with_thousands(std::uint64_t v) {
+  const std::string digits = std::to_string(v);
   std::string out;
-  const int n = static_cast<int>(digits.size());
-  for (int i = 0; i < n; ++i) {
-    if (i > 0 && (n - i) % 3 == 0) out += ',';
-    out += digits[static_cast<std::size_t>(i)];
+  for (std::size_t i = 0; i < digits.size(); ++i) {
+    if (i > 0 && (digits.size() - i) % 3 == 0) out += ',';
+    out += digits[i];
   }
-  return v < 0 ? '-' + out : out;
+  return out;
+}
+inline std::string with_thousands(Index v) {
+  const auto magnitude = v < 0 ? 0 - static_cast<std::uint64_t>(v) : static_cast<std::uint64_t>(v);
+  return v < 0 ? '-' + with_thousands(magnitude) : with_thousands(magnitude);
 }
 
 /// PEFT's print_trainable_parameters() line:

@@ -24,6 +24,7 @@
 
 #include <lora/detail/file.hpp>
 #include <lora/errors.hpp>
+#include <lora/params.hpp>
 #include <lora/types.hpp>
 
 #include <nlohmann/json.hpp>
@@ -431,15 +432,6 @@ class HeaderHandler : public nlohmann::json_sax<nlohmann::json> {
   std::set<std::string> names_;
 };
 
-inline std::string with_commas(std::uint64_t v) {
-  std::string digits = std::to_string(v), out;
-  for (std::size_t i = 0; i < digits.size(); ++i) {
-    if (i && (digits.size() - i) % 3 == 0) out += ',';
-    out += digits[i];
-  }
-  return out;
-}
-
 }  // namespace detail
 
 /// Parses and checks the header of a whole file image of `size` bytes; never
@@ -450,11 +442,10 @@ inline Header parse_header(const std::uint8_t* data, std::size_t size, const std
   std::uint64_t n = 0;
   for (int i = 7; i >= 0; --i) n = (n << 8) | data[i];
   if (n > max_header_size)
-    fail("header length " + detail::with_commas(n) + " exceeds the limit of " + detail::with_commas(max_header_size) +
-         " bytes");
+    fail("header length " + with_thousands(n) + " exceeds the limit of " + with_thousands(max_header_size) + " bytes");
   if (n > size - 8)
-    fail("header length " + detail::with_commas(n) + " runs past the end of the file (" + detail::with_commas(size) +
-         " bytes, so at most " + detail::with_commas(size - 8) + ")");
+    fail("header length " + with_thousands(n) + " runs past the end of the file (" + with_thousands(size) +
+         " bytes, so at most " + with_thousands(size - 8) + ")");
   const std::uint8_t* text = data + 8;
   if (auto bad = detail::first_invalid_utf8(text, n); bad != std::string::npos)
     fail("header is not valid UTF-8 (byte " + std::to_string(bad) + " of the header)");
@@ -499,11 +490,11 @@ inline Header parse_header(const std::uint8_t* data, std::size_t size, const std
     previous = &t;
   }
   if (expected_begin > data_size)
-    fail("file is truncated: the tensors need " + detail::with_commas(expected_begin) +
-         " bytes of data, the file has " + detail::with_commas(data_size));
+    fail("file is truncated: the tensors need " + with_thousands(expected_begin) + " bytes of data, the file has " +
+         with_thousands(data_size));
   if (expected_begin < data_size)
-    fail("trailing bytes: the tensors cover " + detail::with_commas(expected_begin) + " bytes of data, the file has " +
-         detail::with_commas(data_size));
+    fail("trailing bytes: the tensors cover " + with_thousands(expected_begin) + " bytes of data, the file has " +
+         with_thousands(data_size));
   return header;
 }
 
