@@ -415,6 +415,27 @@ TEST_CASE("peft save is atomic: a failed write leaves the old adapter whole", "[
   CHECK(read_bytes((dir / "adapter_model.safetensors").string()) == weights);  // neither file replaced
   CHECK(read_bytes((dir / "adapter_config.json").string()) == config);
   CHECK(lora_test::count_files(dir) == 2);  // no temporaries left behind
+
+  // The second file failing must not let the first replace its old version either: small weights, a config
+  // made large by a key PEFT does not know.
+  small.lora_B().setConstant(0.5f);
+  peft::AdapterConfig large_config;
+  large_config.other["notes"] = std::string(100 * 1024, 'x');
+  message.clear();
+  {
+    lora_test::FileSizeLimit limit(64 * 1024);
+    REQUIRE(limit.ok());
+    try {
+      peft::save_adapter(dir.string(), small_model, large_config);
+    } catch (const lora::io_error& e) {
+      message = e.what();
+    }
+  }
+  CHECK_THAT(message, Contains("adapter_config.json: write failed"));
+  CHECK(read_bytes((dir / "adapter_model.safetensors").string()) == weights);
+  CHECK(read_bytes((dir / "adapter_config.json").string()) == config);
+  CHECK(lora_test::count_files(dir) == 2);
+
   peft::save_adapter(dir.string(), big_model);
   CHECK(peft::read_adapter<float>(dir.string()).find("fc")->r == 64);
   fs::remove_all(dir);
