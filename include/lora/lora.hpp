@@ -7,6 +7,7 @@
 #include <lora/gradcheck.hpp>
 #include <lora/linear.hpp>
 #include <lora/loss.hpp>
+#include <lora/multi.hpp>
 #include <lora/optim.hpp>
 #include <lora/params.hpp>
 #include <lora/peft.hpp>

@@ -22,6 +22,7 @@
 #include <lora/detail/file.hpp>
 #include <lora/errors.hpp>
 #include <lora/linear.hpp>
+#include <lora/multi.hpp>
 #include <lora/safetensors.hpp>
 #include <lora/types.hpp>
 
@@ -32,6 +33,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <optional>
 #include <regex>
 #include <set>
@@ -655,6 +657,90 @@ void save_adapter(const std::string& dir, const std::map<std::string, LoRALinear
   auto config_file = config.stage((std::filesystem::path(dir) / config_file_name).string());
   weights.commit();
   config_file.commit();
+}
+
+// ---- several adapters on one base ----------------------------------------------------
+
+/// Loads the adapter in `dir_or_file` as adapter `name` into every layer of a
+/// multi-adapter model (module path -> layer), each module with the r and
+/// lora_alpha the config's patterns give it. Checks everything first and
+/// reports every problem at once (a name the layer already has, missing and
+/// unexpected modules, shapes with expected and actual, a trained bias, which
+/// a shared base cannot take); no layer changes unless all checks pass.
+template <class Scalar>
+LoadReport load_adapter(const std::string& dir_or_file, const std::string& name,
+                        const std::map<std::string, MultiLoRALinear<Scalar>*>& model) {
+  Adapter<Scalar> adapter = read_adapter<Scalar>(dir_or_file);
+  std::vector<std::string> problems;
+  for (const auto& [path, layer] : model) {
+    if (layer->has_adapter(name)) problems.push_back(path + ": already has an adapter named \"" + name + "\"");
+    const ModuleAdapter<Scalar>* m = adapter.find(path);
+    if (m == nullptr) {
+      problems.push_back("missing: " + std::string(key_prefix) + path + ".lora_A.weight / .lora_B.weight");
+      continue;
+    }
+    if (m->A.cols() != layer->in_features())
+      problems.push_back(path + ".lora_A.weight: expected " + shape_string(m->r, layer->in_features()) + ", got " +
+                         shape_string(m->A.rows(), m->A.cols()));
+    if (m->B.rows() != layer->out_features())
+      problems.push_back(path + ".lora_B.weight: expected " + shape_string(layer->out_features(), m->r) + ", got " +
+                         shape_string(m->B.rows(), m->B.cols()));
+    if (m->bias.size() > 0)
+      problems.push_back(path + ".bias: the adapter trained the bias (bias mode " +
+                         std::string(bias_name(adapter.config.bias)) +
+                         "), but every adapter of a multi-adapter layer shares the frozen base bias");
+  }
+  for (const auto& m : adapter.modules)
+    if (model.find(m.path) == model.end())
+      problems.push_back("unexpected: " + std::string(key_prefix) + m.path + ".lora_A.weight / .lora_B.weight " +
+                         "(no layer with that module path)");
+  if (!problems.empty()) {
+    std::string message = adapter.source + ": cannot load adapter \"" + name + "\" into this model, " +
+                          std::to_string(problems.size()) + " problem(s):";
+    for (const auto& p : problems) message += "\n  " + p;
+    throw format_error(message);
+  }
+  LoadReport report;
+  try {
+    for (const auto& [path, layer] : model) {
+      const ModuleAdapter<Scalar>* m = adapter.find(path);
+      LoraConfig config = adapter.config.layer_config(path);
+      config.bias = BiasMode::none;
+      layer->add_adapter(name, config, m->A, m->B);
+      report.loaded.push_back(path);
+    }
+  } catch (...) {
+    // Another thread added the same name in between: leave every layer as it was.
+    for (const auto& path : report.loaded) model.at(path)->remove_adapter(name);
+    throw;
+  }
+  report.other_tensors = adapter.other_tensors;
+  report.assumed = adapter.config.assumed;
+  return report;
+}
+
+/// Writes adapter `name` of a multi-adapter model in PEFT's format, as
+/// save_adapter does for LoRALinear layers (atomically, both files staged
+/// first). Each module keeps its own r and lora_alpha; a runtime set_scale
+/// is not saved (PEFT does not save it either).
+template <class Scalar>
+void save_adapter(const std::string& dir, const std::string& name,
+                  const std::map<std::string, MultiLoRALinear<Scalar>*>& model, const AdapterConfig& base = {},
+                  safetensors::Dtype dtype = safetensors::Dtype::F32) {
+  std::vector<std::unique_ptr<LoRALinear<Scalar>>> views;
+  std::map<std::string, LoRALinear<Scalar>*> single;
+  for (const auto& [path, layer] : model) {
+    if (!layer->has_adapter(name))
+      throw config_error("peft::save_adapter: layer \"" + path + "\" has no adapter named \"" + name + "\"");
+    auto a = layer->adapter(name);
+    // A LoRALinear over the layer's W with this adapter's A and B: the single-adapter writer does the rest.
+    views.push_back(std::make_unique<LoRALinear<Scalar>>(LoRALinear<Scalar>::view(
+        layer->weight().data(), layer->out_features(), layer->in_features(), a->config, nullptr)));
+    views.back()->lora_A() = a->lora_A;
+    views.back()->lora_B() = a->lora_B;
+    single[path] = views.back().get();
+  }
+  save_adapter(dir, single, base, dtype);
 }
 
 // ---- merging into a base weight ------------------------------------------------------

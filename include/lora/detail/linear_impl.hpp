@@ -46,30 +46,37 @@ void LoRALinear<Scalar>::init_common(const LoraConfig& config, bool bias) {
   init_adapter();
 }
 
+namespace detail {
+/// A (R, I) and B (O, R) as config.init_lora_weights says, from config.seed's adapter stream.
 template <class Scalar>
-void LoRALinear<Scalar>::init_adapter() {
-  if (rank_ == 0) return;
-  detail::Rng rng(detail::stream_seed(config_.seed, detail::stream_adapter));
-  auto A = lora_A();
-  auto B = lora_B();
+void init_lora_weights(MatrixMap<Scalar> A, MatrixMap<Scalar> B, const LoraConfig& config) {
+  const Index rank = A.rows(), in = A.cols();
+  if (rank == 0) return;
+  Rng rng(stream_seed(config.seed, stream_adapter));
   // kaiming_uniform_(a=sqrt(5)) on (R, I): gain sqrt(2/(1+5)), bound gain·sqrt(3/fan_in) = 1/sqrt(I).
-  const double bound_A = 1.0 / std::sqrt(static_cast<double>(in_));
-  switch (config_.init_lora_weights) {
+  const double bound_A = 1.0 / std::sqrt(static_cast<double>(in));
+  switch (config.init_lora_weights) {
     case InitLoraWeights::kaiming_uniform:
       for (Index i = 0; i < A.size(); ++i) A.data()[i] = static_cast<Scalar>(rng.uniform(-bound_A, bound_A));
       B.setZero();
       break;
     case InitLoraWeights::gaussian:
-      for (Index i = 0; i < A.size(); ++i) A.data()[i] = static_cast<Scalar>(rng.normal() / rank_);
+      for (Index i = 0; i < A.size(); ++i) A.data()[i] = static_cast<Scalar>(rng.normal() / rank);
       B.setZero();
       break;
     case InitLoraWeights::random: {
-      const double bound_B = 1.0 / std::sqrt(static_cast<double>(rank_));
+      const double bound_B = 1.0 / std::sqrt(static_cast<double>(rank));
       for (Index i = 0; i < A.size(); ++i) A.data()[i] = static_cast<Scalar>(rng.uniform(-bound_A, bound_A));
       for (Index i = 0; i < B.size(); ++i) B.data()[i] = static_cast<Scalar>(rng.uniform(-bound_B, bound_B));
       break;
     }
   }
+}
+}  // namespace detail
+
+template <class Scalar>
+void LoRALinear<Scalar>::init_adapter() {
+  detail::init_lora_weights<Scalar>(lora_A(), lora_B(), config_);
 }
 
 template <class Scalar>
