@@ -13,6 +13,12 @@
 //   dense_dx, dense_dW    dx = dy W and dW += dyᵀ x alone       the pieces of the two steps above
 //   lora_step_adamw       lora_train_step + AdamW on A, B (and zero_grad)
 //   full_ft_step_adamw    full_ft_step + AdamW on W (and zero_grad)
+// Several adapters on one base (MultiLoRALinear), registered over (N, D, R, K):
+//   single_adapter_forward   y = x Wᵀ + s (x Aᵀ) Bᵀ, one adapter for every row   the baseline for mixed batches
+//   mixed_forward            row n uses adapter a_n of K (rows shuffled), one call: the base product once,
+//                            each adapter's rows grouped into one low-rank product
+//   naive_merge_per_adapter  for each of the K adapters: W += s B A, y[rows] = x[rows] Wᵀ, W -= s B A
+// and, before the runs, the resident memory each extra adapter adds (VmRSS).
 // After the runs a table gives each variant's median time over its baseline's.
 //
 // Flags besides google benchmark's: --threads=T (default 1) and --smoke (small
@@ -27,7 +33,10 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
+#include <fstream>
 #include <map>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -202,6 +211,109 @@ void full_ft_step_adamw(benchmark::State& state) {
   set_flops(state, 3 * gemm_flops(p.N, p.D, p.D));
 }
 
+// ---- several adapters on one base ----------------------------------------------------------
+
+struct MultiProblem {
+  lora::Index N, D;
+  int R, K;
+  Mat x, y;
+  lora::MultiLoRALinear<float> layer;
+  std::vector<std::string> names;
+  std::vector<int> row_ids;  // adapter id per row: each adapter gets N / K rows, shuffled over the batch
+  MultiProblem(const benchmark::State& state)
+      : N(state.range(0)),
+        D(state.range(1)),
+        R(static_cast<int>(state.range(2))),
+        K(static_cast<int>(state.range(3))),
+        x(Mat::Random(N, D)),
+        y(N, D),
+        layer(Mat::Random(D, D)) {
+    for (int k = 0; k < K; ++k) {
+      names.push_back("adapter" + std::to_string(k));
+      layer.add_adapter(names.back(), Problem::config(R), Mat::Random(R, D), Mat::Random(D, R));
+    }
+    layer.set_adapter(names[0]);
+    std::vector<int> slots(N);
+    for (lora::Index n = 0; n < N; ++n) slots[n] = static_cast<int>(n % K);
+    std::mt19937 gen(42);
+    std::shuffle(slots.begin(), slots.end(), gen);
+    for (int s : slots) row_ids.push_back(layer.adapter_id(names[s]));
+  }
+};
+
+void single_adapter_forward(benchmark::State& state) {
+  MultiProblem p(state);
+  for (auto _ : state) {
+    p.layer.forward(p.x, p.y);
+    benchmark::DoNotOptimize(p.y.data());
+    benchmark::ClobberMemory();
+  }
+  set_flops(state, gemm_flops(p.N, p.D, p.D) + 2 * gemm_flops(p.N, p.D, p.R));
+}
+
+void mixed_forward(benchmark::State& state) {
+  MultiProblem p(state);
+  for (auto _ : state) {
+    p.layer.forward(p.x, p.row_ids, p.y);
+    benchmark::DoNotOptimize(p.y.data());
+    benchmark::ClobberMemory();
+  }
+  set_flops(state, gemm_flops(p.N, p.D, p.D) + 2 * gemm_flops(p.N, p.D, p.R));
+}
+
+// What a server without grouped low-rank products would do: merge each adapter into W, run its rows, unmerge.
+void naive_merge_per_adapter(benchmark::State& state) {
+  MultiProblem p(state);
+  Mat W = p.layer.weight();
+  std::vector<std::vector<lora::Index>> rows(p.K);
+  for (lora::Index n = 0; n < p.N; ++n) rows[p.row_ids[n]].push_back(n);  // ids are 0..K-1 in order of adding
+  Mat xg, yg;
+  for (auto _ : state) {
+    for (int k = 0; k < p.K; ++k) {
+      const auto a = p.layer.adapter(p.names[k]);
+      const lora::Index count = static_cast<lora::Index>(rows[k].size());
+      xg.resize(count, p.D);
+      for (lora::Index i = 0; i < count; ++i) xg.row(i) = p.x.row(rows[k][i]);
+      W.noalias() += a->scaling() * a->lora_B * a->lora_A;
+      yg.noalias() = xg * W.transpose();
+      W.noalias() -= a->scaling() * a->lora_B * a->lora_A;
+      for (lora::Index i = 0; i < count; ++i) p.y.row(rows[k][i]) = yg.row(i);
+    }
+    benchmark::DoNotOptimize(p.y.data());
+    benchmark::ClobberMemory();
+  }
+  set_flops(state, gemm_flops(p.N, p.D, p.D) + 2 * p.K * gemm_flops(p.D, p.D, p.R));
+}
+
+/// VmRSS in KiB.
+long rss_kib() {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("VmRSS:", 0) == 0) return std::strtol(line.c_str() + 6, nullptr, 10);
+  return -1;
+}
+
+/// The resident memory extra adapters add to a base, as the OS counts it, against r (I + O) floats each:
+/// one line, printed and kept in the JSON context.
+std::string adapter_memory(lora::Index D, int R, int extra) {
+  lora::MultiLoRALinear<float> layer(Mat::Random(D, D));
+  layer.add_adapter("first", Problem::config(R), Mat::Random(R, D), Mat::Random(D, R));
+  const long before = rss_kib();
+  for (int k = 0; k < extra; ++k)
+    layer.add_adapter("extra" + std::to_string(k), Problem::config(R), Mat::Random(R, D), Mat::Random(D, R));
+  const long after = rss_kib();
+  const double per_adapter = 1024.0 * static_cast<double>(after - before) / extra;
+  const double ideal = static_cast<double>(R) * 2.0 * static_cast<double>(D) * sizeof(float);
+  char line[320];
+  std::snprintf(line, sizeof line,
+                "%d extra adapters (r = %d, I = O = %ld) added %ld KiB of VmRSS: %.0f bytes each, r (I + O) floats = "
+                "%.0f bytes, ratio %.3f; the base W is %.1f MiB",
+                extra, R, static_cast<long>(D), after - before, per_adapter, ideal, per_adapter / ideal,
+                static_cast<double>(D) * static_cast<double>(D) * sizeof(float) / (1024.0 * 1024.0));
+  return line;
+}
+
 // The variants in registration order; google benchmark's random interleaving
 // shuffles the runs, so the ratios see the same machine state on average.
 const std::vector<std::pair<const char*, void (*)(benchmark::State&)>> variants = {
@@ -229,6 +341,19 @@ void register_all(bool smoke) {
         ->ArgsProduct(grid)
         ->Unit(benchmark::kMillisecond)
         ->UseRealTime();  // with several threads the main thread's CPU time is not the cost
+  // The issue's mixed-batch case: N = 512 rows over 1, 8 and 64 adapters of rank 8, I = O = 4096.
+  const std::vector<int64_t> N{smoke ? 64 : 512}, D{smoke ? 64 : 4096}, R{8};
+  const std::vector<std::pair<const char*, void (*)(benchmark::State&)>> multi = {
+      {"single_adapter_forward", single_adapter_forward},
+      {"mixed_forward", mixed_forward},
+      {"naive_merge_per_adapter", naive_merge_per_adapter}};
+  for (const auto& [name, fn] : multi)
+    benchmark::RegisterBenchmark(name, fn)
+        ->ArgNames({"N", "D", "R", "K"})
+        ->ArgsProduct(
+            {N, D, R, fn == single_adapter_forward ? std::vector<int64_t>{1} : std::vector<int64_t>{1, 8, 64}})
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
 }
 
 // Passes everything to the console and keeps each run's time (the median when
@@ -267,6 +392,20 @@ class RatioReporter : public benchmark::ConsoleReporter {
         if (it == times_.end()) continue;
         std::printf("%-22s %-20s %-22s %8.3f\n", variant.c_str(), shape.c_str() + 1, base.c_str(), t / it->second);
       }
+    // Mixed batches: against the single-adapter forward of the same N, D, R (K = 1), and that against the dense
+    // product.
+    std::printf("\n%-24s %-26s %-24s %8s\n", "variant", "shape", "relative to", "ratio");
+    for (const char* variant : {"mixed_forward", "naive_merge_per_adapter", "single_adapter_forward"})
+      for (const auto& [name, t] : times_) {
+        const std::string v = variant;
+        if (name.rfind(v + "/", 0) != 0) continue;
+        const std::string shape = name.substr(v.size());
+        const std::string nd_r = shape.substr(0, shape.rfind("/K:"));
+        const std::string base = v == "single_adapter_forward" ? "dense_forward" : "single_adapter_forward";
+        auto it = times_.find(base + nd_r + (v == "single_adapter_forward" ? "" : "/K:1"));
+        if (it == times_.end()) continue;
+        std::printf("%-24s %-26s %-24s %8.3f\n", variant, shape.c_str() + 1, base.c_str(), t / it->second);
+      }
   }
 
  private:
@@ -284,6 +423,9 @@ int main(int argc, char** argv) {
   benchmark::AddCustomContext("lora_kernel", lora_bench::kernel_description());
   benchmark::AddCustomContext("lora_threads", std::to_string(lora_bench::backend_threads()));
   benchmark::AddCustomContext("lora_cpu", lora_bench::cpu_model());
+  const std::string memory = adapter_memory(options.smoke ? 64 : 4096, 8, 64);
+  std::printf("# adapter memory: %s\n", memory.c_str());
+  benchmark::AddCustomContext("lora_adapter_memory", memory);
   register_all(options.smoke);
   RatioReporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);

@@ -94,6 +94,36 @@ def main(out_dir):
     for name, target, fn in rows:
         print("| %s | %s | %s |" % (name, target, " | ".join(fmt(fn(o, t)) for _, o, t in configs)))
 
+    # Several adapters on one base (MultiLoRALinear): K adapters over the N rows of one batch.
+    def over(o, a, ka, b, kb):
+        x, y = o.get("%s/%s/K:%d" % (a, headline, ka)), o.get("%s/%s/K:%d" % (b, headline, kb))
+        return None if x is None or y is None else x / y
+    multi_rows = [
+        ("mixed forward, 8 adapters / single-adapter forward", "<= 1.10",
+         lambda o: over(o, "mixed_forward", 8, "single_adapter_forward", 1)),
+        ("mixed forward, 64 adapters / single-adapter forward", "<= 1.30",
+         lambda o: over(o, "mixed_forward", 64, "single_adapter_forward", 1)),
+        ("mixed forward, 1 adapter / single-adapter forward", "(diagnostic)",
+         lambda o: over(o, "mixed_forward", 1, "single_adapter_forward", 1)),
+        ("merge-run-unmerge per adapter, 8 adapters / mixed forward", "several times",
+         lambda o: over(o, "naive_merge_per_adapter", 8, "mixed_forward", 8)),
+        ("merge-run-unmerge per adapter, 64 adapters / mixed forward", "several times",
+         lambda o: over(o, "naive_merge_per_adapter", 64, "mixed_forward", 64)),
+        ("single-adapter forward / dense `x Wᵀ`", "(diagnostic)",
+         lambda o: None if ("dense_forward/" + headline) not in o or ("single_adapter_forward/%s/K:1" % headline) not in o
+         else o["single_adapter_forward/%s/K:1" % headline] / o["dense_forward/" + headline]),
+    ]
+    if any(fn(o) is not None for _, _, fn in multi_rows for _, o, _ in configs):
+        print("\n## Several adapters on one base at %s (medians; ratios within one run)\n" % headline.replace("/", ", "))
+        print("| ratio | target | " + " | ".join(label for label, _, _ in configs) + " |")
+        print("|---|---|" + "---:|" * len(configs))
+        for name, target, fn in multi_rows:
+            print("| %s | %s | %s |" % (name, target, " | ".join(fmt(fn(o)) for _, o, _ in configs)))
+        for path in sorted(glob.glob(os.path.join(out_dir, "compute-*-t*.json")))[:1]:
+            line = compute_medians(path)[1].get("lora_adapter_memory")
+            if line:
+                print("\nMemory per extra adapter (%s): %s." % (os.path.basename(path), line))
+
     memory = os.path.join(out_dir, "memory.txt")
     if os.path.exists(memory):
         with open(memory) as f:
