@@ -32,6 +32,8 @@ def compute_medians(path):
         name = b.get("run_name", b["name"]).replace("/real_time", "")
         scale = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}[b.get("time_unit", "ns")]
         out[name] = b["real_time"] * scale
+        if "mixed/single" in b:  # the paired benchmark's median per-pair ratio, kept under its own key
+            out["paired:" + name] = b["mixed/single"]
     return out, data.get("context", {})
 
 
@@ -62,8 +64,11 @@ def main(out_dir):
     if not configs:
         print("summarize.py: no compute-*-t*.json in %s" % out_dir, file=sys.stderr)
         return 1
-    shapes = sorted({k.split("/", 1)[1] for _, ours, _ in configs for k in ours})
+    all_shapes = {k.split("/", 1)[1] for _, ours, _ in configs for k in ours if not k.startswith("paired:")}
+    shapes = sorted(s for s in all_shapes if "/K:" not in s)  # K: adapters per batch, the multi-adapter runs
     headline = HEADLINE if HEADLINE in shapes else shapes[-1]
+    multi_shapes = sorted({s.rsplit("/K:", 1)[0] for s in all_shapes if "/K:" in s})
+    multi_headline = HEADLINE if HEADLINE in multi_shapes or not multi_shapes else multi_shapes[-1]
     single = SINGLE_ROW if SINGLE_ROW in shapes else shapes[0]
 
     rows = [
@@ -96,13 +101,17 @@ def main(out_dir):
 
     # Several adapters on one base (MultiLoRALinear): K adapters over the N rows of one batch.
     def over(o, a, ka, b, kb):
-        x, y = o.get("%s/%s/K:%d" % (a, headline, ka)), o.get("%s/%s/K:%d" % (b, headline, kb))
+        x, y = o.get("%s/%s/K:%d" % (a, multi_headline, ka)), o.get("%s/%s/K:%d" % (b, multi_headline, kb))
         return None if x is None or y is None else x / y
     multi_rows = [
         ("mixed forward, 8 adapters / single-adapter forward", "<= 1.10",
          lambda o: over(o, "mixed_forward", 8, "single_adapter_forward", 1)),
         ("mixed forward, 64 adapters / single-adapter forward", "<= 1.30",
          lambda o: over(o, "mixed_forward", 64, "single_adapter_forward", 1)),
+        ("the same two, alternating in one loop (median per-pair ratio), 8 adapters", "<= 1.10",
+         lambda o: o.get("paired:mixed_over_single_paired/%s/K:8" % multi_headline)),
+        ("the same two, alternating in one loop (median per-pair ratio), 64 adapters", "<= 1.30",
+         lambda o: o.get("paired:mixed_over_single_paired/%s/K:64" % multi_headline)),
         ("mixed forward, 1 adapter / single-adapter forward", "(diagnostic)",
          lambda o: over(o, "mixed_forward", 1, "single_adapter_forward", 1)),
         ("merge-run-unmerge per adapter, 8 adapters / mixed forward", "several times",
@@ -110,11 +119,13 @@ def main(out_dir):
         ("merge-run-unmerge per adapter, 64 adapters / mixed forward", "several times",
          lambda o: over(o, "naive_merge_per_adapter", 64, "mixed_forward", 64)),
         ("single-adapter forward / dense `x Wᵀ`", "(diagnostic)",
-         lambda o: None if ("dense_forward/" + headline) not in o or ("single_adapter_forward/%s/K:1" % headline) not in o
-         else o["single_adapter_forward/%s/K:1" % headline] / o["dense_forward/" + headline]),
+         lambda o: None if ("dense_forward/" + multi_headline) not in o or
+         ("single_adapter_forward/%s/K:1" % multi_headline) not in o
+         else o["single_adapter_forward/%s/K:1" % multi_headline] / o["dense_forward/" + multi_headline]),
     ]
     if any(fn(o) is not None for _, _, fn in multi_rows for _, o, _ in configs):
-        print("\n## Several adapters on one base at %s (medians; ratios within one run)\n" % headline.replace("/", ", "))
+        print("\n## Several adapters on one base at %s (medians; ratios within one run)\n" %
+              multi_headline.replace("/", ", "))
         print("| ratio | target | " + " | ".join(label for label, _, _ in configs) + " |")
         print("|---|---|" + "---:|" * len(configs))
         for name, target, fn in multi_rows:
