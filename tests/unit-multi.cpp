@@ -377,6 +377,19 @@ TEMPLATE_TEST_CASE("multi: add_weighted_adapter cat and svd against the dense su
     D AAt = s->lora_A.template cast<double>() * s->lora_A.template cast<double>().transpose();
     CHECK((AAt - D::Identity(k, k)).cwiseAbs().maxCoeff() <= 10 * tol);
   }
+  // One source, truncated: svd compresses an adapter to a lower rank (PEFT would fall back to linear here).
+  layer.add_weighted_adapter({"q"}, {1.0}, "q_rank1", lora::Combination::svd, 1);
+  {
+    auto q = layer.adapter("q");
+    const D dq =
+        static_cast<double>(q->scaling()) * q->lora_B.template cast<double>() * q->lora_A.template cast<double>();
+    Eigen::JacobiSVD<D> sq(dq, Eigen::ComputeThinU | Eigen::ComputeThinV);
+    const D best1 = sq.singularValues()(0) * sq.matrixU().col(0) * sq.matrixV().col(0).transpose();
+    auto c1 = layer.adapter("q_rank1");
+    CHECK(c1->config.r == 1);
+    CHECK((c1->lora_B.template cast<double>() * c1->lora_A.template cast<double>() - best1).cwiseAbs().maxCoeff() <=
+          10 * tol * dq.cwiseAbs().maxCoeff());
+  }
   // svd_rank 0: the largest source rank (3).
   layer.add_weighted_adapter({"p", "q"}, w, "svd_default", lora::Combination::svd);
   CHECK(layer.adapter("svd_default")->config.r == 3);
@@ -458,6 +471,38 @@ TEMPLATE_TEST_CASE("multi: bad input names the adapter and leaves the layer unch
   before.require_same(layer, x);
   CHECK(layer.adapter("a") == a_before);
   CHECK_FALSE(layer.has_adapter("new"));
+}
+
+TEMPLATE_TEST_CASE("multi: replace keeps id, scale and activity; remove drops it from the active set", "[multi]", float,
+                   double) {
+  using S = TestType;
+  const Index I = 8, O = 6;
+  Multi<S> layer(random_matrix<S>(O, I, 1));
+  layer.add_adapter("a", cfg(2, 2), random_matrix<S>(2, I, 2), random_matrix<S>(O, 2, 3));
+  layer.add_adapter("b", cfg(2, 2), random_matrix<S>(2, I, 4), random_matrix<S>(O, 2, 5));
+  layer.set_active_adapters({"b", "a"});
+  layer.set_scale("a", 3.0);
+  const int id = layer.adapter_id("a");
+  const auto old = layer.adapter("a");
+  const Mat<S> A2 = random_matrix<S>(4, I, 6), B2 = random_matrix<S>(O, 4, 7);
+  layer.replace_adapter("a", cfg(4, 2), A2, B2);
+  auto now = layer.adapter("a");
+  CHECK(now != old);
+  CHECK(now->id == id);
+  CHECK(now->scale == 3.0);
+  CHECK(now->rank() == 4);
+  CHECK(same_bits(now->lora_A, A2));
+  CHECK(layer.active_adapters() == std::vector<std::string>{"b", "a"});
+  CHECK(same_bits(old->lora_A, random_matrix<S>(2, I, 2)));  // the old snapshot stays whole for whoever holds it
+  CHECK(old->rank() == 2);
+  layer.remove_adapter("b");
+  CHECK(layer.active_adapters() == std::vector<std::string>{"a"});
+  CHECK(layer.adapter_names() == std::vector<std::string>{"a"});
+  layer.add_adapter("b", cfg(2, 2));
+  CHECK(layer.adapter_id("b") == 2);  // ids are never reused
+  Mat<S> y3(3, O);
+  CHECK_THROWS_WITH(layer.forward(Mat<S>::Zero(3, I), std::vector<int>{0, 1, 2}, y3),
+                    Contains("row 1 has adapter id 1"));
 }
 
 TEST_CASE("multi: hot swap never shows a reader a half-written adapter", "[multi][threads]") {

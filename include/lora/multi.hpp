@@ -73,7 +73,11 @@ enum class Combination {
   linear,
   /// Ranks add up: A = [w₁s₁A₁; w₂s₂A₂; ...], B = [B₁ B₂ ...], so B A = Σ wᵢ sᵢ Bᵢ Aᵢ exactly.
   cat,
-  /// Truncated SVD of Σ wᵢ sᵢ Bᵢ Aᵢ to svd_rank: B = U_r Σ_r, A = V_rᵀ.
+  /// Truncated SVD of Σ wᵢ sᵢ Bᵢ Aᵢ to svd_rank: B = U_r Σ_r, A = V_rᵀ. Two differences from
+  /// PEFT's code (read at huggingface/peft 0027783): PEFT weights each get_delta_weight(), which
+  /// already holds sᵢ, by wᵢ·sᵢ again (Σ wᵢ sᵢ² Bᵢ Aᵢ; the same whenever every sᵢ = 1), and PEFT
+  /// turns a single source adapter into `linear`, ignoring svd_rank; here one adapter is truncated
+  /// to svd_rank, which is how an adapter is compressed to a lower rank.
   svd,
 };
 
