@@ -473,7 +473,7 @@ TEMPLATE_TEST_CASE("multi: bad input names the adapter and leaves the layer unch
   CHECK_FALSE(layer.has_adapter("new"));
 }
 
-TEMPLATE_TEST_CASE("multi: replace keeps id, scale and activity; remove drops it from the active set", "[multi]", float,
+TEMPLATE_TEST_CASE("multi: replace keeps id, scale and activity, remove drops it from the active set", "[multi]", float,
                    double) {
   using S = TestType;
   const Index I = 8, O = 6;
