@@ -123,6 +123,16 @@ inline std::string kernel_description() {
 #endif
 }
 
+/// A field of /proc/self/status in KiB ("VmHWM", "VmRSS"), or -1.
+inline long status_kib(const char* field) {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  const std::string key = std::string(field) + ":";
+  while (std::getline(in, line))
+    if (line.rfind(key, 0) == 0) return std::strtol(line.c_str() + key.size(), nullptr, 10);
+  return -1;
+}
+
 /// One line per fact, "# " first so that scripts reading the output can skip them.
 inline std::string context_lines() {
   std::string s;

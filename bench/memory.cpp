@@ -42,16 +42,6 @@ struct Shape {
   int rank = 8;
 };
 
-/// A field of /proc/self/status in KiB ("VmHWM", "VmRSS"), or -1.
-long status_kib(const char* field) {
-  std::ifstream in("/proc/self/status");
-  std::string line;
-  const std::string key = std::string(field) + ":";
-  while (std::getline(in, line))
-    if (line.rfind(key, 0) == 0) return std::strtol(line.c_str() + key.size(), nullptr, 10);
-  return -1;
-}
-
 /// A fully trained dense layer: y = x Wᵀ; dW += dyᵀ x; dx = dy W. The library's
 /// LoRALinear deliberately has no dW, so full fine-tuning lives here.
 struct DenseLayer {
@@ -122,7 +112,7 @@ struct LoraLayer {
 };
 
 Report run_variant(const std::string& variant, const Shape& s) {
-  const long start_rss = status_kib("VmRSS");
+  const long start_rss = lora_bench::status_kib("VmRSS");
   const double weight_bytes = static_cast<double>(s.layers) * static_cast<double>(s.d * s.d) * sizeof(float);
   Report r;
   if (variant == "lora") {
@@ -272,7 +262,7 @@ int main(int argc, char** argv) {
     const Report r = run_variant(variant, s);
     std::printf("RESULT weights=%.0f activations=%.0f gradients=%.0f optimizer=%.0f step=%.6f start=%ld vmhwm=%ld\n",
                 r.weights, r.activations, r.gradients, r.optimizer, r.seconds_per_step, r.start_rss_kib,
-                status_kib("VmHWM"));
+                lora_bench::status_kib("VmHWM"));
     return 0;
   }
 
