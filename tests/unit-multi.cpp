@@ -213,16 +213,16 @@ TEMPLATE_TEST_CASE("multi: mixed batch equals running each row on its own", "[mu
 TEMPLATE_TEST_CASE("multi: a batch sorted by adapter and a shuffled one give the same rows", "[multi][mixed]", float,
                    double) {
   using S = TestType;
-  const Index I = 16, O = 12, N = 48;
+  const Index I = 16, O = 12, N = 96;
   Multi<S> layer(random_matrix<S>(O, I, 1));
   for (int i = 0; i < 4; ++i)
     layer.add_adapter("a" + std::to_string(i), cfg(2, 4), random_matrix<S>(2, I, 40 + i),
                       random_matrix<S>(O, 2, 50 + i));
   Mat<S> x = random_matrix<S>(N, I, 2);
   std::vector<int> sorted(N);
-  for (int n = 0; n < N; ++n) sorted[n] = n / 12;  // contiguous groups: used in place
+  for (int n = 0; n < N; ++n) sorted[n] = n / 24;  // contiguous groups of 24: used in place
   std::vector<int> perm(N);
-  for (int n = 0; n < N; ++n) perm[n] = (n * 7) % N;  // 7 is coprime with 48: a permutation
+  for (int n = 0; n < N; ++n) perm[n] = (n * 7) % N;  // 7 is coprime with 96: a permutation
   Mat<S> xs(N, I);
   std::vector<int> shuffled(N);
   for (int n = 0; n < N; ++n) {
