@@ -241,6 +241,10 @@ class MultiLoRALinear {
                           const ConstRef<Scalar>& A, const ConstRef<Scalar>& B, double scale) const;
   void check_new_name(const char* where, const State& s, const std::string& name) const;
   void set_enabled(bool enabled);
+  /// Throws state_error when `name` is the adapter being trained (its published copy would go stale).
+  void check_not_training(const char* where, const std::string& name) const;
+  /// Publishes `now` with the adapter named a->name replaced by a.
+  void publish_replacing(const State& now, AdapterPtr a);
   void publish_trained_locked();
   LoRALinear<Scalar>& trainer(const char* where);
   const LoRALinear<Scalar>& trainer(const char* where) const;

@@ -389,6 +389,24 @@ inline std::pair<std::string, std::string> adapter_paths(const std::string& dir_
   return {p.string(), (folder / config_file_name).string()};
 }
 
+/// Throws format_error "<head>N problem(s):" with one indented line per problem, when there are any.
+inline void throw_problems(const std::string& head, const std::vector<std::string>& problems) {
+  if (problems.empty()) return;
+  std::string message = head + std::to_string(problems.size()) + " problem(s):";
+  for (const auto& p : problems) message += "\n  " + p;
+  throw format_error(message);
+}
+
+/// Adds an "unexpected" problem for every module of the adapter that no layer of the model takes.
+template <class Scalar, class Layer>
+void add_unexpected_modules(const Adapter<Scalar>& adapter, const std::map<std::string, Layer*>& model,
+                            std::vector<std::string>& problems) {
+  for (const auto& m : adapter.modules)
+    if (model.find(m.path) == model.end())
+      problems.push_back("unexpected: " + std::string(key_prefix) + m.path + ".lora_A.weight / .lora_B.weight " +
+                         "(no layer with that module path)");
+}
+
 }  // namespace detail
 
 /// Reads a PEFT adapter (a folder, or its adapter_model.safetensors with
@@ -477,11 +495,7 @@ Adapter<Scalar> read_adapter(const std::string& dir_or_file) {
     adapter.modules.push_back(std::move(m));
   }
   for (const auto& [path, t] : biases) adapter.other_tensors.push_back(*t);  // biases of unadapted layers
-  if (!problems.empty()) {
-    std::string message = weights_path + ": " + std::to_string(problems.size()) + " problem(s):";
-    for (const auto& p : problems) message += "\n  " + p;
-    throw format_error(message);
-  }
+  detail::throw_problems(weights_path + ": ", problems);
   return adapter;
 }
 
@@ -525,16 +539,8 @@ LoadReport load_adapter(const std::string& dir_or_file, const std::map<std::stri
                          std::string(bias_name(adapter.config.bias)) + ")");
     if (layer->is_merged()) problems.push_back(path + ": the layer is merged; unmerge() it before loading");
   }
-  for (const auto& m : adapter.modules)
-    if (model.find(m.path) == model.end())
-      problems.push_back("unexpected: " + std::string(key_prefix) + m.path + ".lora_A.weight / .lora_B.weight " +
-                         "(no layer with that module path)");
-  if (!problems.empty()) {
-    std::string message =
-        adapter.source + ": cannot load into this model, " + std::to_string(problems.size()) + " problem(s):";
-    for (const auto& p : problems) message += "\n  " + p;
-    throw format_error(message);
-  }
+  detail::add_unexpected_modules(adapter, model, problems);
+  detail::throw_problems(adapter.source + ": cannot load into this model, ", problems);
   LoadReport report;
   for (const auto& [path, layer] : model) {
     if (layer->rank() == 0) continue;
@@ -690,16 +696,8 @@ LoadReport load_adapter(const std::string& dir_or_file, const std::string& name,
                          std::string(bias_name(adapter.config.bias)) +
                          "), but every adapter of a multi-adapter layer shares the frozen base bias");
   }
-  for (const auto& m : adapter.modules)
-    if (model.find(m.path) == model.end())
-      problems.push_back("unexpected: " + std::string(key_prefix) + m.path + ".lora_A.weight / .lora_B.weight " +
-                         "(no layer with that module path)");
-  if (!problems.empty()) {
-    std::string message = adapter.source + ": cannot load adapter \"" + name + "\" into this model, " +
-                          std::to_string(problems.size()) + " problem(s):";
-    for (const auto& p : problems) message += "\n  " + p;
-    throw format_error(message);
-  }
+  detail::add_unexpected_modules(adapter, model, problems);
+  detail::throw_problems(adapter.source + ": cannot load adapter \"" + name + "\" into this model, ", problems);
   LoadReport report;
   try {
     for (const auto& [path, layer] : model) {
@@ -841,12 +839,7 @@ inline MergeReport merge_adapter_file(const std::string& base_path, const std::s
     }
     jobs.push_back({&m, w, b});
   }
-  if (!problems.empty()) {
-    std::string message =
-        base_path + ": cannot merge " + adapter.source + ", " + std::to_string(problems.size()) + " problem(s):";
-    for (const auto& p : problems) message += "\n  " + p;
-    throw format_error(message);
-  }
+  detail::throw_problems(base_path + ": cannot merge " + adapter.source + ", ", problems);
 
   safetensors::Writer writer;
   if (base.has_metadata())

@@ -21,9 +21,7 @@ inline std::string quoted(const std::string& s) { return '"' + s + '"'; }
 }  // namespace detail
 
 template <class Scalar>
-MultiLoRALinear<Scalar>::MultiLoRALinear(Mat weight) : MultiLoRALinear(std::move(weight), Row()) {
-  has_bias_ = false;
-}
+MultiLoRALinear<Scalar>::MultiLoRALinear(Mat weight) : MultiLoRALinear(std::move(weight), Row()) {}
 
 template <class Scalar>
 MultiLoRALinear<Scalar>::MultiLoRALinear(Mat weight, Row bias) {
@@ -128,6 +126,21 @@ typename MultiLoRALinear<Scalar>::AdapterPtr MultiLoRALinear<Scalar>::make_adapt
 }
 
 template <class Scalar>
+void MultiLoRALinear<Scalar>::check_not_training(const char* where, const std::string& name) const {
+  if (trainer_ && trained_name_ == name)
+    throw state_error(std::string(where) + ": adapter " + detail::quoted(name) +
+                      " is being trained; finish_training() first");
+}
+
+template <class Scalar>
+void MultiLoRALinear<Scalar>::publish_replacing(const State& now, AdapterPtr a) {
+  auto next = std::make_shared<State>(now);
+  for (auto& p : next->adapters)
+    if (p->name == a->name) p = a;
+  publish(std::move(next));
+}
+
+template <class Scalar>
 void MultiLoRALinear<Scalar>::add_adapter(const std::string& name, const LoraConfig& config) {
   // A (R, I) and B (O, R) drawn as LoRALinear draws them from the same config; r < 1 is refused by the overload.
   const Index r = std::max(config.r, 0);
@@ -157,14 +170,9 @@ void MultiLoRALinear<Scalar>::replace_adapter(const std::string& name, const Lor
   std::lock_guard<std::mutex> lock(*writers_);
   StatePtr now = snapshot();
   const AdapterPtr& old = require(*now, name, where);
-  if (trainer_ && trained_name_ == name)
-    throw state_error(std::string(where) + ": adapter " + detail::quoted(name) +
-                      " is being trained; finish_training() first");
+  check_not_training(where, name);
   AdapterPtr a = make_adapter(where, name, old->id, config, lora_A, lora_B, old->scale);
-  auto next = std::make_shared<State>(*now);
-  for (auto& p : next->adapters)
-    if (p->name == name) p = a;
-  publish(std::move(next));
+  publish_replacing(*now, std::move(a));
 }
 
 template <class Scalar>
@@ -247,15 +255,10 @@ void MultiLoRALinear<Scalar>::set_scale(const std::string& name, double scale) {
   if (!std::isfinite(scale))
     throw config_error(std::string(where) + ": adapter " + detail::quoted(name) + ": scale must be finite, got " +
                        value_string(scale));
-  if (trainer_ && trained_name_ == name)
-    throw state_error(std::string(where) + ": adapter " + detail::quoted(name) +
-                      " is being trained; finish_training() first");
+  check_not_training(where, name);
   auto a = std::make_shared<NamedAdapter<Scalar>>(*old);  // copies r (I + O) scalars: set_scale is not a hot path
   a->scale = scale;
-  auto next = std::make_shared<State>(*now);
-  for (auto& p : next->adapters)
-    if (p->name == name) p = a;
-  publish(std::move(next));
+  publish_replacing(*now, std::move(a));
 }
 
 template <class Scalar>
@@ -562,10 +565,7 @@ void MultiLoRALinear<Scalar>::publish_trained_locked() {
   a->scale = (*old)->scale;
   a->lora_A = trainer_->lora_A();
   a->lora_B = trainer_->lora_B();
-  auto next = std::make_shared<State>(*now);
-  for (auto& p : next->adapters)
-    if (p->name == trained_name_) p = std::move(a);
-  publish(std::move(next));
+  publish_replacing(*now, std::move(a));
 }
 
 template <class Scalar>
