@@ -254,7 +254,8 @@ class HeaderHandler : public nlohmann::json_sax<nlohmann::json> {
       return true;
     }
     if (state_ == State::offsets) {
-      if (offsets_seen_ >= 2) return fail("tensor \"" + current_.name + "\": data_offsets must have 2 entries");
+      if (offsets_seen_ >= 2)
+        return fail("tensor \"" + printable(current_.name) + "\": data_offsets must have 2 entries");
       (offsets_seen_ == 0 ? current_.data_begin : current_.data_end) = v;
       ++offsets_seen_;
       return true;
@@ -271,7 +272,8 @@ class HeaderHandler : public nlohmann::json_sax<nlohmann::json> {
     }
     if (state_ == State::tensor && field_ == Field::dtype) {
       auto dtype = parse_dtype(value);
-      if (!dtype) return fail("tensor \"" + current_.name + "\": unknown dtype \"" + value + "\"");
+      if (!dtype)
+        return fail("tensor \"" + printable(current_.name) + "\": unknown dtype \"" + printable(value) + "\"");
       current_.dtype = *dtype;
       return true;
     }
@@ -304,12 +306,12 @@ class HeaderHandler : public nlohmann::json_sax<nlohmann::json> {
     if (state_ == State::root) {
       if (!names_.insert(key).second)
         return fail(key == "__metadata__" ? std::string("duplicate key \"__metadata__\"")
-                                          : "duplicate tensor name \"" + key + "\"");
+                                          : "duplicate tensor name \"" + printable(key) + "\"");
       pending_key_ = key;
       return true;
     }
     if (state_ == State::metadata) {
-      if (header_.metadata.count(key)) return fail("\"__metadata__\" has the key \"" + key + "\" twice");
+      if (header_.metadata.count(key)) return fail("\"__metadata__\" has the key \"" + printable(key) + "\" twice");
       pending_key_ = key;
       return true;
     }
@@ -322,10 +324,11 @@ class HeaderHandler : public nlohmann::json_sax<nlohmann::json> {
     } else if (key == "data_offsets") {
       field_ = Field::offsets, bit = 4;
     } else {
-      return fail("tensor \"" + current_.name + "\": unexpected field \"" + key +
+      return fail("tensor \"" + printable(current_.name) + "\": unexpected field \"" + printable(key) +
                   "\" (expected dtype, shape, data_offsets)");
     }
-    if (fields_seen_ & bit) return fail("tensor \"" + current_.name + "\": field \"" + key + "\" given twice");
+    if (fields_seen_ & bit)
+      return fail("tensor \"" + printable(current_.name) + "\": field \"" + printable(key) + "\" given twice");
     fields_seen_ |= bit;
     return true;
   }
@@ -341,7 +344,7 @@ class HeaderHandler : public nlohmann::json_sax<nlohmann::json> {
         if (!(fields_seen_ & 1)) missing += " dtype";
         if (!(fields_seen_ & 2)) missing += " shape";
         if (!(fields_seen_ & 4)) missing += " data_offsets";
-        return fail("tensor \"" + current_.name + "\": missing field(s):" + missing);
+        return fail("tensor \"" + printable(current_.name) + "\": missing field(s):" + missing);
       }
       header_.tensors.push_back(std::move(current_));
       state_ = State::root;
@@ -366,7 +369,7 @@ class HeaderHandler : public nlohmann::json_sax<nlohmann::json> {
 
   bool end_array() override {
     if (state_ == State::offsets && offsets_seen_ != 2)
-      return fail("tensor \"" + current_.name + "\": data_offsets must have 2 entries, got " +
+      return fail("tensor \"" + printable(current_.name) + "\": data_offsets must have 2 entries, got " +
                   std::to_string(offsets_seen_));
     state_ = State::tensor;
     return true;
@@ -409,13 +412,16 @@ class HeaderHandler : public nlohmann::json_sax<nlohmann::json> {
         return fail("\"__metadata__\" values must be strings; \"" + pending_key_ + "\" is " + type);
       case State::tensor:
         if (field_ == Field::dtype)
-          return fail("tensor \"" + current_.name + "\": dtype must be a string, got " + type);
-        return fail("tensor \"" + current_.name + "\": " + (field_ == Field::shape ? "shape" : "data_offsets") +
+          return fail("tensor \"" + printable(current_.name) + "\": dtype must be a string, got " + type);
+        return fail("tensor \"" + printable(current_.name) +
+                    "\": " + (field_ == Field::shape ? "shape" : "data_offsets") +
                     " must be an array of unsigned integers, got " + type);
       case State::shape:
-        return fail("tensor \"" + current_.name + "\": shape entries must be unsigned integers, got " + type);
+        return fail("tensor \"" + printable(current_.name) + "\": shape entries must be unsigned integers, got " +
+                    type);
       case State::offsets:
-        return fail("tensor \"" + current_.name + "\": data_offsets entries must be unsigned integers, got " + type);
+        return fail("tensor \"" + printable(current_.name) +
+                    "\": data_offsets entries must be unsigned integers, got " + type);
       default:
         return fail(std::string("unexpected ") + type + " after the header object");
     }
@@ -434,11 +440,15 @@ class HeaderHandler : public nlohmann::json_sax<nlohmann::json> {
 
 }  // namespace detail
 
-/// Parses and checks the header of a whole file image of `size` bytes; never
-/// reads past `size`. `source` names the file in messages.
-inline Header parse_header(const std::uint8_t* data, std::size_t size, const std::string& source = "<memory>") {
+/// Parses and checks the header of a file of `size` bytes whose first
+/// `available` bytes are at `data` (the whole image, or at least the length
+/// prefix and the header); never reads past `available`. `source` names the
+/// file in messages.
+inline Header parse_header(const std::uint8_t* data, std::size_t available, const std::string& source,
+                           std::uint64_t size) {
   auto fail = [&](const std::string& what) { throw format_error(source + ": " + what); };
   if (size < 8) fail("file is " + std::to_string(size) + " bytes, shorter than the 8-byte header length");
+  if (available < 8) fail("internal: the 8-byte header length was not read");
   std::uint64_t n = 0;
   for (int i = 7; i >= 0; --i) n = (n << 8) | data[i];
   if (n > max_header_size)
@@ -446,6 +456,7 @@ inline Header parse_header(const std::uint8_t* data, std::size_t size, const std
   if (n > size - 8)
     fail("header length " + with_thousands(n) + " runs past the end of the file (" + with_thousands(size) +
          " bytes, so at most " + with_thousands(size - 8) + ")");
+  if (n > available - 8) fail("internal: the header was not read in full");
   const std::uint8_t* text = data + 8;
   if (auto bad = detail::first_invalid_utf8(text, n); bad != std::string::npos)
     fail("header is not valid UTF-8 (byte " + std::to_string(bad) + " of the header)");
@@ -464,7 +475,7 @@ inline Header parse_header(const std::uint8_t* data, std::size_t size, const std
   std::uint64_t expected_begin = 0;
   const TensorInfo* previous = nullptr;
   for (const TensorInfo& t : header.tensors) {
-    std::string name = "tensor \"" + t.name + "\": ";
+    std::string name = "tensor \"" + printable(t.name) + "\": ";
     if (t.data_end < t.data_begin)
       fail(name + "data_offsets [" + std::to_string(t.data_begin) + ", " + std::to_string(t.data_end) +
            "] end before they begin");
@@ -481,11 +492,12 @@ inline Header parse_header(const std::uint8_t* data, std::size_t size, const std
            std::to_string(t.data_end - t.data_begin));
     if (t.data_begin < expected_begin)
       fail(name + "data_offsets [" + std::to_string(t.data_begin) + ", " + std::to_string(t.data_end) +
-           "] overlap tensor \"" + previous->name + "\" (which ends at " + std::to_string(expected_begin) + ")");
+           "] overlap tensor \"" + printable(previous->name) + "\" (which ends at " + std::to_string(expected_begin) +
+           ")");
     if (t.data_begin > expected_begin)
       fail(name + "data_offsets begin at " + std::to_string(t.data_begin) + ", leaving a hole of " +
            std::to_string(t.data_begin - expected_begin) + " bytes after " +
-           (previous ? "tensor \"" + previous->name + "\"" : std::string("the header")));
+           (previous ? "tensor \"" + printable(previous->name) + "\"" : std::string("the header")));
     expected_begin = t.data_end;
     previous = &t;
   }
@@ -498,14 +510,51 @@ inline Header parse_header(const std::uint8_t* data, std::size_t size, const std
   return header;
 }
 
+/// Parses and checks the header of a whole file image of `size` bytes.
+inline Header parse_header(const std::uint8_t* data, std::size_t size, const std::string& source = "<memory>") {
+  return parse_header(data, size, source, size);
+}
+
 // ---- reading ---------------------------------------------------------------------
 
-/// A checked safetensors file. open() maps the file; tensors are read from the
-/// map on demand, converted (matrix()) or without a copy (view()).
+/// How File::open reaches the tensors.
+enum class Access {
+  /// Memory-map the file: zero-copy bytes() and view(). The file must not be
+  /// truncated while the File lives: the kernel answers a read of a page the
+  /// file lost with SIGBUS, which ends the process.
+  map,
+  /// Read the header, then copy each tensor with pread() when it is asked
+  /// for: no bytes() or view(), but a file that shrinks or changes underneath
+  /// gives an io_error naming it (check_unchanged() also notices rewrites).
+  /// The tools and the PEFT loaders read untrusted files this way.
+  read
+};
+
+/// A checked safetensors file. open() maps the file (or reads it on demand,
+/// Access::read); tensors are converted (matrix()) or, mapped, seen without a
+/// copy (view()). Anything that is not a regular file (a FIFO, a device) is
+/// refused before it is read.
 class File {
  public:
-  /// Maps and checks `path`; throws io_error or format_error.
-  static File open(const std::string& path) { return File(lora::detail::FileBytes::open(path), path); }
+  /// Opens and checks `path`; throws io_error or format_error.
+  static File open(const std::string& path, Access access = Access::map) {
+    if (access == Access::map) return File(lora::detail::FileBytes::open(path), path);
+    auto bytes = lora::detail::FileBytes::open_for_reads(path);
+    if (bytes->data() != nullptr) return File(std::move(bytes), path);  // no pread on this platform: mapped
+    // The length prefix, then at most the header it claims (bounded by the limit and the file's size).
+    const std::uint64_t size = bytes->size();
+    std::vector<std::uint8_t> head(static_cast<std::size_t>(std::min<std::uint64_t>(size, 8)));
+    bytes->read(0, head.data(), head.size());
+    if (head.size() == 8) {
+      std::uint64_t n = 0;
+      for (int i = 7; i >= 0; --i) n = (n << 8) | head[static_cast<std::size_t>(i)];
+      if (n <= max_header_size && n <= size - 8) {
+        head.resize(8 + static_cast<std::size_t>(n));
+        bytes->read(8, head.data() + 8, static_cast<std::size_t>(n));
+      }
+    }
+    return File(std::move(bytes), path, std::move(head));
+  }
 
   /// Checks a file image held in memory.
   static File from_bytes(std::vector<std::uint8_t> bytes, const std::string& source = "<memory>") {
@@ -524,12 +573,29 @@ class File {
   }
   const TensorInfo& at(std::string_view name) const {
     const TensorInfo* t = find(name);
-    if (t == nullptr) throw format_error(source_ + ": no tensor named \"" + std::string(name) + "\"");
+    if (t == nullptr) throw format_error(source_ + ": no tensor named \"" + printable(name) + "\"");
     return *t;
   }
 
-  /// The raw little-endian bytes of a tensor, inside the map.
-  const std::uint8_t* bytes(const TensorInfo& t) const { return data_start() + t.data_begin; }
+  /// The raw little-endian bytes of a tensor, inside the map; Access::read
+  /// files have none (state_error): use read_bytes().
+  const std::uint8_t* bytes(const TensorInfo& t) const {
+    if (bytes_->data() == nullptr)
+      throw state_error(source_ + ": opened with Access::read, which maps nothing; use read_bytes() or matrix()");
+    return data_start() + t.data_begin;
+  }
+
+  /// Copies bytes [offset, offset + n) of tensor `t`'s data into `out`.
+  void read_bytes(const TensorInfo& t, std::uint64_t offset, void* out, std::size_t n) const {
+    if (offset > t.nbytes() || n > t.nbytes() - offset)
+      throw config_error(source_ + ": read of bytes [" + std::to_string(offset) + ", " + std::to_string(offset + n) +
+                         ") of tensor \"" + printable(t.name) + "\", which has " + std::to_string(t.nbytes()));
+    bytes_->read(8 + header_.header_size + t.data_begin + offset, out, n);
+  }
+
+  /// Throws io_error when a file opened with Access::read was truncated or
+  /// rewritten since it was opened; a no-op for mapped files.
+  void check_unchanged() const { bytes_->check_unchanged(); }
 
   /// A tensor of dtype F16, BF16, F32 or F64 as a (rows, cols) matrix of
   /// Scalar: 2-D tensors keep their shape, 1-D ones become (1, n), 0-D (1, 1).
@@ -546,12 +612,27 @@ class File {
   template <class Scalar>
   void convert_into(const TensorInfo& t, Scalar* out) const {
     if (!is_float(t.dtype))
-      throw format_error(source_ + ": tensor \"" + t.name + "\" has dtype " + dtype_name(t.dtype) +
+      throw format_error(source_ + ": tensor \"" + printable(t.name) + "\" has dtype " + dtype_name(t.dtype) +
                          ", expected one of F16, BF16, F32, F64");
-    const std::uint8_t* p = bytes(t);
     const std::size_t n = static_cast<std::size_t>(t.numel());
+    if (bytes_->data() == nullptr) {  // Access::read: convert chunk by chunk from a small buffer
+      const std::size_t width = dtype_size(t.dtype), chunk = (std::size_t{1} << 16) / width;
+      std::vector<std::uint8_t> buffer(chunk * width);
+      for (std::size_t begin = 0; begin < n; begin += chunk) {
+        const std::size_t count = std::min(chunk, n - begin);
+        read_bytes(t, begin * width, buffer.data(), count * width);
+        convert_values(t.dtype, buffer.data(), count, out + begin);
+      }
+      return;
+    }
+    convert_values(t.dtype, bytes(t), n, out);
+  }
+
+ private:
+  template <class Scalar>
+  static void convert_values(Dtype dtype, const std::uint8_t* p, std::size_t n, Scalar* out) {
     for (std::size_t i = 0; i < n; ++i) {
-      switch (t.dtype) {
+      switch (dtype) {
         case Dtype::F16:
           out[i] = static_cast<Scalar>(half_to_float(load<std::uint16_t>(p + 2 * i)));
           break;
@@ -568,6 +649,7 @@ class File {
     }
   }
 
+ public:
   /// A zero-copy view of a tensor whose dtype is exactly Scalar's (F32 for
   /// float, F64 for double); throws format_error otherwise or when the data is
   /// not aligned for Scalar. Valid while this File (or a copy) lives.
@@ -577,11 +659,12 @@ class File {
     const TensorInfo& t = at(name);
     Dtype want = std::is_same_v<Scalar, float> ? Dtype::F32 : Dtype::F64;
     if (t.dtype != want)
-      throw format_error(source_ + ": tensor \"" + t.name + "\" is " + dtype_name(t.dtype) + ", a view needs " +
-                         dtype_name(want) + " (use matrix<>() to convert)");
+      throw format_error(source_ + ": tensor \"" + printable(t.name) + "\" is " + dtype_name(t.dtype) +
+                         ", a view needs " + dtype_name(want) + " (use matrix<>() to convert)");
     const std::uint8_t* p = bytes(t);
     if (reinterpret_cast<std::uintptr_t>(p) % alignof(Scalar) != 0)
-      throw format_error(source_ + ": tensor \"" + t.name + "\" is not aligned for a view (use matrix<>() to copy)");
+      throw format_error(source_ + ": tensor \"" + printable(t.name) +
+                         "\" is not aligned for a view (use matrix<>() to copy)");
     auto [rows, cols] = matrix_shape(t);
     return ConstMatrixMap<Scalar>(reinterpret_cast<const Scalar*>(p), rows, cols);
   }
@@ -592,16 +675,22 @@ class File {
     header_ = parse_header(bytes_->data(), bytes_->size(), source_);
     for (std::size_t i = 0; i < header_.tensors.size(); ++i) index_.emplace(header_.tensors[i].name, i);
   }
+  File(std::shared_ptr<const lora::detail::FileBytes> bytes, std::string source, std::vector<std::uint8_t> head)
+      : bytes_(std::move(bytes)), source_(std::move(source)) {
+    header_ = parse_header(head.data(), head.size(), source_, bytes_->size());
+    for (std::size_t i = 0; i < header_.tensors.size(); ++i) index_.emplace(header_.tensors[i].name, i);
+  }
 
   const std::uint8_t* data_start() const { return bytes_->data() + 8 + header_.header_size; }
 
   std::pair<Index, Index> matrix_shape(const TensorInfo& t) const {
     if (t.shape.size() > 2)
-      throw format_error(source_ + ": tensor \"" + t.name + "\" has shape " + shape_text(t.shape) +
+      throw format_error(source_ + ": tensor \"" + printable(t.name) + "\" has shape " + shape_text(t.shape) +
                          ", expected at most 2 dimensions");
     constexpr auto limit = static_cast<std::uint64_t>(std::numeric_limits<Index>::max());
     for (auto d : t.shape)
-      if (d > limit) throw format_error(source_ + ": tensor \"" + t.name + "\" is too large for this platform");
+      if (d > limit)
+        throw format_error(source_ + ": tensor \"" + printable(t.name) + "\" is too large for this platform");
     if (t.shape.size() == 2) return {static_cast<Index>(t.shape[0]), static_cast<Index>(t.shape[1])};
     if (t.shape.size() == 1) return {1, static_cast<Index>(t.shape[0])};
     return {1, 1};
@@ -689,6 +778,17 @@ class Writer {
     entries_.push_back(Entry{name, dtype, std::move(shape), {}, data, size});
   }
 
+  /// Adds tensor `t` of `file` unchanged under `name`, read from the file
+  /// while save() writes (so an Access::read file is streamed, never held in
+  /// memory whole). Borrows `file`: keep it alive until save().
+  void add_from(const std::string& name, const File& file, const TensorInfo& t) {
+    check_new_name(name);
+    Entry e{name, t.dtype, t.shape, {}, nullptr, static_cast<std::size_t>(t.nbytes())};
+    e.file = &file;
+    e.tensor = &t;
+    entries_.push_back(std::move(e));
+  }
+
   std::size_t size() const { return entries_.size(); }
 
   /// The header (length prefix not included), padded with spaces to a multiple of 8.
@@ -747,6 +847,8 @@ class Writer {
     std::vector<std::uint8_t> owned;
     const std::uint8_t* borrowed;
     std::size_t size;
+    const File* file = nullptr;  // add_from: copied from the file in chunks
+    const TensorInfo* tensor = nullptr;
     const std::uint8_t* data() const { return borrowed ? borrowed : owned.data(); }
   };
 
@@ -775,7 +877,19 @@ class Writer {
     for (int i = 0; i < 8; ++i) length[i] = static_cast<std::uint8_t>(n >> (8 * i));
     sink(length, 8);
     sink(h.data(), h.size());
-    for (const Entry* e : ordered()) sink(e->data(), e->size);
+    std::vector<std::uint8_t> buffer;
+    for (const Entry* e : ordered()) {
+      if (e->file == nullptr) {
+        sink(e->data(), e->size);
+        continue;
+      }
+      buffer.resize(std::min<std::size_t>(e->size, std::size_t{1} << 20));
+      for (std::size_t done = 0; done < e->size; done += buffer.size()) {
+        const std::size_t n = std::min(buffer.size(), e->size - done);
+        e->file->read_bytes(*e->tensor, done, buffer.data(), n);
+        sink(buffer.data(), n);
+      }
+    }
   }
 
   template <class T>
