@@ -30,6 +30,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -47,6 +48,11 @@ namespace lora::peft {
 inline constexpr const char* config_file_name = "adapter_config.json";
 inline constexpr const char* weights_file_name = "adapter_model.safetensors";
 inline constexpr const char* key_prefix = "base_model.model.";
+/// adapter_config.json is refused above this size (PEFT writes a few KiB; a
+/// rank_pattern for every module of a 70B model is a few hundred).
+inline constexpr std::size_t max_config_bytes = 8u << 20;
+/// ... and above this nesting of arrays and objects (PEFT's own reach 3).
+inline constexpr int max_config_depth = 64;
 
 /// adapter_config.json for peft_type "LORA". Keys the library does not use
 /// are kept in `other` and written back unchanged.
@@ -111,9 +117,17 @@ struct AdapterConfig {
     }
   }
 
+  /// Parses adapter_config.json text; throws format_error naming `source`.
+  /// Refuses text over max_config_bytes or nested over max_config_depth.
   static AdapterConfig parse(const std::string& text, const std::string& source = "adapter_config.json");
+  /// Reads and parses a config file; anything but a regular file of at most
+  /// max_config_bytes is refused before it is read.
   static AdapterConfig read(const std::string& path);
 
+ private:
+  static AdapterConfig parse_object(const nlohmann::ordered_json& j, const std::string& source);
+
+ public:
   /// PEFT's layout: indent 2, keys sorted, no trailing newline.
   std::string to_json() const;
   void save(const std::string& path) const { stage(path).commit(); }
@@ -127,16 +141,59 @@ inline const char* bias_name(BiasMode b) {
   return b == BiasMode::none ? "none" : b == BiasMode::all ? "all" : "lora_only";
 }
 
+namespace detail {
+/// The deepest nesting of arrays and objects in JSON `text` (strings
+/// skipped), found without building anything, so a hostile config is
+/// refused before a recursive parser or dump() sees it. Stops counting past `limit`.
+inline int json_nesting_depth(const std::string& text, int limit) {
+  int depth = 0, deepest = 0;
+  bool in_string = false;
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (in_string) {
+      if (c == '\\')
+        ++i;
+      else if (c == '"')
+        in_string = false;
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      deepest = std::max(deepest, ++depth);
+      if (deepest > limit) return deepest;
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
+  }
+  return deepest;
+}
+}  // namespace detail
+
 inline AdapterConfig AdapterConfig::parse(const std::string& text, const std::string& source) {
   using json = nlohmann::ordered_json;
   auto fail = [&](const std::string& what) -> void { throw format_error(source + ": " + what); };
+  if (text.size() > max_config_bytes)
+    fail("the config is " + std::to_string(text.size()) + " bytes, more than the limit of " +
+         std::to_string(max_config_bytes));
+  if (detail::json_nesting_depth(text, max_config_depth) > max_config_depth)
+    fail("arrays and objects nest more than " + std::to_string(max_config_depth) +
+         " levels deep, past the limit for an adapter config");
   json j;
   try {
     j = json::parse(text);
-  } catch (const json::parse_error& e) {
-    throw format_error(source + ": not valid JSON: " + std::string(e.what()).substr(0, 200));
+  } catch (const json::exception& e) {  // parse_error, and out_of_range for a number such as 1e400
+    throw format_error(source + ": not valid JSON: " + printable(std::string(e.what()).substr(0, 200)));
   }
   if (!j.is_object()) fail(std::string("expected a JSON object, got ") + j.type_name());
+  try {
+    return parse_object(j, source);
+  } catch (const json::exception& e) {  // a value of a type the checks above did not expect
+    throw format_error(source + ": " + printable(std::string(e.what()).substr(0, 200)));
+  }
+}
+
+inline AdapterConfig AdapterConfig::parse_object(const nlohmann::ordered_json& j, const std::string& source) {
+  using json = nlohmann::ordered_json;
+  auto fail = [&](const std::string& what) -> void { throw format_error(source + ": " + what); };
 
   AdapterConfig c;
   auto type_error = [&](const char* key, const char* want, const json& v) {
@@ -260,11 +317,7 @@ inline AdapterConfig AdapterConfig::parse(const std::string& text, const std::st
 }
 
 inline AdapterConfig AdapterConfig::read(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw io_error(path + ": cannot open");
-  std::ostringstream text;
-  text << in.rdbuf();
-  return parse(text.str(), path);
+  return parse(lora::detail::read_small_file(path, max_config_bytes, "the config"), path);
 }
 
 inline std::string AdapterConfig::to_json() const {
@@ -350,7 +403,7 @@ struct Adapter {
 
 namespace detail {
 
-enum class KeyKind { lora_A, lora_B, bias, unsupported_embedding, unsupported_dora, other };
+enum class KeyKind { lora_A, lora_B, bias, unsupported_embedding, unsupported_dora, no_module_path, other };
 
 /// Splits a saved key into (module path, kind).
 inline std::pair<std::string, KeyKind> classify_key(const std::string& key) {
@@ -362,11 +415,15 @@ inline std::pair<std::string, KeyKind> classify_key(const std::string& key) {
     return {key, KeyKind::unsupported_embedding};
   if (key.find("lora_magnitude_vector") != std::string::npos) return {key, KeyKind::unsupported_dora};
   if (key.compare(0, prefix.size(), prefix) != 0) return {key, KeyKind::other};
-  std::string rest = key.substr(prefix.size());
-  auto strip = [&](const std::string& suffix) { return rest.substr(0, rest.size() - suffix.size()); };
-  if (ends_with(".lora_A.weight")) return {strip(".lora_A.weight"), KeyKind::lora_A};
-  if (ends_with(".lora_B.weight")) return {strip(".lora_B.weight"), KeyKind::lora_B};
-  if (ends_with(".bias")) return {strip(".bias"), KeyKind::bias};
+  // "<prefix><path><suffix>" with a non-empty path: "base_model.model.lora_A.weight" names no module.
+  for (auto [suffix, kind] : {std::pair<const char*, KeyKind>{".lora_A.weight", KeyKind::lora_A},
+                              {".lora_B.weight", KeyKind::lora_B},
+                              {".bias", KeyKind::bias}}) {
+    const std::size_t n = std::strlen(suffix);
+    if (ends_with(suffix) && key.size() > prefix.size() + n)
+      return {key.substr(prefix.size(), key.size() - prefix.size() - n), kind};
+  }
+  if (ends_with("lora_A.weight") || ends_with("lora_B.weight")) return {key, KeyKind::no_module_path};
   return {key, KeyKind::other};
 }
 
@@ -390,10 +447,11 @@ inline std::pair<std::string, std::string> adapter_paths(const std::string& dir_
 }
 
 /// Throws format_error "<head>N problem(s):" with one indented line per problem, when there are any.
+/// Each problem is one line: names from the file in it are escaped (printable), so none can break the list.
 inline void throw_problems(const std::string& head, const std::vector<std::string>& problems) {
   if (problems.empty()) return;
-  std::string message = head + std::to_string(problems.size()) + " problem(s):";
-  for (const auto& p : problems) message += "\n  " + p;
+  std::string message = printable(head) + std::to_string(problems.size()) + " problem(s):";
+  for (const auto& p : problems) message += "\n  " + printable(p);
   throw format_error(message);
 }
 
@@ -418,7 +476,8 @@ Adapter<Scalar> read_adapter(const std::string& dir_or_file) {
   auto [weights_path, config_path] = detail::adapter_paths(dir_or_file);
   Adapter<Scalar> adapter;
   adapter.source = weights_path;
-  adapter.file = safetensors::File::open(weights_path);  // the tensors first: a bad file is named as such
+  // The tensors first, so a bad file is named as such. Read, not mapped: the file may change underneath.
+  adapter.file = safetensors::File::open(weights_path, safetensors::Access::read);
   adapter.config = AdapterConfig::read(config_path);
   const safetensors::File& file = *adapter.file;
 
@@ -438,10 +497,14 @@ Adapter<Scalar> read_adapter(const std::string& dir_or_file) {
         biases[path] = &t;
         break;
       case detail::KeyKind::unsupported_embedding:
-        problems.push_back(t.name + ": embedding adapters (lora_embedding_A/B) are not supported yet");
+        problems.push_back(printable(t.name) + ": embedding adapters (lora_embedding_A/B) are not supported yet");
         break;
       case detail::KeyKind::unsupported_dora:
-        problems.push_back(t.name + ": DoRA magnitude vectors are not supported yet");
+        problems.push_back(printable(t.name) + ": DoRA magnitude vectors are not supported yet");
+        break;
+      case detail::KeyKind::no_module_path:
+        problems.push_back(printable(t.name) + ": a LoRA matrix with no module path (expected " + key_prefix +
+                           "<module path>.lora_A.weight / .lora_B.weight)");
         break;
       default:
         adapter.other_tensors.push_back(t);
@@ -495,6 +558,10 @@ Adapter<Scalar> read_adapter(const std::string& dir_or_file) {
     adapter.modules.push_back(std::move(m));
   }
   for (const auto& [path, t] : biases) adapter.other_tensors.push_back(*t);  // biases of unadapted layers
+  if (problems.empty() && adapter.modules.empty())
+    problems.push_back(std::string("no LoRA module: no ") + key_prefix +
+                       "<module path>.lora_A.weight / .lora_B.weight pair among its " +
+                       std::to_string(file.tensors().size()) + " tensor(s)");
   detail::throw_problems(weights_path + ": ", problems);
   return adapter;
 }
@@ -768,34 +835,74 @@ namespace lora::peft {
 
 /// What merge_adapter_file did: each adapted module and the base tensor it went into.
 struct MergeReport {
-  std::vector<std::pair<std::string, std::string>> merged;  ///< (module path, base tensor name)
-  std::size_t copied = 0;                                   ///< tensors copied through unchanged
+  std::vector<std::pair<std::string, std::string>> merged;    ///< (module path, base tensor name)
+  std::vector<std::pair<std::string, std::string>> replaced;  ///< (adapter tensor, base tensor) taken whole
+  std::vector<std::string> added;                             ///< adapter tensors the base lacked, added
+  std::size_t copied = 0;                                     ///< tensors copied through unchanged
 };
 
-/// The base tensor a module's weight lives in: "<path>.weight", or the same
-/// without a leading "transformer." / "model." when the base file lacks it.
-inline const safetensors::TensorInfo* find_base_weight(const safetensors::File& base, const std::string& path) {
-  if (const auto* t = base.find(path + ".weight")) return t;
+/// The base tensor `name` ("h.0.attn.c_attn.weight"), or the same without a
+/// leading "transformer." / "model." when the base file lacks it.
+inline const safetensors::TensorInfo* find_base_tensor(const safetensors::File& base, const std::string& name) {
+  if (const auto* t = base.find(name)) return t;
   for (const char* prefix : {"transformer.", "model."}) {
     const std::string p = prefix;
-    if (path.compare(0, p.size(), p) == 0)
-      if (const auto* t = base.find(path.substr(p.size()) + ".weight")) return t;
+    if (name.size() > p.size() && name.compare(0, p.size(), p) == 0)
+      if (const auto* t = base.find(name.substr(p.size()))) return t;
   }
   return nullptr;
 }
 
+/// The base tensor a module's weight lives in: find_base_tensor(path + ".weight").
+inline const safetensors::TensorInfo* find_base_weight(const safetensors::File& base, const std::string& path) {
+  return find_base_tensor(base, path + ".weight");
+}
+
+namespace detail {
+
+/// The first value of `values` (n of them) that is not finite once stored as
+/// `dtype` (an F16 overflows past 65504), or npos.
+template <class Scalar>
+std::size_t first_unrepresentable(const Scalar* values, std::size_t n, safetensors::Dtype dtype) {
+  for (std::size_t i = 0; i < n; ++i) {
+    const Scalar v = values[i];
+    bool ok = std::isfinite(v);
+    if (ok && dtype == safetensors::Dtype::F16)
+      ok = (safetensors::float_to_half(static_cast<float>(v)) & 0x7c00u) != 0x7c00u;
+    else if (ok && dtype == safetensors::Dtype::BF16)
+      ok = (safetensors::float_to_bf16(static_cast<float>(v)) & 0x7f80u) != 0x7f80u;
+    else if (ok && dtype != safetensors::Dtype::F64)
+      ok = std::isfinite(static_cast<float>(v));
+    if (!ok) return i;
+  }
+  return std::string::npos;
+}
+
+}  // namespace detail
+
 /// lora-merge: writes `out_path`, the base file with each adapted weight
 /// replaced by W + scale · s · B A (transposed for fan_in_fan_out),
 /// accumulated in float (double for F64) and stored in the weight's own
-/// dtype; a bias the adapter trained replaces the base's. Every other tensor
-/// and the metadata are copied through unchanged. Refuses (format_error,
-/// listing them all) modules with no base weight or a weight of the wrong
-/// shape or dtype, before writing anything; the output is written atomically.
+/// dtype. The adapter's other tensors go in too, as PEFT's merge_and_unload
+/// keeps them: a bias it trained, a modules_to_save head, biases trained with
+/// bias "all" on modules without LoRA replace the base's tensor of that name
+/// (shape checked, converted to the base's dtype), or are added when the base
+/// has none. Every other tensor and the metadata are copied through unchanged.
+///
+/// Refuses (format_error, listing every problem) before writing anything:
+/// modules with no base weight, or one of the wrong shape or dtype; two
+/// adapter tensors that land on one base tensor; adapter tensors outside
+/// "base_model.model."; a result that is not finite in its dtype (huge or
+/// non-finite adapter values, a scale that overflows, an F16 weight pushed
+/// past 65504), named with the tensor and the first bad element. Both files
+/// are read with Access::read, so one that is truncated or rewritten while
+/// the merge runs gives io_error and no output; the output is written
+/// atomically.
 inline MergeReport merge_adapter_file(const std::string& base_path, const std::string& adapter_path,
                                       const std::string& out_path, double scale = 1.0) {
   if (!std::isfinite(scale)) throw config_error("merge_adapter_file: scale must be finite, got " + value_string(scale));
   Adapter<double> adapter = read_adapter<double>(adapter_path);
-  safetensors::File base = safetensors::File::open(base_path);
+  safetensors::File base = safetensors::File::open(base_path, safetensors::Access::read);
   const bool fan_in_fan_out = adapter.config.fan_in_fan_out;
 
   struct Job {
@@ -803,8 +910,22 @@ inline MergeReport merge_adapter_file(const std::string& base_path, const std::s
     const safetensors::TensorInfo* weight;
     const safetensors::TensorInfo* bias;
   };
+  struct Whole {  // an adapter tensor that replaces a base tensor or is added
+    const safetensors::TensorInfo* source;
+    const safetensors::TensorInfo* target;  // null: added under `name`
+    std::string name;
+  };
   std::vector<Job> jobs;
+  std::vector<Whole> wholes;
   std::vector<std::string> problems;
+  std::map<std::string, std::string> claimed;  // base tensor -> what writes it
+  auto claim = [&](const std::string& tensor, const std::string& by) {
+    auto [it, fresh] = claimed.emplace(tensor, by);
+    if (!fresh)
+      problems.push_back(by + " and " + it->second + " both map to base tensor \"" + tensor +
+                         "\" (one of the two paths has a leading transformer./model. the other lacks)");
+    return fresh;
+  };
   for (const auto& m : adapter.modules) {
     const auto* w = find_base_weight(base, m.path);
     if (w == nullptr) {
@@ -827,6 +948,7 @@ inline MergeReport merge_adapter_file(const std::string& base_path, const std::s
                          ", expected F16, BF16, F32 or F64");
       continue;
     }
+    if (!claim(w->name, "module " + m.path)) continue;
     const safetensors::TensorInfo* b = nullptr;
     if (m.bias.size() > 0) {
       std::string bias_name = w->name.substr(0, w->name.size() - std::string(".weight").size()) + ".bias";
@@ -836,25 +958,72 @@ inline MergeReport merge_adapter_file(const std::string& base_path, const std::s
                            "\" of shape [" + std::to_string(O) + "]");
         continue;
       }
+      if (!claim(b->name, "the bias of module " + m.path)) continue;
     }
     jobs.push_back({&m, w, b});
   }
+  // The adapter's other tensors: modules_to_save heads, biases of modules without LoRA.
+  const safetensors::File& adapter_file = *adapter.file;
+  const std::string prefix = key_prefix;
+  for (const auto& t : adapter.other_tensors) {
+    if (t.name.compare(0, prefix.size(), prefix) != 0 || t.name.size() == prefix.size()) {
+      problems.push_back("adapter tensor \"" + t.name + "\" is not under \"" + prefix +
+                         "\": neither a LoRA matrix nor a module of the model, so it has no place in the base");
+      continue;
+    }
+    const std::string name = t.name.substr(prefix.size());
+    const auto* target = find_base_tensor(base, name);
+    if (target != nullptr) {
+      if (target->shape != t.shape) {
+        problems.push_back("adapter tensor \"" + t.name + "\" is " + safetensors::shape_text(t.shape) +
+                           ", the base tensor \"" + target->name + "\" it replaces is " +
+                           safetensors::shape_text(target->shape));
+        continue;
+      }
+      if (safetensors::is_float(target->dtype) != safetensors::is_float(t.dtype) ||
+          (!safetensors::is_float(t.dtype) && t.dtype != target->dtype)) {
+        problems.push_back("adapter tensor \"" + t.name + "\" has dtype " + safetensors::dtype_name(t.dtype) +
+                           ", the base tensor \"" + target->name + "\" it replaces " +
+                           safetensors::dtype_name(target->dtype));
+        continue;
+      }
+      if (!claim(target->name, "adapter tensor " + t.name)) continue;
+    } else if (!claim(name, "adapter tensor " + t.name)) {
+      continue;
+    }
+    wholes.push_back({&t, target, target ? target->name : name});
+  }
   detail::throw_problems(base_path + ": cannot merge " + adapter.source + ", ", problems);
 
+  // Compute everything and check it is finite in its dtype before writing a byte.
   safetensors::Writer writer;
   if (base.has_metadata())
     for (const auto& [k, v] : base.metadata()) writer.set_metadata(k, v);
-  std::set<std::string> replaced;
   MergeReport report;
+  auto not_finite = [&](const std::string& what, const safetensors::TensorInfo& tensor, std::size_t at,
+                        const std::string& detail) {
+    const std::uint64_t cols = tensor.shape.size() >= 2 ? tensor.shape.back() : 0;
+    std::string where = cols ? "[" + std::to_string(at / cols) + ", " + std::to_string(at % cols) + "]"
+                             : "[" + std::to_string(at) + "]";
+    problems.push_back(what + ": the result is not finite in " + safetensors::dtype_name(tensor.dtype) + " (first at " +
+                       where + ": " + detail + "); nothing was written");
+  };
   for (const Job& job : jobs) {
     const auto& m = *job.module;
     const auto* w = job.weight;
     const Index rows = static_cast<Index>(w->shape[0]), cols = static_cast<Index>(w->shape[1]);
+    const std::string what = m.path + " -> " + w->name;
     Matrix<double> merged(rows, cols);
     if (w->dtype == safetensors::Dtype::F64) {
       base.convert_into(*w, merged.data());
       merge_into<double, double>(merged, m, scale, fan_in_fan_out);
     } else {  // float accumulation, as PEFT does for a float32 base and llama.cpp's export-lora
+      const float s = static_cast<float>(scale * m.scaling);
+      if (!std::isfinite(s)) {
+        problems.push_back(what + ": scale " + value_string(scale) + " x scaling " + value_string(m.scaling) + " = " +
+                           value_string(scale * m.scaling) + " does not fit a float");
+        continue;
+      }
       Matrix<float> w32(rows, cols);
       base.convert_into(*w, w32.data());
       ModuleAdapter<float> m32;
@@ -865,20 +1034,62 @@ inline MergeReport merge_adapter_file(const std::string& base_path, const std::s
       merge_into<float, float>(w32, m32, scale, fan_in_fan_out);
       merged = w32.cast<double>();
     }
+    const std::size_t bad =
+        detail::first_unrepresentable(merged.data(), static_cast<std::size_t>(merged.size()), w->dtype);
+    if (bad != std::string::npos) {
+      Matrix<double> original(rows, cols);
+      base.convert_into(*w, original.data());
+      not_finite(what, *w, bad,
+                 "base " + value_string(original.data()[bad]) + " + delta " +
+                     value_string(merged.data()[bad] - original.data()[bad]) + " = " +
+                     value_string(merged.data()[bad]) +
+                     (std::isfinite(original.data()[bad]) ? "" : "; the base weight is already not finite there"));
+      continue;
+    }
     writer.add(w->name, merged, w->dtype, w->shape);  // back to the weight's own dtype
-    replaced.insert(w->name);
     if (job.bias != nullptr) {
+      const std::size_t b =
+          detail::first_unrepresentable(m.bias.data(), static_cast<std::size_t>(m.bias.size()), job.bias->dtype);
+      if (b != std::string::npos) {
+        not_finite(m.path + ".bias -> " + job.bias->name, *job.bias, b, "value " + value_string(m.bias.data()[b]));
+        continue;
+      }
       writer.add(job.bias->name, m.bias, job.bias->dtype, job.bias->shape);
-      replaced.insert(job.bias->name);
     }
     report.merged.emplace_back(m.path, w->name);
   }
+  for (const Whole& whole : wholes) {
+    const auto& t = *whole.source;
+    const safetensors::Dtype dtype = whole.target ? whole.target->dtype : t.dtype;
+    if (safetensors::is_float(t.dtype)) {
+      Matrix<double> values(1, static_cast<Index>(t.numel()));
+      adapter_file.convert_into(t, values.data());
+      const std::size_t bad =
+          detail::first_unrepresentable(values.data(), static_cast<std::size_t>(values.size()), dtype);
+      if (bad != std::string::npos) {
+        not_finite("adapter tensor " + t.name + " -> " + whole.name, t, bad,
+                   "value " + value_string(values.data()[bad]));
+        continue;
+      }
+      writer.add(whole.name, values, dtype, t.shape);
+    } else {
+      writer.add_from(whole.name, adapter_file, t);
+    }
+    if (whole.target)
+      report.replaced.emplace_back(t.name, whole.name);
+    else
+      report.added.push_back(whole.name);
+  }
+  detail::throw_problems(base_path + ": cannot merge " + adapter.source + ", ", problems);
   for (const auto& t : base.tensors()) {
-    if (replaced.count(t.name)) continue;
-    writer.add_bytes(t.name, t.dtype, t.shape, base.bytes(t), static_cast<std::size_t>(t.nbytes()));
+    if (claimed.count(t.name)) continue;
+    writer.add_from(t.name, base, t);  // streamed from the base while the output is written
     ++report.copied;
   }
-  writer.save(out_path);
+  auto staged = writer.stage(out_path);
+  base.check_unchanged();  // a base rewritten in place while it was copied: refuse what was staged
+  adapter_file.check_unchanged();
+  staged.commit();
   return report;
 }
 
