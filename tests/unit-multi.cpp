@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <random>
 #include <thread>
+#include <utility>
 #include <vector>
 
 using Catch::Contains;
@@ -570,6 +571,51 @@ TEST_CASE("multi: hot swap never shows a reader a half-written adapter", "[multi
   CHECK(errors == 0);
   CHECK(seen1 > 0);
   CHECK(seen2 > 0);
+}
+
+// The non-const forward(x, y) reads the training state; before it took a lock, a forward on one thread raced
+// with train_adapter / eval / finish_training on another (ThreadSanitizer in .ci/run shows it; without it the
+// reader could run a trainer that finish_training had just freed).
+TEST_CASE("multi: non-const forward while another thread trains, publishes and finishes", "[multi][threads]") {
+  using S = float;
+  const Index I = 32, O = 24, N = 6;
+  Multi<S> layer(random_matrix<S>(O, I, 11), random_row<S>(O, 12));
+  layer.add_adapter("live", cfg(4, 8), random_matrix<S>(4, I, 13), random_matrix<S>(O, 4, 14));
+  layer.set_adapter("live");
+  const Mat<S> x = random_matrix<S>(N, I, 15);
+  const Mat<S> expected = std::as_const(layer).forward(x);  // no optimizer step runs: A and B never change
+  std::atomic<bool> done{false};
+  std::atomic<long> calls{0}, wrong{0}, errors{0};
+  auto reader = [&] {
+    Mat<S> y(N, O);
+    while (!done.load()) {
+      try {
+        layer.forward(x, y);  // non-const: the training forward while "live" trains, the eval one otherwise
+      } catch (...) {
+        ++errors;
+        continue;
+      }
+      ++calls;
+      if ((y - expected).cwiseAbs().maxCoeff() > 1e-5f * (1 + expected.cwiseAbs().maxCoeff())) ++wrong;
+    }
+  };
+  std::vector<std::thread> readers;
+  for (int t = 0; t < 2; ++t) readers.emplace_back(reader);
+  for (int i = 0; i < 200; ++i) {
+    layer.train_adapter("live");
+    std::this_thread::sleep_for(std::chrono::microseconds(100));
+    if (i % 2 == 0) layer.eval();
+    std::this_thread::sleep_for(std::chrono::microseconds(100));
+    layer.finish_training();
+    CHECK_FALSE(layer.is_training());
+  }
+  done = true;
+  for (auto& t : readers) t.join();
+  INFO(calls << " forwards");
+  CHECK(calls > 0);
+  CHECK(wrong == 0);
+  CHECK(errors == 0);
+  CHECK(same_bits(std::as_const(layer).forward(x), expected));
 }
 
 TEST_CASE("multi: several PEFT adapters load onto one base and save back byte for byte", "[multi][peft]") {

@@ -43,6 +43,7 @@
 #include <lora/params.hpp>
 #include <lora/types.hpp>
 
+#include <atomic>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -183,7 +184,12 @@ class MultiLoRALinear {
   void forward(const ConstRef<Scalar>& x, const std::vector<int>& row_ids, MutRef<Scalar> y) const;
 
   /// Training forward (when training and an adapter was chosen with
-  /// train_adapter) or the eval forward otherwise.
+  /// train_adapter) or the eval forward otherwise. Safe to call from several
+  /// threads, also while another thread calls train_adapter / eval /
+  /// finish_training: training forwards are serialised with those calls, and
+  /// an eval-mode call is the const forward. Threads that must serve while
+  /// another trains call the const overload (std::as_const(layer).forward),
+  /// which never runs the trainer.
   void forward(const ConstRef<Scalar>& x, MutRef<Scalar> y);
 
   // ---- training -----------------------------------------------------------------------
@@ -192,7 +198,10 @@ class MultiLoRALinear {
   /// to training mode. A previously trained adapter is published first.
   void train_adapter(const std::string& name);
   /// The trained adapter's name, or "" when none is chosen.
-  const std::string& trained_adapter() const { return trained_name_; }
+  std::string trained_adapter() const {
+    std::lock_guard<std::mutex> lock(*trainer_lock_);
+    return trained_name_;
+  }
   void backward(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy, MutRef<Scalar> dx);
   void backward(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy);
   void zero_grad();
@@ -205,7 +214,7 @@ class MultiLoRALinear {
   void train(bool mode = true);
   /// Leaves training mode and publishes the trained adapter's A and B.
   void eval() { train(false); }
-  bool is_training() const { return training_; }
+  bool is_training() const { return training_->load(); }
   /// Publishes the trained adapter and frees its gradient buffers; parameters()
   /// handed out before become invalid.
   void finish_training();
@@ -263,7 +272,10 @@ class MultiLoRALinear {
   std::unique_ptr<std::mutex> writers_ = std::make_unique<std::mutex>();
   int next_id_ = 0;
 
-  bool training_ = false;
+  // The training state. training_ is atomic so the non-const forward can tell, without a lock, that it
+  // serves (the common case); trainer_ and trained_name_ are read and written under trainer_lock_.
+  std::unique_ptr<std::atomic<bool>> training_ = std::make_unique<std::atomic<bool>>(false);
+  std::unique_ptr<std::mutex> trainer_lock_ = std::make_unique<std::mutex>();
   std::string trained_name_;
   std::unique_ptr<LoRALinear<Scalar>> trainer_;  // views W; holds the trained adapter's A, B and gradients
 };

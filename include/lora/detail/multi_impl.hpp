@@ -127,6 +127,7 @@ typename MultiLoRALinear<Scalar>::AdapterPtr MultiLoRALinear<Scalar>::make_adapt
 
 template <class Scalar>
 void MultiLoRALinear<Scalar>::check_not_training(const char* where, const std::string& name) const {
+  std::lock_guard<std::mutex> lock(*trainer_lock_);
   if (trainer_ && trained_name_ == name)
     throw state_error(std::string(where) + ": adapter " + detail::quoted(name) +
                       " is being trained; finish_training() first");
@@ -186,10 +187,11 @@ void MultiLoRALinear<Scalar>::remove_adapter(const std::string& name) {
                                       [&](const AdapterPtr& p) { return p->name == name; }),
                        next->adapters.end());
   next->active.erase(std::remove(next->active.begin(), next->active.end(), name), next->active.end());
+  std::lock_guard<std::mutex> training_lock(*trainer_lock_);
   if (trained_name_ == name) {
     trainer_.reset();
     trained_name_.clear();
-    training_ = false;
+    *training_ = false;
   }
   publish(std::move(next));
 }
@@ -524,7 +526,13 @@ void MultiLoRALinear<Scalar>::forward(const ConstRef<Scalar>& x, const std::vect
 
 template <class Scalar>
 void MultiLoRALinear<Scalar>::forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) {
-  if (!training_ || !trainer_) {
+  if (!training_->load()) {  // serving: no lock
+    std::as_const(*this).forward(x, y);
+    return;
+  }
+  std::unique_lock<std::mutex> lock(*trainer_lock_);
+  if (!training_->load() || !trainer_) {  // eval() or finish_training() came in between
+    lock.unlock();
     std::as_const(*this).forward(x, y);
     return;
   }
@@ -572,6 +580,7 @@ template <class Scalar>
 void MultiLoRALinear<Scalar>::train_adapter(const std::string& name) {
   const char* where = "MultiLoRALinear::train_adapter";
   std::lock_guard<std::mutex> lock(*writers_);
+  std::lock_guard<std::mutex> training_lock(*trainer_lock_);
   publish_trained_locked();
   StatePtr now = snapshot();
   const AdapterPtr& a = require(*now, name, where);
@@ -588,29 +597,33 @@ void MultiLoRALinear<Scalar>::train_adapter(const std::string& name) {
   next->enabled = true;
   trainer_ = std::move(t);
   trained_name_ = name;
-  training_ = true;
+  *training_ = true;
   publish(std::move(next));
 }
 
 template <class Scalar>
 void MultiLoRALinear<Scalar>::backward(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy, MutRef<Scalar> dx) {
-  if (!training_) throw state_error("MultiLoRALinear::backward: the layer is in eval mode; call train() first");
+  std::lock_guard<std::mutex> lock(*trainer_lock_);
+  if (!training_->load()) throw state_error("MultiLoRALinear::backward: the layer is in eval mode; call train() first");
   trainer("MultiLoRALinear::backward").backward(x, dy, dx);
 }
 
 template <class Scalar>
 void MultiLoRALinear<Scalar>::backward(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy) {
-  if (!training_) throw state_error("MultiLoRALinear::backward: the layer is in eval mode; call train() first");
+  std::lock_guard<std::mutex> lock(*trainer_lock_);
+  if (!training_->load()) throw state_error("MultiLoRALinear::backward: the layer is in eval mode; call train() first");
   trainer("MultiLoRALinear::backward").backward(x, dy);
 }
 
 template <class Scalar>
 void MultiLoRALinear<Scalar>::zero_grad() {
+  std::lock_guard<std::mutex> lock(*trainer_lock_);
   trainer("MultiLoRALinear::zero_grad").zero_grad();
 }
 
 template <class Scalar>
 ParameterList<Scalar> MultiLoRALinear<Scalar>::parameters() {
+  std::lock_guard<std::mutex> lock(*trainer_lock_);
   ParameterList<Scalar> list = trainer("MultiLoRALinear::parameters").parameters();
   for (auto& p : list) p.name = trained_name_ + "." + p.name;
   return list;
@@ -618,31 +631,35 @@ ParameterList<Scalar> MultiLoRALinear<Scalar>::parameters() {
 
 template <class Scalar>
 ConstMatrixMap<Scalar> MultiLoRALinear<Scalar>::dA() const {
+  std::lock_guard<std::mutex> lock(*trainer_lock_);
   return trainer("MultiLoRALinear::dA").dA();
 }
 
 template <class Scalar>
 ConstMatrixMap<Scalar> MultiLoRALinear<Scalar>::dB() const {
+  std::lock_guard<std::mutex> lock(*trainer_lock_);
   return trainer("MultiLoRALinear::dB").dB();
 }
 
 template <class Scalar>
 void MultiLoRALinear<Scalar>::train(bool mode) {
   std::lock_guard<std::mutex> lock(*writers_);
+  std::lock_guard<std::mutex> training_lock(*trainer_lock_);
   if (mode && !trainer_)
     throw state_error("MultiLoRALinear::train: no adapter is chosen for training; call train_adapter(name)");
   if (!mode) publish_trained_locked();
-  training_ = mode;
+  *training_ = mode;
   if (trainer_) trainer_->train(mode);
 }
 
 template <class Scalar>
 void MultiLoRALinear<Scalar>::finish_training() {
   std::lock_guard<std::mutex> lock(*writers_);
+  std::lock_guard<std::mutex> training_lock(*trainer_lock_);
   publish_trained_locked();
   trainer_.reset();
   trained_name_.clear();
-  training_ = false;
+  *training_ = false;
 }
 
 }  // namespace lora
