@@ -9,27 +9,27 @@
 
 #include "cli.hpp"
 
-#include <algorithm>
 #include <cstdio>
-#include <iostream>
 #include <string>
 
 int main(int argc, char** argv) {
-  CLI::App app{"Merge a PEFT LoRA adapter into a base safetensors file."};
+  CLI::App app{"Merge a PEFT LoRA adapter into a base safetensors file.", "lora-merge"};
   std::string base, adapter, out;
   double scale = 1.0;
   app.add_option("--base", base, "base model weights (.safetensors)")->required();
   app.add_option("--adapter", adapter, "PEFT adapter folder (or its adapter_model.safetensors)")->required();
   app.add_option("--out", out, "merged weights to write (.safetensors)")->required();
-  app.add_option("--scale", scale, "multiplies the adapter's delta (default 1)");
-  CLI11_PARSE(app, argc, argv);
+  lora_tools::add_finite_option(app, "--scale", scale, "multiplies the adapter's delta (default 1)");
+  if (auto status = lora_tools::parse(app, argc, argv)) return *status;
 
   try {
     auto report = lora::peft::merge_adapter_file(base, adapter, out, scale);
-    for (const auto& [module, tensor] : report.merged) std::printf("merged %s -> %s\n", module.c_str(), tensor.c_str());
-    std::printf("wrote %s: %zu merged, %zu copied unchanged\n", out.c_str(), report.merged.size(), report.copied);
+    for (const auto& [module, tensor] : report.merged)
+      std::printf("merged %s -> %s\n", lora::printable(module).c_str(), lora::printable(tensor).c_str());
+    std::printf("wrote %s: %zu merged, %zu copied unchanged\n", lora::printable(out).c_str(), report.merged.size(),
+                report.copied);
   } catch (const std::exception& e) {
-    std::cerr << "lora-merge: " << lora_tools::one_line(e.what()) << '\n';
+    lora_tools::report_error(app.get_name(), e.what());
     return 1;
   }
   return 0;
