@@ -217,6 +217,16 @@ TEST_CASE("hostile: header length past the end of the file", "[safetensors][host
   CHECK_THAT(refused(image("{}      ", 0, 9)), Contains("header length 9 runs past the end of the file (16 bytes"));
 }
 
+TEST_CASE("hostile: a file of another kind is named as such, not as an absurd header length",
+          "[safetensors][hostile]") {
+  const std::string png = "\x89PNG\r\n\x1a\n\0\0\0\rIHDR";
+  CHECK_THAT(refused(Bytes(png.begin(), png.end())),
+             Contains("not a safetensors file: it does not start with a header length and a JSON header (its first 8 "
+                      "bytes, \"\\x89PNG\\r\\n\\x1a\\n\", would claim a header of 727,905,341,920,923,785 bytes"));
+  const std::string text = "hello, world: not tensors";
+  CHECK_THAT(refused(Bytes(text.begin(), text.end())), Contains("not a safetensors file"));
+}
+
 TEST_CASE("hostile: header not UTF-8", "[safetensors][hostile]") {
   CHECK_THAT(refused(image("{\"a\xff\":1}")), Contains("header is not valid UTF-8 (byte 3"));
   CHECK_THAT(refused(image("{\"\xc0\xaf\":1}")), Contains("not valid UTF-8"));      // overlong '/'

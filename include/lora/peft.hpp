@@ -309,9 +309,11 @@ inline AdapterConfig AdapterConfig::parse_object(const nlohmann::ordered_json& j
                                 "task_type",
                                 "base_model_name_or_path",
                                 "modules_to_save"};
-  for (const auto& [key, value] : j.items()) {
+  for (const auto& item : j.items()) {
+    // Not a structured binding: clang before 16 cannot capture one in a lambda.
+    const std::string& key = item.key();
     if (std::find_if(std::begin(known), std::end(known), [&](const char* k) { return key == k; }) == std::end(known))
-      c.other[key] = nlohmann::json::parse(value.dump());
+      c.other[key] = nlohmann::json::parse(item.value().dump());
   }
   return c;
 }

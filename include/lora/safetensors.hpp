@@ -451,6 +451,14 @@ inline Header parse_header(const std::uint8_t* data, std::size_t available, cons
   if (available < 8) fail("internal: the 8-byte header length was not read");
   std::uint64_t n = 0;
   for (int i = 7; i >= 0; --i) n = (n << 8) | data[i];
+  if ((n > max_header_size || n > size - 8) && (available < 9 || data[8] != '{')) {
+    // Not even the start of a JSON header: another kind of file, not a damaged safetensors one.
+    std::string first;
+    for (int i = 0; i < 8; ++i) first += static_cast<char>(data[i]);
+    fail("not a safetensors file: it does not start with a header length and a JSON header (its first 8 bytes, \"" +
+         printable(first) + "\", would claim a header of " + with_thousands(n) + " bytes in a file of " +
+         with_thousands(size) + ")");
+  }
   if (n > max_header_size)
     fail("header length " + with_thousands(n) + " exceeds the limit of " + with_thousands(max_header_size) + " bytes");
   if (n > size - 8)
