@@ -299,7 +299,11 @@ TEST_CASE("peft config: defaults assumed are reported, bad values refused", "[pe
   CHECK_THAT(bad(R"({"peft_type": "LORA", "bias": "some"})"), Contains("\"bias\" must be \"none\""));
   CHECK_THAT(bad(R"({"peft_type": "LORA", "use_dora": true})"), Contains("DoRA adapters are not supported yet"));
   CHECK_THAT(bad(R"({"peft_type": "LORA", "rank_pattern": {"q": -1}})"), Contains("must be a non-negative integer"));
-  CHECK_THAT(bad(R"({"peft_type": "LORA", "rank_pattern": {"(": 2}})"), Contains("not a valid regular expression"));
+  CHECK_THAT(bad(R"({"peft_type": "LORA", "rank_pattern": {"(": 2}})"),
+             Contains("cfg.json: rank_pattern: pattern key \"(\" is not a valid Python regular expression"));
+  // A construct Python accepts but a linear-time matcher cannot run is refused by name, not matched wrongly.
+  CHECK_THAT(bad(R"({"peft_type": "LORA", "alpha_pattern": {"(q)_\\1": 2}})"),
+             Contains("cfg.json: alpha_pattern: pattern key") && Contains("backreference"));
   CHECK_THAT(bad(R"({"peft_type": "LORA", "target_modules": [1]})"), Contains("must be a list of strings"));
   CHECK_THAT(bad("[1]"), Contains("expected a JSON object"));
   CHECK_THAT(bad("{"), Contains("cfg.json: not valid JSON"));

@@ -361,3 +361,45 @@ TEST_CASE("untrusted: the file-size limit gives io_error and leaves no temporary
   CHECK(lora_test::count_files(dir) == 0);
   fs::remove_all(dir);
 }
+
+TEST_CASE("untrusted: rank_pattern keys run in bounded time and stack, or are refused by name", "[untrusted][config]") {
+  // std::regex backtracked exponentially on (a+)+b against a long run of a's and recursed per character on a long
+  // module path (stack overflow). The linear-time matcher answers; keys it cannot run are refused up front.
+  const std::string config = R"({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+      "rank_pattern": {"(a+)+b": 4, "(.*)*x": 6, "layers\\.\\d+\\.(q|v)_proj": 8}})";
+  const auto c = peft::AdapterConfig::parse(config, "hostile.json");
+  const std::string as(4000, 'a');
+  CHECK(c.rank_for(as) == 2);        // no b at the end: no match, and no exponential search to find that out
+  CHECK(c.rank_for(as + "b") == 4);  // the same key matching
+  CHECK(c.rank_for("model." + std::string(3000, 'x')) == 6);
+  CHECK(c.rank_for("model.layers.17.v_proj") == 8);
+  CHECK(c.rank_for("model.layers.x.v_proj") == 2);
+  CHECK_THAT(error_of([&] { (void)c.rank_for(std::string(5000, 'a')); }),
+             Contains("more than the limit of 4096 for pattern matching"));
+  for (const char* key : {"(?=q)_proj", "(?<!x)q", "(q)\\\\1", "(?i)q_proj", "(?>q)", "q*+"}) {
+    INFO(key);
+    const std::string text = std::string(R"({"peft_type": "LORA", "rank_pattern": {")") + key + R"(": 2}})";
+    CHECK_THAT(error_of([&] { peft::AdapterConfig::parse(text, "unsupported.json"); }),
+               Contains("unsupported.json: rank_pattern: pattern key") && Contains("not supported"));
+  }
+  const std::string nested = std::string(40, '(') + "a" + std::string(40, ')');
+  CHECK_THAT(error_of([&] {
+               peft::AdapterConfig::parse(R"({"peft_type": "LORA", "rank_pattern": {")" + nested + R"(": 2}})");
+             }),
+             Contains("rank_pattern: pattern key"));
+  // A module path over the limit, coming from a tensor name, is one problem of the file, not an escaped exception.
+  const fs::path dir = scratch("patterns");
+  const std::string long_path = "model." + std::string(5000, 'q');
+  write_adapter(dir / "adapter",
+                {{"base_model.model." + long_path + ".lora_A.weight", Mat::Ones(2, 3)},
+                 {"base_model.model." + long_path + ".lora_B.weight", Mat::Ones(4, 2)}},
+                R"({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "rank_pattern": {"q_proj": 4}})");
+  std::string message;
+  try {
+    peft::read_adapter<float>((dir / "adapter").string());
+  } catch (const lora::format_error& e) {
+    message = e.what();
+  }
+  CHECK_THAT(message, Contains("1 problem(s)") && Contains("more than the limit of 4096 for pattern matching"));
+  fs::remove_all(dir);
+}

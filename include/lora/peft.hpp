@@ -20,6 +20,7 @@
 
 #include <lora/config.hpp>
 #include <lora/detail/file.hpp>
+#include <lora/detail/pattern.hpp>
 #include <lora/errors.hpp>
 #include <lora/linear.hpp>
 #include <lora/multi.hpp>
@@ -36,7 +37,6 @@
 #include <map>
 #include <memory>
 #include <optional>
-#include <regex>
 #include <set>
 #include <sstream>
 #include <string>
@@ -79,14 +79,16 @@ struct AdapterConfig {
   std::vector<std::string> assumed;
 
   /// Rank of one module: rank_pattern's first matching key, else r.
+  /// Throws config_error for a key the matcher refuses (parse() refuses
+  /// those up front) or a module path over ModulePattern::max_module_bytes.
   int rank_for(const std::string& module) const {
     for (const auto& [pattern, rank] : rank_pattern)
-      if (pattern_matches(pattern, module)) return rank;
+      if (key_matches(pattern, module)) return rank;
     return r;
   }
   double alpha_for(const std::string& module) const {
     for (const auto& [pattern, alpha] : alpha_pattern)
-      if (pattern_matches(pattern, module)) return alpha;
+      if (key_matches(pattern, module)) return alpha;
     return lora_alpha;
   }
   double scaling_for(const std::string& module) const {
@@ -107,14 +109,15 @@ struct AdapterConfig {
     return c;
   }
 
-  /// PEFT's get_pattern_key: `key` matches `module` when re.match(r"(.*\.)?(key)$", module).
+  /// PEFT's get_pattern_key: `key` matches `module` when
+  /// re.match(rf"(.*\.)?({key})$", module) does in Python. Keys are matched
+  /// in time linear in the module path's length, with bounded stack, by
+  /// lora::detail::ModulePattern, which takes the subset of Python's re
+  /// that PEFT configs use and throws config_error naming anything else
+  /// (backreferences, lookaround, inline flags). Compiles `key` each call:
+  /// rank_for / alpha_for use the keys parse() compiled once.
   static bool pattern_matches(const std::string& key, const std::string& module) {
-    if (key == module) return true;
-    try {
-      return std::regex_match(module, std::regex("(.*\\.)?(" + key + ")"));
-    } catch (const std::regex_error&) {
-      return false;  // an invalid pattern matches nothing (parse() refuses it up front)
-    }
+    return lora::detail::ModulePattern(key).matches(module);
   }
 
   /// Parses adapter_config.json text; throws format_error naming `source`.
@@ -126,6 +129,13 @@ struct AdapterConfig {
 
  private:
   static AdapterConfig parse_object(const nlohmann::ordered_json& j, const std::string& source);
+  bool key_matches(const std::string& key, const std::string& module) const {
+    if (compiled_)
+      if (auto it = compiled_->find(key); it != compiled_->end()) return it->second.matches(module);
+    return pattern_matches(key, module);  // a key added after parse()
+  }
+  /// The rank_pattern / alpha_pattern keys parse() compiled, by key text; shared by copies (never changed).
+  std::shared_ptr<const std::map<std::string, lora::detail::ModulePattern>> compiled_;
 
  public:
   /// PEFT's layout: indent 2, keys sorted, no trailing newline.
@@ -267,26 +277,30 @@ inline AdapterConfig AdapterConfig::parse_object(const nlohmann::ordered_json& j
     else
       type_error("bias", "\"none\", \"all\" or \"lora_only\"", v);
   }
+  auto compiled = std::make_shared<std::map<std::string, lora::detail::ModulePattern>>();
   for (const char* key : {"rank_pattern", "alpha_pattern"}) {
     if (!j.contains(key) || j[key].is_null()) continue;
     if (!j[key].is_object()) type_error(key, "an object", j[key]);
     for (const auto& [pattern, value] : j[key].items()) {
-      try {
-        std::regex check("(.*\\.)?(" + pattern + ")");
-      } catch (const std::regex_error&) {
-        fail(std::string(key) + ": \"" + pattern + "\" is not a valid regular expression");
+      if (compiled->find(pattern) == compiled->end()) {
+        try {
+          compiled->emplace(pattern, lora::detail::ModulePattern(pattern));
+        } catch (const config_error& e) {
+          fail(std::string(key) + ": " + e.what());
+        }
       }
       if (std::string(key) == "rank_pattern") {
         if (!value.is_number_integer() || value.get<std::int64_t>() < 0 || value.get<std::int64_t>() > 1 << 20)
-          fail("rank_pattern[\"" + pattern + "\"] must be a non-negative integer, got " + value.dump());
+          fail("rank_pattern[\"" + printable(pattern) + "\"] must be a non-negative integer, got " + value.dump());
         c.rank_pattern.emplace_back(pattern, value.get<int>());
       } else {
         if (!value.is_number() || !std::isfinite(value.get<double>()))
-          fail("alpha_pattern[\"" + pattern + "\"] must be a number, got " + value.dump());
+          fail("alpha_pattern[\"" + printable(pattern) + "\"] must be a number, got " + value.dump());
         c.alpha_pattern.emplace_back(pattern, value.get<double>());
       }
     }
   }
+  c.compiled_ = std::move(compiled);
   if (j.contains("init_lora_weights")) c.init_lora_weights = nlohmann::json::parse(j["init_lora_weights"].dump());
   get_string("task_type", c.task_type);
   get_string("base_model_name_or_path", c.base_model_name_or_path);
@@ -530,7 +544,13 @@ Adapter<Scalar> read_adapter(const std::string& dir_or_file) {
                          " must both be 2-D");
       continue;
     }
-    const int rank = adapter.config.rank_for(path);
+    int rank = 0;
+    try {
+      rank = adapter.config.rank_for(path);
+    } catch (const config_error& e) {  // a module path too long to match patterns against
+      problems.push_back(path + ": " + e.what());
+      continue;
+    }
     if (a->shape[0] != b->shape[1] || a->shape[0] != static_cast<std::uint64_t>(rank)) {
       problems.push_back(path + ": lora_A " + detail::shape_of(*a) + " and lora_B " + detail::shape_of(*b) +
                          " do not have the rank the config gives this module (" + std::to_string(rank) + ")");
