@@ -471,3 +471,37 @@ TEST_CASE("bad shapes throw shape_error naming expected and actual shapes, and t
   lora::LoRALinear<double> sq(4, 4, make_config(2, 2));
   REQUIRE_THROWS_WITH(sq.forward(square, square), Contains("must not overlap"));
 }
+
+// Two layers from one LoraConfig used to get bit-identical W and A (every seed defaulted to 0).
+TEST_CASE("layers built from one config start different, reproducibly, unless a seed is given", "[linear][seed]") {
+  lora::LoraConfig c;
+  c.r = 4;
+  lora::manual_seed(123);
+  lora::LoRALinear<float> a(16, 8, c), b(16, 8, c);
+  CHECK(a.weight() != b.weight());
+  CHECK(a.lora_A() != b.lora_A());
+  REQUIRE(a.config().seed.has_value());
+  REQUIRE(b.config().seed.has_value());
+  CHECK(*a.config().seed != *b.config().seed);
+  // The same program order gives the same numbers: manual_seed restarts the sequence.
+  lora::manual_seed(123);
+  lora::LoRALinear<float> a2(16, 8, c), b2(16, 8, c);
+  CHECK(a2.weight() == a.weight());
+  CHECK(a2.lora_A() == a.lora_A());
+  CHECK(b2.lora_A() == b.lora_A());
+  CHECK(*a2.config().seed == *a.config().seed);
+  // A layer's own seed pins its numbers whatever else was built before it, and the seed it used rebuilds it.
+  c.seed = 9;
+  lora::LoRALinear<float> p(16, 8, c), q(16, 8, c);
+  CHECK(p.weight() == q.weight());
+  CHECK(p.lora_A() == q.lora_A());
+  lora::LoRALinear<float> again(16, 8, a.config());
+  CHECK(again.weight() == a.weight());
+  CHECK(again.lora_A() == a.lora_A());
+  // Adapters added to a multi-adapter layer without a seed differ too.
+  c.seed.reset();
+  lora::MultiLoRALinear<float> multi(lora::Matrix<float>::Zero(8, 16));
+  multi.add_adapter("x", c);
+  multi.add_adapter("y", c);
+  CHECK(multi.adapter("x")->lora_A != multi.adapter("y")->lora_A);
+}

@@ -3,11 +3,44 @@
 
 #include <lora/errors.hpp>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string>
 
 namespace lora {
+
+namespace detail {
+struct SeedSequence {
+  std::atomic<std::uint64_t> base{0};
+  std::atomic<std::uint64_t> next{0};
+};
+inline SeedSequence& seed_sequence() {
+  static SeedSequence sequence;
+  return sequence;
+}
+}  // namespace detail
+
+/// Restarts the process-wide sequence that layers built without a seed draw
+/// theirs from (as torch.manual_seed does for PyTorch's layers): after
+/// manual_seed(s), the k-th such layer gets the same seed in every run.
+inline void manual_seed(std::uint64_t seed) {
+  detail::seed_sequence().base = seed;
+  detail::seed_sequence().next = 0;
+}
+
+/// The next seed of that sequence (splitmix64 of base and a counter): what a
+/// layer or adapter whose LoraConfig::seed is unset is initialised from.
+/// Layers built on several threads at once get distinct seeds in an order
+/// that depends on timing.
+inline std::uint64_t next_seed() {
+  auto& s = detail::seed_sequence();
+  std::uint64_t z = s.base.load() + 0x9e3779b97f4a7c15ull * (s.next.fetch_add(1) + 1);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
 
 /// How A and B start (PEFT's `init_lora_weights`). B is zero in the first two,
 /// so a fresh adapter leaves the base output exactly as it was.
@@ -36,7 +69,21 @@ struct LoraConfig {
   bool use_rslora = false;  ///< scaling = alpha / sqrt(r) instead of alpha / r
   InitLoraWeights init_lora_weights = InitLoraWeights::kaiming_uniform;
   BiasMode bias = BiasMode::none;
-  std::uint64_t seed = 0;  ///< seeds initialisation and the dropout masks
+  /// Seeds initialisation (W when the layer owns a new one, A, B) and the
+  /// dropout masks. Unset, the default: the layer takes lora::next_seed(), so
+  /// layers built from one config start different, and a program that builds
+  /// them in the same order gets the same numbers on every run
+  /// (lora::manual_seed restarts the sequence). Set it to pin one layer's
+  /// numbers whatever else the program builds; the layer's config() shows the
+  /// seed it used either way.
+  std::optional<std::uint64_t> seed;
+
+  /// This config with `seed` set: its own, or the next of the sequence.
+  LoraConfig with_seed() const {
+    LoraConfig c = *this;
+    if (!c.seed) c.seed = next_seed();
+    return c;
+  }
 
   /// s = alpha / r, or alpha / sqrt(r) with rsLoRA; 0 when r = 0.
   double scaling() const {

@@ -32,7 +32,7 @@ inline void check_features(const char* where, Index out_features, Index in_featu
 template <class Scalar>
 void LoRALinear<Scalar>::init_common(const LoraConfig& config, bool bias) {
   config.validate();
-  config_ = config;
+  config_ = config.with_seed();
   rank_ = config.r;
   scaling_ = static_cast<Scalar>(config.scaling());
   dropout_ = static_cast<Scalar>(config.lora_dropout);
@@ -42,17 +42,17 @@ void LoRALinear<Scalar>::init_common(const LoraConfig& config, bool bias) {
   params_.setZero(n);
   grads_.setZero(n);
   if (has_bias_ && !bias_trainable_) bias_frozen_.setZero(out_);
-  dropout_rng_.reseed(detail::stream_seed(config.seed, detail::stream_dropout));
+  dropout_rng_.reseed(detail::stream_seed(*config_.seed, detail::stream_dropout));
   init_adapter();
 }
 
 namespace detail {
-/// A (R, I) and B (O, R) as config.init_lora_weights says, from config.seed's adapter stream.
+/// A (R, I) and B (O, R) as config.init_lora_weights says, from config.seed's adapter stream (set: see with_seed()).
 template <class Scalar>
 void init_lora_weights(MatrixMap<Scalar> A, MatrixMap<Scalar> B, const LoraConfig& config) {
   const Index rank = A.rows(), in = A.cols();
   if (rank == 0) return;
-  Rng rng(stream_seed(config.seed, stream_adapter));
+  Rng rng(stream_seed(config.seed.value_or(0), stream_adapter));
   // kaiming_uniform_(a=sqrt(5)) on (R, I): gain sqrt(2/(1+5)), bound gain·sqrt(3/fan_in) = 1/sqrt(I).
   const double bound_A = 1.0 / std::sqrt(static_cast<double>(in));
   switch (config.init_lora_weights) {
@@ -88,7 +88,7 @@ LoRALinear<Scalar>::LoRALinear(Index in_features, Index out_features, const Lora
   weight_owned_.resize(out_, in_);
   init_common(config, bias);
   // torch.nn.Linear.reset_parameters: W and b ~ U(-1/sqrt(I), 1/sqrt(I)).
-  detail::Rng rng(detail::stream_seed(config.seed, detail::stream_base));
+  detail::Rng rng(detail::stream_seed(*config_.seed, detail::stream_base));
   const double bound = 1.0 / std::sqrt(static_cast<double>(in_));
   for (Index i = 0; i < weight_owned_.size(); ++i)
     weight_owned_.data()[i] = static_cast<Scalar>(rng.uniform(-bound, bound));

@@ -142,7 +142,8 @@ void MultiLoRALinear<Scalar>::publish_replacing(const State& now, AdapterPtr a) 
 }
 
 template <class Scalar>
-void MultiLoRALinear<Scalar>::add_adapter(const std::string& name, const LoraConfig& config) {
+void MultiLoRALinear<Scalar>::add_adapter(const std::string& name, const LoraConfig& given) {
+  const LoraConfig config = given.with_seed();  // unset: the next seed of lora::next_seed()'s sequence
   // A (R, I) and B (O, R) drawn as LoRALinear draws them from the same config; r < 1 is refused by the overload.
   const Index r = std::max(config.r, 0);
   Mat A(r, in_), B(out_, r);
