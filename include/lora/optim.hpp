@@ -3,6 +3,11 @@
 // An optimizer is built from a ParameterList (layer.parameters() or
 // model.parameters()) and holds state sized by those tensors alone: the
 // frozen weights cost it nothing. The tensors must outlive the optimizer.
+//
+// state() / load_state() expose an optimizer's whole state (options, step
+// count, per-parameter buffers in the order of parameters()) for checkpoints
+// (<lora/checkpoint.hpp>); load_state() replaces it as torch's
+// optimizer.load_state_dict() does, hyperparameters included.
 #pragma once
 
 #ifndef LORA_INSIDE_LIBRARY
@@ -25,6 +30,24 @@ namespace detail {
 inline void check_option(bool ok, const char* optimizer, const char* what, double got) {
   if (!ok) throw config_error(std::string(optimizer) + ": " + what + ", got " + value_string(got));
 }
+
+/// Checks that `buffers` holds one vector per parameter, each of the parameter's size.
+template <class Scalar>
+void check_state_buffers(const char* where, const char* what, const std::vector<Vector<Scalar>>& buffers,
+                         const ParameterList<Scalar>& params) {
+  if (buffers.size() != params.size())
+    throw shape_error(std::string(where) + ": " + what + " expected " + std::to_string(params.size()) +
+                      " buffers (one per parameter), got " + std::to_string(buffers.size()));
+  for (std::size_t k = 0; k < params.size(); ++k)
+    if (buffers[k].size() != params[k].size())
+      throw shape_error(std::string(where) + ": " + what + "[" + std::to_string(k) + "] (parameter \"" +
+                        params[k].name + "\") expected " + std::to_string(params[k].size()) + " values, got " +
+                        std::to_string(buffers[k].size()));
+}
+
+inline void check_step_count(const char* where, long step) {
+  if (step < 0) throw config_error(std::string(where) + ": step must be >= 0, got " + std::to_string(step));
+}
 }  // namespace detail
 
 /// torch.optim.SGD: g ← g + wd·p; with momentum, buf ← g on the first step, then
@@ -40,23 +63,35 @@ class SGD {
     bool nesterov = false;
   };
 
-  explicit SGD(ParameterList<Scalar> params, const Options& options) : params_(std::move(params)), opt_(options) {
-    detail::check_option(opt_.lr >= 0, "SGD", "lr must be >= 0", opt_.lr);
-    detail::check_option(opt_.momentum >= 0, "SGD", "momentum must be >= 0", opt_.momentum);
-    detail::check_option(opt_.weight_decay >= 0, "SGD", "weight_decay must be >= 0", opt_.weight_decay);
-    detail::check_option(opt_.dampening >= 0 && opt_.dampening <= 1, "SGD", "dampening must be in [0, 1]",
-                         opt_.dampening);
-    detail::check_option(!opt_.nesterov || opt_.momentum > 0, "SGD", "nesterov needs momentum > 0; momentum",
-                         opt_.momentum);
-    detail::check_option(!opt_.nesterov || opt_.dampening == 0, "SGD", "nesterov needs dampening = 0; dampening",
-                         opt_.dampening);
-    if (opt_.momentum != 0)
-      for (const auto& p : params_) momentum_.push_back(Vector<Scalar>::Zero(p.size()));
+  /// Everything step() depends on besides the parameters and their gradients.
+  struct State {
+    Options options;
+    long step = 0;  ///< steps taken; while 0, the next step sets each momentum buffer to its gradient
+    std::vector<Vector<Scalar>> momentum_buffer;  ///< one per parameter when momentum != 0, else none
+  };
+
+  explicit SGD(ParameterList<Scalar> params, const Options& options) : params_(std::move(params)) {
+    check_options(options, "SGD");
+    state_.options = options;
+    if (options.momentum != 0)
+      for (const auto& p : params_) state_.momentum_buffer.push_back(Vector<Scalar>::Zero(p.size()));
+  }
+
+  /// Throws config_error naming the first option out of range; `where` starts the message.
+  static void check_options(const Options& o, const char* where) {
+    detail::check_option(o.lr >= 0, where, "lr must be >= 0", o.lr);
+    detail::check_option(o.momentum >= 0, where, "momentum must be >= 0", o.momentum);
+    detail::check_option(o.weight_decay >= 0, where, "weight_decay must be >= 0", o.weight_decay);
+    detail::check_option(o.dampening >= 0 && o.dampening <= 1, where, "dampening must be in [0, 1]", o.dampening);
+    detail::check_option(!o.nesterov || o.momentum > 0, where, "nesterov needs momentum > 0; momentum", o.momentum);
+    detail::check_option(!o.nesterov || o.dampening == 0, where, "nesterov needs dampening = 0; dampening",
+                         o.dampening);
   }
 
   void step() {
-    const Scalar lr = static_cast<Scalar>(opt_.lr), mu = static_cast<Scalar>(opt_.momentum);
-    const Scalar damp = static_cast<Scalar>(1 - opt_.dampening), wd = static_cast<Scalar>(opt_.weight_decay);
+    const Options& opt = state_.options;
+    const Scalar lr = static_cast<Scalar>(opt.lr), mu = static_cast<Scalar>(opt.momentum);
+    const Scalar damp = static_cast<Scalar>(1 - opt.dampening), wd = static_cast<Scalar>(opt.weight_decay);
     for (std::size_t k = 0; k < params_.size(); ++k) {
       auto& p = params_[k];
       Eigen::Map<Vector<Scalar>> value(p.value, p.size());
@@ -68,40 +103,58 @@ class SGD {
           value -= lr * grad;
         continue;
       }
-      auto& buf = momentum_[k];
-      if (steps_ == 0)
+      auto& buf = state_.momentum_buffer[k];
+      if (state_.step == 0)
         buf = grad + wd * value;
       else
         buf = mu * buf + damp * (grad + wd * value);
-      if (opt_.nesterov)
+      if (opt.nesterov)
         value -= lr * (grad + wd * value + mu * buf);
       else
         value -= lr * buf;
     }
-    ++steps_;
+    ++state_.step;
   }
 
   void zero_grad() {
     for (auto& p : params_) std::fill(p.grad, p.grad + p.size(), Scalar(0));
   }
-  double lr() const { return opt_.lr; }
+  double lr() const { return state_.options.lr; }
   void set_lr(double lr) {
     detail::check_option(lr >= 0, "SGD::set_lr", "lr must be >= 0", lr);
-    opt_.lr = lr;
+    state_.options.lr = lr;
   }
-  const Options& options() const { return opt_; }
+  const Options& options() const { return state_.options; }
+  long step_count() const { return state_.step; }
+  /// The tensors this optimizer updates, in the order of its state's buffers.
+  const ParameterList<Scalar>& parameters() const { return params_; }
   /// Bytes of optimizer state (the momentum buffers).
   std::size_t state_bytes() const {
     std::size_t n = 0;
-    for (const auto& m : momentum_) n += static_cast<std::size_t>(m.size()) * sizeof(Scalar);
+    for (const auto& m : state_.momentum_buffer) n += static_cast<std::size_t>(m.size()) * sizeof(Scalar);
     return n;
+  }
+
+  const State& state() const { return state_; }
+
+  /// Replaces options, step count and momentum buffers. Throws config_error
+  /// (an option out of range, a negative step) or shape_error (buffers that do
+  /// not fit parameters()) and then leaves the optimizer as it was.
+  void load_state(State state) {
+    const char* where = "SGD::load_state";
+    check_options(state.options, where);
+    detail::check_step_count(where, state.step);
+    if (state.options.momentum != 0)
+      detail::check_state_buffers(where, "momentum_buffer", state.momentum_buffer, params_);
+    else if (!state.momentum_buffer.empty())
+      throw shape_error(std::string(where) + ": momentum_buffer expected none (momentum is 0), got " +
+                        std::to_string(state.momentum_buffer.size()));
+    state_ = std::move(state);
   }
 
  private:
   ParameterList<Scalar> params_;
-  Options opt_;
-  std::vector<Vector<Scalar>> momentum_;
-  long steps_ = 0;
+  State state_;
 };
 
 /// torch.optim.AdamW (amsgrad=False, maximize=False), step t = 1, 2, ...:
@@ -119,35 +172,50 @@ class AdamW {
     double weight_decay = 1e-2;
   };
 
+  /// Everything step() depends on besides the parameters and their gradients.
+  struct State {
+    Options options;
+    long step = 0;                           ///< t: steps taken
+    std::vector<Vector<Scalar>> exp_avg;     ///< m, one per parameter
+    std::vector<Vector<Scalar>> exp_avg_sq;  ///< v, one per parameter
+  };
+
   explicit AdamW(ParameterList<Scalar> params) : AdamW(std::move(params), Options{}) {}
-  AdamW(ParameterList<Scalar> params, const Options& options) : params_(std::move(params)), opt_(options) {
-    detail::check_option(opt_.lr >= 0, "AdamW", "lr must be >= 0", opt_.lr);
-    detail::check_option(opt_.beta1 >= 0 && opt_.beta1 < 1, "AdamW", "beta1 must be in [0, 1)", opt_.beta1);
-    detail::check_option(opt_.beta2 >= 0 && opt_.beta2 < 1, "AdamW", "beta2 must be in [0, 1)", opt_.beta2);
-    detail::check_option(opt_.eps >= 0, "AdamW", "eps must be >= 0", opt_.eps);
-    detail::check_option(opt_.weight_decay >= 0, "AdamW", "weight_decay must be >= 0", opt_.weight_decay);
+  AdamW(ParameterList<Scalar> params, const Options& options) : params_(std::move(params)) {
+    check_options(options, "AdamW");
+    state_.options = options;
     for (const auto& p : params_) {
-      exp_avg_.push_back(Vector<Scalar>::Zero(p.size()));
-      exp_avg_sq_.push_back(Vector<Scalar>::Zero(p.size()));
+      state_.exp_avg.push_back(Vector<Scalar>::Zero(p.size()));
+      state_.exp_avg_sq.push_back(Vector<Scalar>::Zero(p.size()));
     }
   }
 
+  /// Throws config_error naming the first option out of range; `where` starts the message.
+  static void check_options(const Options& o, const char* where) {
+    detail::check_option(o.lr >= 0, where, "lr must be >= 0", o.lr);
+    detail::check_option(o.beta1 >= 0 && o.beta1 < 1, where, "beta1 must be in [0, 1)", o.beta1);
+    detail::check_option(o.beta2 >= 0 && o.beta2 < 1, where, "beta2 must be in [0, 1)", o.beta2);
+    detail::check_option(o.eps >= 0, where, "eps must be >= 0", o.eps);
+    detail::check_option(o.weight_decay >= 0, where, "weight_decay must be >= 0", o.weight_decay);
+  }
+
   void step() {
-    ++t_;
+    const Options& opt = state_.options;
+    const long t = ++state_.step;
     // Computed in double as PyTorch does for its Python-float hyperparameters.
-    const double bias_correction1 = 1 - std::pow(opt_.beta1, static_cast<double>(t_));
-    const double bias_correction2 = 1 - std::pow(opt_.beta2, static_cast<double>(t_));
-    const Scalar step_size = static_cast<Scalar>(opt_.lr / bias_correction1);
+    const double bias_correction1 = 1 - std::pow(opt.beta1, static_cast<double>(t));
+    const double bias_correction2 = 1 - std::pow(opt.beta2, static_cast<double>(t));
+    const Scalar step_size = static_cast<Scalar>(opt.lr / bias_correction1);
     const Scalar bc2_sqrt = static_cast<Scalar>(std::sqrt(bias_correction2));
-    const Scalar decay = static_cast<Scalar>(1 - opt_.lr * opt_.weight_decay);
-    const Scalar b1 = static_cast<Scalar>(opt_.beta1), b2 = static_cast<Scalar>(opt_.beta2);
-    const Scalar eps = static_cast<Scalar>(opt_.eps);
+    const Scalar decay = static_cast<Scalar>(1 - opt.lr * opt.weight_decay);
+    const Scalar b1 = static_cast<Scalar>(opt.beta1), b2 = static_cast<Scalar>(opt.beta2);
+    const Scalar eps = static_cast<Scalar>(opt.eps);
     for (std::size_t k = 0; k < params_.size(); ++k) {
       auto& p = params_[k];
       Eigen::Map<Vector<Scalar>> value(p.value, p.size());
       Eigen::Map<const Vector<Scalar>> grad(p.grad, p.size());
-      auto m = exp_avg_[k].array();
-      auto v = exp_avg_sq_[k].array();
+      auto m = state_.exp_avg[k].array();
+      auto v = state_.exp_avg_sq[k].array();
       value *= decay;
       m = b1 * m + (Scalar(1) - b1) * grad.array();
       v = b2 * v + (Scalar(1) - b2) * grad.array().square();
@@ -158,25 +226,39 @@ class AdamW {
   void zero_grad() {
     for (auto& p : params_) std::fill(p.grad, p.grad + p.size(), Scalar(0));
   }
-  double lr() const { return opt_.lr; }
+  double lr() const { return state_.options.lr; }
   void set_lr(double lr) {
     detail::check_option(lr >= 0, "AdamW::set_lr", "lr must be >= 0", lr);
-    opt_.lr = lr;
+    state_.options.lr = lr;
   }
-  const Options& options() const { return opt_; }
-  long step_count() const { return t_; }
+  const Options& options() const { return state_.options; }
+  long step_count() const { return state_.step; }
+  /// The tensors this optimizer updates, in the order of its state's buffers.
+  const ParameterList<Scalar>& parameters() const { return params_; }
   /// Bytes of optimizer state (two moments per trainable scalar).
   std::size_t state_bytes() const {
     std::size_t n = 0;
-    for (const auto& m : exp_avg_) n += 2 * static_cast<std::size_t>(m.size()) * sizeof(Scalar);
+    for (const auto& m : state_.exp_avg) n += 2 * static_cast<std::size_t>(m.size()) * sizeof(Scalar);
     return n;
+  }
+
+  const State& state() const { return state_; }
+
+  /// Replaces options, step count and both moments. Throws config_error (an
+  /// option out of range, a negative step) or shape_error (moments that do not
+  /// fit parameters()) and then leaves the optimizer as it was.
+  void load_state(State state) {
+    const char* where = "AdamW::load_state";
+    check_options(state.options, where);
+    detail::check_step_count(where, state.step);
+    detail::check_state_buffers(where, "exp_avg", state.exp_avg, params_);
+    detail::check_state_buffers(where, "exp_avg_sq", state.exp_avg_sq, params_);
+    state_ = std::move(state);
   }
 
  private:
   ParameterList<Scalar> params_;
-  Options opt_;
-  std::vector<Vector<Scalar>> exp_avg_, exp_avg_sq_;
-  long t_ = 0;
+  State state_;
 };
 
 /// torch.nn.utils.clip_grad_norm_: the norm of all gradients together (p = norm_type,
