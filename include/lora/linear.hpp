@@ -26,6 +26,8 @@
 #include <lora/params.hpp>
 #include <lora/types.hpp>
 
+#include <array>
+#include <cstdint>
 #include <string>
 #include <type_traits>
 
@@ -102,6 +104,17 @@ class LoRALinear {
 
   /// Restarts the dropout mask sequence (masks are drawn per training forward).
   void set_dropout_seed(std::uint64_t seed) { dropout_rng_.reseed(seed); }
+
+  /// Where the dropout mask sequence stands (xoshiro256++'s four words), for
+  /// checkpoints: set_dropout_rng_state(dropout_rng_state()) later makes the
+  /// following masks repeat exactly.
+  std::array<std::uint64_t, 4> dropout_rng_state() const { return dropout_rng_.state(); }
+  /// Throws config_error for the all-zero state, from which xoshiro would draw zeros forever.
+  void set_dropout_rng_state(const std::array<std::uint64_t, 4>& state) {
+    if ((state[0] | state[1] | state[2] | state[3]) == 0)
+      throw config_error("LoRALinear::set_dropout_rng_state: the state must not be all zero");
+    dropout_rng_.set_state(state);
+  }
 
   // ---- tensors ----------------------------------------------------------------
 

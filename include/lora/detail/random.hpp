@@ -8,6 +8,8 @@
 #error "lora/detail/random.hpp is internal; include <lora/lora.hpp>"
 #endif
 
+#include <array>
+#include <cassert>
 #include <cmath>
 #include <cstdint>
 
@@ -27,6 +29,14 @@ class Rng {
   void reseed(std::uint64_t seed) {
     std::uint64_t sm = seed;
     for (auto& word : s_) word = splitmix64(sm);
+  }
+
+  /// The four state words: set_state(state()) continues the sequence exactly (checkpoints).
+  std::array<std::uint64_t, 4> state() const { return {s_[0], s_[1], s_[2], s_[3]}; }
+  /// `state` must not be all zero, xoshiro's fixed point (callers check what they read from files).
+  void set_state(const std::array<std::uint64_t, 4>& state) {
+    assert((state[0] | state[1] | state[2] | state[3]) != 0);
+    for (int i = 0; i < 4; ++i) s_[i] = state[static_cast<std::size_t>(i)];
   }
 
   std::uint64_t next() {
