@@ -2,6 +2,7 @@
 #pragma once
 
 #include <lora/activations.hpp>
+#include <lora/checkpoint.hpp>
 #include <lora/config.hpp>
 #include <lora/errors.hpp>
 #include <lora/gradcheck.hpp>
