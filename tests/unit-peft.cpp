@@ -3,6 +3,7 @@
 // save, round trips, structural checks that report every problem at once.
 #include <catch2/catch.hpp>
 #include <lora/peft.hpp>
+#include <lora/sequential.hpp>
 
 #include "test_files.hpp"
 
@@ -446,5 +447,103 @@ TEST_CASE("peft save is atomic: a failed write leaves the old adapter whole", "[
 
   peft::save_adapter(dir.string(), big_model);
   CHECK(peft::read_adapter<float>(dir.string()).find("fc")->r == 64);
+  fs::remove_all(dir);
+}
+
+// load_adapter left layers in training mode: an adapter with lora_dropout gave a different output on every call.
+TEST_CASE("peft load_adapter loads for inference unless asked to train, and can load non-strictly", "[peft][load]") {
+  const fs::path dir = scratch_dir("load-modes");
+  lora::LoraConfig c;
+  c.r = 2;
+  c.lora_alpha = 4;
+  c.lora_dropout = 0.5;
+  lora::LoRALinear<float> q(6, 4, c, false), v(6, 4, c, false);
+  q.lora_B().setConstant(0.5f);
+  v.lora_B().setConstant(-0.25f);
+  peft::save_adapter(dir.string(), std::map<std::string, lora::LoRALinear<float>*>{{"m.q", &q}, {"m.v", &v}});
+  const Mat x = Mat::Random(3, 6);
+
+  lora::LoRALinear<float> q2(q.weight(), c), v2(v.weight(), c);
+  std::map<std::string, lora::LoRALinear<float>*> model{{"m.q", &q2}, {"m.v", &v2}};
+  REQUIRE(q2.is_training());  // a new layer trains, as a new torch module does
+  peft::load_adapter(dir.string(), model);
+  CHECK_FALSE(q2.is_training());
+  Mat y1(3, 4), y2(3, 4), expected(3, 4);
+  q2.forward(x, y1);
+  q2.forward(x, y2);
+  q.eval();
+  q.forward(x, expected);
+  CHECK(y1 == y2);  // no dropout: the same output on every call
+  CHECK(y1 == expected);
+
+  peft::LoadOptions train;
+  train.is_trainable = true;
+  peft::load_adapter(dir.string(), model, train);
+  CHECK(q2.is_training());
+  CHECK(v2.is_training());
+
+  // Non-strict: a model with one layer the file lacks and without one the file has loads what matches.
+  lora::LoRALinear<float> q3(q.weight(), c), extra(6, 4, c, false);
+  const Mat extra_A = extra.lora_A(), extra_B = extra.lora_B();
+  std::map<std::string, lora::LoRALinear<float>*> partial{{"m.q", &q3}, {"m.extra", &extra}};
+  CHECK_THROWS_WITH(peft::load_adapter(dir.string(), partial),
+                    Contains("2 problem(s)") && Contains("missing: base_model.model.m.extra.lora_A.weight") &&
+                        Contains("unexpected: base_model.model.m.v.lora_A.weight"));
+  CHECK(q3.lora_B() != q.lora_B());  // strict: nothing loaded
+  peft::LoadOptions loose;
+  loose.strict = false;
+  auto report = peft::load_adapter(dir.string(), partial, loose);
+  CHECK(report.loaded == std::vector<std::string>{"m.q"});
+  CHECK(report.missing == std::vector<std::string>{"m.extra"});
+  CHECK(report.unexpected == std::vector<std::string>{"m.v"});
+  CHECK(q3.lora_A() == q.lora_A());
+  CHECK(q3.lora_B() == q.lora_B());
+  CHECK(extra.lora_A() == extra_A);  // left as it was
+  CHECK(extra.lora_B() == extra_B);
+  CHECK(extra.is_training());
+  // Shapes must agree even then.
+  lora::LoRALinear<float> wide(7, 4, c, false);
+  std::map<std::string, lora::LoRALinear<float>*> wrong{{"m.q", &wide}};
+  CHECK_THROWS_WITH(peft::load_adapter(dir.string(), wrong, loose),
+                    Contains("m.q.lora_A.weight: expected (2, 7), got (2, 6)"));
+  fs::remove_all(dir);
+}
+
+// A Sequential's parameters are named "0.lora_A": it could not be saved as a PEFT adapter.
+TEST_CASE("peft: a Sequential with named layers saves and loads as a PEFT adapter", "[peft][sequential]") {
+  const fs::path dir = scratch_dir("sequential");
+  lora::LoraConfig c;
+  c.r = 2;
+  c.lora_alpha = 4;
+  c.seed = 11;
+  auto build = [&] {
+    lora::Sequential<float> model;
+    model.add("model.layers.0.mlp.up_proj", lora::LoRALinear<float>(6, 8, c))
+        .add(lora::GELU{})
+        .add("model.layers.0.mlp.down_proj", lora::LoRALinear<float>(8, 3, c));
+    return model;
+  };
+  auto model = build();
+  CHECK_THROWS_WITH(model.add("model.layers.0.mlp.up_proj", lora::LoRALinear<float>(3, 3, c)),
+                    Contains("a layer is already named \"model.layers.0.mlp.up_proj\""));
+  CHECK(model.size() == 3);
+  for (auto& [name, layer] : model.named_linears()) layer->lora_B().setRandom();
+  peft::save_adapter(dir.string(), model.named_linears());
+  const auto saved = peft::read_adapter<float>(dir.string());
+  REQUIRE(saved.modules.size() == 2);
+  CHECK(saved.modules[0].path == "model.layers.0.mlp.down_proj");
+  CHECK(saved.modules[1].path == "model.layers.0.mlp.up_proj");
+
+  auto other = build();  // the same seed: the same frozen W
+  peft::load_adapter(dir.string(), other.named_linears());
+  const Mat x = Mat::Random(4, 6);
+  Mat y1(4, 3), y2(4, 3);
+  model.eval();
+  model.forward(x, y1);  // the (x, y) form, as LoRALinear::forward
+  other.forward(x, y2);
+  CHECK(y1 == y2);
+  CHECK(y1 == model.forward(x));
+  Mat wrong(4, 5);
+  CHECK_THROWS_WITH(model.forward(x, wrong), Contains("Sequential::forward: y expected shape (4, 3), got (4, 5)"));
   fs::remove_all(dir);
 }

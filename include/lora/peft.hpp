@@ -593,22 +593,41 @@ struct LoadReport {
   std::vector<std::string> loaded;                     ///< module paths
   std::vector<safetensors::TensorInfo> other_tensors;  ///< handed to the caller, never dropped
   std::vector<std::string> assumed;                    ///< config defaults the reader assumed
+  std::vector<std::string> missing;     ///< non-strict loads: layers the file has no adapter for (left as they were)
+  std::vector<std::string> unexpected;  ///< non-strict loads: adapter modules no layer took
+};
+
+/// How load_adapter treats the model, as PEFT's from_pretrained / load_adapter arguments do.
+struct LoadOptions {
+  /// PEFT's is_trainable. false (PEFT's default): the loaded layers are switched to eval(), so lora_dropout
+  /// stays off and forward gives the same output on every call; true: they are left in training mode.
+  bool is_trainable = false;
+  /// true: every adapted layer must find its module in the file and every module a layer (else nothing is
+  /// loaded). false, as load_state_dict(strict=False): the layers that match are loaded, the rest are listed
+  /// in LoadReport::missing / unexpected. Shapes and scalings must agree either way.
+  bool strict = true;
 };
 
 /// Loads an adapter into the given layers (module path -> layer), checking
 /// everything first and reporting every problem at once (missing keys,
 /// unexpected keys, shape mismatches with expected and actual shapes,
 /// scaling that the layer was not built with); no layer changes unless all
-/// checks pass. Non-LoRA tensors come back in the report.
+/// checks pass. Non-LoRA tensors come back in the report. The layers are
+/// left for inference (eval()) unless options.is_trainable.
 template <class Scalar>
-LoadReport load_adapter(const std::string& dir_or_file, const std::map<std::string, LoRALinear<Scalar>*>& model) {
+LoadReport load_adapter(const std::string& dir_or_file, const std::map<std::string, LoRALinear<Scalar>*>& model,
+                        const LoadOptions& options = {}) {
   Adapter<Scalar> adapter = read_adapter<Scalar>(dir_or_file);
   std::vector<std::string> problems;
+  LoadReport report;
   for (const auto& [path, layer] : model) {
     if (layer->rank() == 0) continue;
     const ModuleAdapter<Scalar>* m = adapter.find(path);
     if (m == nullptr) {
-      problems.push_back("missing: " + std::string(key_prefix) + path + ".lora_A.weight / .lora_B.weight");
+      if (options.strict)
+        problems.push_back("missing: " + std::string(key_prefix) + path + ".lora_A.weight / .lora_B.weight");
+      else
+        report.missing.push_back(path);
       continue;
     }
     if (m->A.rows() != layer->rank() || m->A.cols() != layer->in_features())
@@ -628,15 +647,21 @@ LoadReport load_adapter(const std::string& dir_or_file, const std::map<std::stri
                          std::string(bias_name(adapter.config.bias)) + ")");
     if (layer->is_merged()) problems.push_back(path + ": the layer is merged; unmerge() it before loading");
   }
-  detail::add_unexpected_modules(adapter, model, problems);
+  if (options.strict) {
+    detail::add_unexpected_modules(adapter, model, problems);
+  } else {
+    for (const auto& m : adapter.modules)
+      if (model.find(m.path) == model.end()) report.unexpected.push_back(m.path);
+  }
   detail::throw_problems(adapter.source + ": cannot load into this model, ", problems);
-  LoadReport report;
   for (const auto& [path, layer] : model) {
     if (layer->rank() == 0) continue;
     const ModuleAdapter<Scalar>* m = adapter.find(path);
+    if (m == nullptr) continue;  // non-strict: listed in report.missing
     layer->lora_A() = m->A;
     layer->lora_B() = m->B;
     if (m->bias.size() > 0) layer->bias() = m->bias;
+    layer->train(options.is_trainable);
     report.loaded.push_back(path);
   }
   report.other_tensors = adapter.other_tensors;

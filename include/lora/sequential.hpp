@@ -18,11 +18,13 @@
 #endif
 
 #include <lora/activations.hpp>
+#include <lora/detail/checks.hpp>
 #include <lora/errors.hpp>
 #include <lora/linear.hpp>
 #include <lora/params.hpp>
 #include <lora/types.hpp>
 
+#include <map>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -50,15 +52,42 @@ class Sequential {
     last_linear_ = static_cast<Index>(layers_.size());
     layer.train(training_);
     layers_.emplace_back(std::move(layer));
+    names_.emplace_back();
+    return *this;
+  }
+  /// Appends a LoRALinear under a module path (the name PEFT files use for it,
+  /// "model.layers.0.mlp.up_proj"): named_linears() gives it under that name,
+  /// so the model saves and loads as a PEFT adapter. config_error for an empty
+  /// or repeated name, and the model is unchanged.
+  Sequential& add(const std::string& name, LoRALinear<Scalar> layer) {
+    if (name.empty()) throw config_error("Sequential::add: a layer name must not be empty");
+    for (const auto& n : names_)
+      if (n == name) throw config_error("Sequential::add: a layer is already named \"" + printable(name) + "\"");
+    add(std::move(layer));
+    names_.back() = name;
     return *this;
   }
   Sequential& add(ReLU a) {
     layers_.emplace_back(a);
+    names_.emplace_back();
     return *this;
   }
   Sequential& add(GELU a) {
     layers_.emplace_back(a);
+    names_.emplace_back();
     return *this;
+  }
+
+  /// The LoRALinear layers by name: the name given to add(name, layer), else
+  /// the layer's index ("0", "2"). The map peft::save_adapter,
+  /// peft::load_adapter and lora::save_checkpoint take; the pointers are valid
+  /// until the next add().
+  std::map<std::string, LoRALinear<Scalar>*> named_linears() {
+    std::map<std::string, LoRALinear<Scalar>*> out;
+    for (std::size_t i = 0; i < layers_.size(); ++i)
+      if (auto* l = std::get_if<LoRALinear<Scalar>>(&layers_[i]))
+        out.emplace(names_[i].empty() ? std::to_string(i) : names_[i], l);
+    return out;
   }
 
   std::size_t size() const { return layers_.size(); }
@@ -97,6 +126,19 @@ class Sequential {
     }
     forward_rows_ = training_ ? N : -1;
     return acts_.back();
+  }
+
+  /// x (N, I) -> y (N, O) written into y, the calling convention of
+  /// LoRALinear::forward(x, y) (training mode keeps what backward() needs).
+  void forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) {
+    detail::check_shape("Sequential::forward", "y", y, x.rows(), output_width() < 0 ? x.cols() : output_width());
+    y = forward(x);
+  }
+
+  /// ... and the eval-mode form of a const model, as LoRALinear's const forward.
+  void forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) const {
+    detail::check_shape("Sequential::forward", "y", y, x.rows(), output_width() < 0 ? x.cols() : output_width());
+    y = forward(x);
   }
 
   /// Eval-mode forward of a const model: allocates its own buffers, safe from several threads.
@@ -214,6 +256,7 @@ class Sequential {
   }
 
   std::vector<Layer> layers_;
+  std::vector<std::string> names_;  // per layer: the name given to add(name, layer), or empty
   Index last_linear_ = -1;
   bool training_ = true;
   Index forward_rows_ = -1;
