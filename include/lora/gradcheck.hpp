@@ -16,8 +16,19 @@
 
 #include <cmath>
 #include <string>
+#include <type_traits>
 
 namespace lora {
+
+namespace detail {
+/// T itself, in a context that takes no part in template argument deduction (std::type_identity_t, C++20).
+template <class T>
+struct identity {
+  using type = T;
+};
+template <class T>
+using identity_t = typename identity<T>::type;
+}  // namespace detail
 
 struct GradCheckOptions {
   double eps = 1e-6;
@@ -81,8 +92,15 @@ struct LayerGradCheck {
 /// fixed random P (so dy = P). Dropout masks are held fixed by reseeding before
 /// every forward. The layer is put in training mode, its gradients are zeroed and
 /// left holding the analytic values.
-inline LayerGradCheck check_layer_gradients(LoRALinear<double>& layer, const ConstRef<double>& x_in,
-                                            std::uint64_t seed = 1, const GradCheckOptions& opt = {}) {
+///
+/// A template (Scalar deduced from the layer, double only) rather than a plain
+/// function, so that including this header costs nothing until it is called:
+/// a non-template function would instantiate all of LoRALinear<double> in
+/// every file that includes <lora/lora.hpp>.
+template <class Scalar>
+LayerGradCheck check_layer_gradients(LoRALinear<Scalar>& layer, const detail::identity_t<ConstRef<Scalar>>& x_in,
+                                     std::uint64_t seed = 1, const GradCheckOptions& opt = {}) {
+  static_assert(std::is_same_v<Scalar, double>, "check_layer_gradients needs a LoRALinear<double>");
   const Index N = x_in.rows();
   Matrix<double> x = x_in;
   Matrix<double> P(N, layer.out_features());

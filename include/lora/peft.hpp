@@ -40,6 +40,7 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -945,15 +946,19 @@ std::size_t first_unrepresentable(const Scalar* values, std::size_t n, safetenso
 /// are read with Access::read, so one that is truncated or rewritten while
 /// the merge runs gives io_error and no output; the output is written
 /// atomically.
-inline MergeReport merge_adapter_file(const std::string& base_path, const std::string& adapter_path,
-                                      const std::string& out_path, double scale = 1.0) {
+///
+/// (A template only so that a file including this header pays for compiling it when it calls it.)
+template <class Acc = double>
+MergeReport merge_adapter_file(const std::string& base_path, const std::string& adapter_path,
+                               const std::string& out_path, double scale = 1.0) {
+  static_assert(std::is_same_v<Acc, double>, "merge_adapter_file reads the adapter in double");
   if (!std::isfinite(scale)) throw config_error("merge_adapter_file: scale must be finite, got " + value_string(scale));
-  Adapter<double> adapter = read_adapter<double>(adapter_path);
+  Adapter<Acc> adapter = read_adapter<Acc>(adapter_path);
   safetensors::File base = safetensors::File::open(base_path, safetensors::Access::read);
   const bool fan_in_fan_out = adapter.config.fan_in_fan_out;
 
   struct Job {
-    const ModuleAdapter<double>* module;
+    const ModuleAdapter<Acc>* module;
     const safetensors::TensorInfo* weight;
     const safetensors::TensorInfo* bias;
   };
@@ -1060,10 +1065,10 @@ inline MergeReport merge_adapter_file(const std::string& base_path, const std::s
     const auto* w = job.weight;
     const Index rows = static_cast<Index>(w->shape[0]), cols = static_cast<Index>(w->shape[1]);
     const std::string what = m.path + " -> " + w->name;
-    Matrix<double> merged(rows, cols);
+    Matrix<Acc> merged(rows, cols);
     if (w->dtype == safetensors::Dtype::F64) {
       base.convert_into(*w, merged.data());
-      merge_into<double, double>(merged, m, scale, fan_in_fan_out);
+      merge_into<Acc, Acc>(merged, m, scale, fan_in_fan_out);
     } else {  // float accumulation, as PEFT does for a float32 base and llama.cpp's export-lora
       const float s = static_cast<float>(scale * m.scaling);
       if (!std::isfinite(s)) {
@@ -1075,8 +1080,8 @@ inline MergeReport merge_adapter_file(const std::string& base_path, const std::s
       base.convert_into(*w, w32.data());
       ModuleAdapter<float> m32;
       m32.path = m.path;
-      m32.A = m.A.cast<float>();
-      m32.B = m.B.cast<float>();
+      m32.A = m.A.template cast<float>();
+      m32.B = m.B.template cast<float>();
       m32.scaling = m.scaling;
       merge_into<float, float>(w32, m32, scale, fan_in_fan_out);
       merged = w32.cast<double>();
@@ -1084,7 +1089,7 @@ inline MergeReport merge_adapter_file(const std::string& base_path, const std::s
     const std::size_t bad =
         detail::first_unrepresentable(merged.data(), static_cast<std::size_t>(merged.size()), w->dtype);
     if (bad != std::string::npos) {
-      Matrix<double> original(rows, cols);
+      Matrix<Acc> original(rows, cols);
       base.convert_into(*w, original.data());
       not_finite(what, *w, bad,
                  "base " + value_string(original.data()[bad]) + " + delta " +
@@ -1109,7 +1114,7 @@ inline MergeReport merge_adapter_file(const std::string& base_path, const std::s
     const auto& t = *whole.source;
     const safetensors::Dtype dtype = whole.target ? whole.target->dtype : t.dtype;
     if (safetensors::is_float(t.dtype)) {
-      Matrix<double> values(1, static_cast<Index>(t.numel()));
+      Matrix<Acc> values(1, static_cast<Index>(t.numel()));
       adapter_file.convert_into(t, values.data());
       const std::size_t bad =
           detail::first_unrepresentable(values.data(), static_cast<std::size_t>(values.size()), dtype);
