@@ -441,21 +441,33 @@ class RatioReporter : public benchmark::ConsoleReporter {
 
 int main(int argc, char** argv) {
   const auto options = lora_bench::take_options(argc, argv);
+  // --benchmark_format=json or csv: Google Benchmark's own reporter, so stdout is what the flag promises; the
+  // context lines go to stderr and the ratio table is left out (bench/summarize.py computes it from the JSON).
+  bool machine_format = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg.rfind("--benchmark_format=", 0) == 0 && arg != "--benchmark_format=console") machine_format = true;
+  }
+  std::FILE* text = machine_format ? stderr : stdout;
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   lora_bench::set_threads(options.threads, argv[0]);
-  std::fputs(lora_bench::context_lines().c_str(), stdout);
+  std::fputs(lora_bench::context_lines().c_str(), text);
   benchmark::AddCustomContext("lora_backend", lora_bench::backend_name());
   benchmark::AddCustomContext("lora_kernel", lora_bench::kernel_description());
   benchmark::AddCustomContext("lora_threads", std::to_string(lora_bench::backend_threads()));
   benchmark::AddCustomContext("lora_cpu", lora_bench::cpu_model());
   const std::string memory = adapter_memory(options.smoke ? 64 : 4096, 8, 64);
-  std::printf("# adapter memory: %s\n", memory.c_str());
+  std::fprintf(text, "# adapter memory: %s\n", memory.c_str());
   benchmark::AddCustomContext("lora_adapter_memory", memory);
   register_all(options.smoke);
-  RatioReporter reporter;
-  benchmark::RunSpecifiedBenchmarks(&reporter);
-  reporter.print_ratios();
+  if (machine_format) {
+    benchmark::RunSpecifiedBenchmarks();
+  } else {
+    RatioReporter reporter;
+    benchmark::RunSpecifiedBenchmarks(&reporter);
+    reporter.print_ratios();
+  }
   benchmark::Shutdown();
   return 0;
 }
