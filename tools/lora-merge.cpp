@@ -26,6 +26,10 @@ int main(int argc, char** argv) {
     auto report = lora::peft::merge_adapter_file(base, adapter, out, scale);
     for (const auto& [module, tensor] : report.merged)
       std::printf("merged %s -> %s\n", lora::printable(module).c_str(), lora::printable(tensor).c_str());
+    for (const auto& [from, tensor] : report.replaced)
+      std::printf("replaced %s <- %s\n", lora::printable(tensor).c_str(), lora::printable(from).c_str());
+    for (const auto& tensor : report.added)
+      std::printf("added %s (from the adapter; the base has none)\n", lora::printable(tensor).c_str());
     std::printf("wrote %s: %zu merged, %zu copied unchanged\n", lora::printable(out).c_str(), report.merged.size(),
                 report.copied);
   } catch (const std::exception& e) {

@@ -551,14 +551,16 @@ class File {
     if (bytes->data() != nullptr) return File(std::move(bytes), path);  // no pread on this platform: mapped
     // The length prefix, then at most the header it claims (bounded by the limit and the file's size).
     const std::uint64_t size = bytes->size();
-    std::vector<std::uint8_t> head(static_cast<std::size_t>(std::min<std::uint64_t>(size, 8)));
+    // Nine bytes: the length, and whether a JSON header seems to follow it (parse_header tells another kind of
+    // file from a damaged safetensors one by that byte).
+    std::vector<std::uint8_t> head(static_cast<std::size_t>(std::min<std::uint64_t>(size, 9)));
     bytes->read(0, head.data(), head.size());
-    if (head.size() == 8) {
+    if (head.size() >= 8) {
       std::uint64_t n = 0;
       for (int i = 7; i >= 0; --i) n = (n << 8) | head[static_cast<std::size_t>(i)];
       if (n <= max_header_size && n <= size - 8) {
         head.resize(8 + static_cast<std::size_t>(n));
-        bytes->read(8, head.data() + 8, static_cast<std::size_t>(n));
+        if (n > 0) bytes->read(8, head.data() + 8, static_cast<std::size_t>(n));
       }
     }
     return File(std::move(bytes), path, std::move(head));
