@@ -27,10 +27,7 @@ const std::string data_dir = LORA_TEST_DATA_DIR;
 const std::string golden_dir = data_dir + "/peft/golden";
 const std::string tiny_lora = data_dir + "/peft/tiny_lora";
 
-void write_text(const std::string& path, const std::string& text) {
-  std::ofstream out(path, std::ios::binary);
-  out << text;
-}
+using lora_test::write_text;
 
 using lora_test::read_bytes;
 

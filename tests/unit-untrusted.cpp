@@ -34,10 +34,7 @@ namespace {
 const std::string data_dir = LORA_TEST_DATA_DIR;
 const std::string golden_dir = data_dir + "/peft/golden";
 
-void write_text(const fs::path& path, const std::string& text) {
-  std::ofstream out(path, std::ios::binary);
-  out << text;
-}
+using lora_test::write_text;
 
 fs::path scratch(const std::string& name) { return lora_test::scratch_dir("untrusted-" + name); }
 
