@@ -91,3 +91,61 @@ TEMPLATE_TEST_CASE("two-layer model with GELU and cross-entropy matches PyTorch"
   CHECK(max_rel_diff(model.linear(2).dB(), tensor("mlp.dB2")) < tolerance<S>);
   CHECK(max_rel_diff(dx, tensor("mlp.dx")) < tolerance<S>);
 }
+
+TEMPLATE_TEST_CASE("LoRA over a Conv1D weight (in, out) viewed in place matches PyTorch", "[golden][weight]", float,
+                   double) {
+  using S = TestType;
+  lora::Matrix<S> W = tensor<S>("conv1d.W");  // (I, O), as transformers' Conv1D stores it
+  const lora::Index I = W.rows(), O = W.cols();
+  lora::LoraConfig cfg;
+  cfg.r = 2;
+  cfg.lora_alpha = 4;
+  lora::LoRALinear<S> layer(lora::FrozenWeight<S>::mutable_view(W.data(), O, I, lora::WeightLayout::in_out),
+                            tensor<S>("conv1d.b"), cfg);
+  layer.lora_A() = tensor<S>("conv1d.A");
+  layer.lora_B() = tensor<S>("conv1d.B");
+  const auto x = tensor<S>("conv1d.x");
+  lora::Matrix<S> y(x.rows(), O), dx(x.rows(), I);
+  layer.forward(x, y);
+  layer.backward(x, tensor<S>("conv1d.dy"), dx);
+  CHECK(max_rel_diff(y, tensor("conv1d.y")) < tolerance<S>);
+  CHECK(max_rel_diff(dx, tensor("conv1d.dx")) < tolerance<S>);
+  CHECK(max_rel_diff(layer.dA(), tensor("conv1d.dA")) < tolerance<S>);
+  CHECK(max_rel_diff(layer.dB(), tensor("conv1d.dB")) < tolerance<S>);
+  layer.eval();
+  layer.merge();
+  CHECK(max_rel_diff(W, tensor("conv1d.merged_W")) < tolerance<S>);  // PEFT's W + transpose(s B A)
+}
+
+TEMPLATE_TEST_CASE("LoRA on the q and v slices of a fused Conv1D projection matches PyTorch", "[golden][fused]", float,
+                   double) {
+  using S = TestType;
+  lora::Matrix<S> W = tensor<S>("fused.W");  // (I, 3d)
+  const lora::Index I = W.rows(), O = W.cols(), d = O / 3;
+  lora::LoraConfig q, k, v;
+  q.r = 2;
+  q.lora_alpha = 4;
+  k.r = 0;
+  v.r = 3;
+  v.lora_alpha = 6;
+  v.use_rslora = true;
+  lora::FusedLoRALinear<S> layer(lora::FrozenWeight<S>::mutable_view(W.data(), O, I, lora::WeightLayout::in_out),
+                                 {{"q", d, q}, {"k", d, k}, {"v", d, v}}, tensor<S>("fused.b"));
+  layer.lora_A(0) = tensor<S>("fused.Aq");
+  layer.lora_B(0) = tensor<S>("fused.Bq");
+  layer.lora_A(2) = tensor<S>("fused.Av");
+  layer.lora_B(2) = tensor<S>("fused.Bv");
+  const auto x = tensor<S>("fused.x");
+  lora::Matrix<S> y(x.rows(), O), dx(x.rows(), I);
+  layer.forward(x, y);
+  layer.backward(x, tensor<S>("fused.dy"), dx);
+  CHECK(max_rel_diff(y, tensor("fused.y")) < tolerance<S>);
+  CHECK(max_rel_diff(dx, tensor("fused.dx")) < tolerance<S>);
+  CHECK(max_rel_diff(layer.dA(0), tensor("fused.dAq")) < tolerance<S>);
+  CHECK(max_rel_diff(layer.dB(0), tensor("fused.dBq")) < tolerance<S>);
+  CHECK(max_rel_diff(layer.dA(2), tensor("fused.dAv")) < tolerance<S>);
+  CHECK(max_rel_diff(layer.dB(2), tensor("fused.dBv")) < tolerance<S>);
+  layer.eval();
+  layer.merge();
+  CHECK(max_rel_diff(W, tensor("fused.merged_W")) < tolerance<S>);
+}

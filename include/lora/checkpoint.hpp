@@ -242,11 +242,16 @@ inline std::uint64_t fingerprint(std::uint64_t h, const void* data, std::size_t 
   return h ^ (h >> 31);
 }
 
-/// The fingerprint of a layer's frozen tensors: W, and b when it exists and does not train.
+/// The fingerprint of a layer's frozen tensors: W as stored (and its layout, when (I, O)), and b when it exists
+/// and does not train.
 template <class Scalar>
 std::string base_fingerprint(const LoRALinear<Scalar>& layer) {
-  const auto W = layer.weight();
+  const auto W = layer.frozen_weight().stored();
   std::uint64_t h = fingerprint(0, W.data(), static_cast<std::size_t>(W.size()) * sizeof(Scalar));
+  if (layer.weight_layout() == WeightLayout::in_out) {
+    const char tag[] = "in_out";
+    h = fingerprint(h, tag, sizeof tag - 1);
+  }
   if (layer.has_bias() && !layer.bias_trainable()) {
     const auto b = layer.bias();
     h = fingerprint(h, b.data(), static_cast<std::size_t>(b.size()) * sizeof(Scalar));

@@ -13,6 +13,10 @@
 // drop(x) = x ⊙ mask, mask entries 0 or 1/(1-p), the same mask in forward and
 // backward. W never gets a gradient buffer. Gradients add up across backward
 // calls until zero_grad(), so micro-batch accumulation works.
+//
+// W is a FrozenWeight (<lora/weight.hpp>): owned or a view of the caller's
+// buffer, stored (O, I) or, for a transformers Conv1D checkpoint (GPT-2),
+// (I, O) as it is, without a copy; A and B have the same shapes either way.
 #pragma once
 
 #ifndef LORA_INSIDE_LIBRARY
@@ -25,6 +29,7 @@
 #include <lora/errors.hpp>
 #include <lora/params.hpp>
 #include <lora/types.hpp>
+#include <lora/weight.hpp>
 
 #include <array>
 #include <cstdint>
@@ -60,6 +65,11 @@ class LoRALinear {
   /// As view(), but merge() / unmerge() may write W in place (the only writes ever made).
   static LoRALinear mutable_view(Scalar* weight, Index out_features, Index in_features, const LoraConfig& config = {},
                                  const Scalar* bias = nullptr);
+
+  /// Any frozen weight: owned or viewed, (O, I) or (I, O), e.g. a GPT-2 Conv1D weight viewed in place with
+  /// FrozenWeight<float>::view(ptr, O, I, WeightLayout::in_out). Without bias / with bias (O), copied.
+  explicit LoRALinear(FrozenWeight<Scalar> weight, const LoraConfig& config = {});
+  LoRALinear(FrozenWeight<Scalar> weight, Row bias, const LoraConfig& config = {});
 
   // ---- forward / backward -------------------------------------------------
 
@@ -118,7 +128,18 @@ class LoRALinear {
 
   // ---- tensors ----------------------------------------------------------------
 
-  ConstMatrixMap<Scalar> weight() const { return ConstMatrixMap<Scalar>(weight_data(), out_, in_); }
+  /// W (O, I). Throws state_error when W is stored (I, O): use frozen_weight().stored() (the buffer as it is)
+  /// or frozen_weight().to_dense() (an (O, I) copy) there.
+  ConstMatrixMap<Scalar> weight() const {
+    if (weight_.layout() != WeightLayout::out_in)
+      throw state_error(
+          "LoRALinear::weight: W is stored (in, out) (fan_in_fan_out), so there is no (out, in) matrix to map; use "
+          "frozen_weight().stored() for the buffer as it is, or frozen_weight().to_dense() for an (out, in) copy");
+    return weight_.stored();
+  }
+  /// The frozen weight: its layout, ownership, stored buffer, products.
+  const FrozenWeight<Scalar>& frozen_weight() const { return weight_; }
+  WeightLayout weight_layout() const { return weight_.layout(); }
   MatrixMap<Scalar> lora_A() { return MatrixMap<Scalar>(params_.data(), rank_, in_); }
   ConstMatrixMap<Scalar> lora_A() const { return ConstMatrixMap<Scalar>(params_.data(), rank_, in_); }
   MatrixMap<Scalar> lora_B() { return MatrixMap<Scalar>(params_.data() + rank_ * in_, out_, rank_); }
@@ -149,8 +170,8 @@ class LoRALinear {
   const LoraConfig& config() const { return config_; }
   bool has_bias() const { return has_bias_; }
   bool bias_trainable() const { return bias_trainable_; }
-  bool weight_is_view() const { return weight_kind_ != WeightKind::owned; }
-  bool weight_is_writable() const { return weight_kind_ != WeightKind::view; }
+  bool weight_is_view() const { return weight_.is_view(); }
+  bool weight_is_writable() const { return weight_.is_writable(); }
 
   ParameterCount parameter_count() const { return parameter_count_for(in_, out_, config_, has_bias_); }
 
@@ -159,17 +180,8 @@ class LoRALinear {
   static ParameterCount parameter_count_for(Index in_features, Index out_features, const LoraConfig& config, bool bias);
 
  private:
-  enum class WeightKind { owned, view, mutable_view };
-  struct ViewTag {};
-
-  LoRALinear(ViewTag, WeightKind kind, const Scalar* weight, Index out_features, Index in_features,
-             const LoraConfig& config, const Scalar* bias);
-
   void init_common(const LoraConfig& config, bool bias);
   void init_adapter();
-  const Scalar* weight_data() const {
-    return weight_kind_ == WeightKind::owned ? weight_owned_.data() : weight_external_;
-  }
   Scalar* bias_data() { return bias_trainable_ ? params_.data() + rank_ * (in_ + out_) : bias_frozen_.data(); }
   void check_forward_args(const char* where, const ConstRef<Scalar>& x, const MutRef<Scalar>& y) const;
   void backward_impl(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy, MutRef<Scalar>* dx);
@@ -179,9 +191,7 @@ class LoRALinear {
   Scalar scaling_ = 0;
   Scalar dropout_ = 0;
 
-  WeightKind weight_kind_ = WeightKind::owned;
-  Mat weight_owned_;
-  const Scalar* weight_external_ = nullptr;  // view / mutable_view (writable only for mutable_view)
+  FrozenWeight<Scalar> weight_;
 
   bool has_bias_ = false;
   bool bias_trainable_ = false;

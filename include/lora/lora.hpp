@@ -5,6 +5,7 @@
 #include <lora/checkpoint.hpp>
 #include <lora/config.hpp>
 #include <lora/errors.hpp>
+#include <lora/fused.hpp>
 #include <lora/gradcheck.hpp>
 #include <lora/linear.hpp>
 #include <lora/loss.hpp>
@@ -16,3 +17,4 @@
 #include <lora/schedule.hpp>
 #include <lora/sequential.hpp>
 #include <lora/types.hpp>
+#include <lora/weight.hpp>

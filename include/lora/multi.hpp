@@ -42,6 +42,7 @@
 #include <lora/linear.hpp>
 #include <lora/params.hpp>
 #include <lora/types.hpp>
+#include <lora/weight.hpp>
 
 #include <atomic>
 #include <memory>
@@ -115,6 +116,9 @@ class MultiLoRALinear {
   /// bias, when given, is copied. The buffer must outlive the layer.
   static MultiLoRALinear view(const Scalar* weight, Index out_features, Index in_features,
                               const Scalar* bias = nullptr);
+  /// Any frozen weight (<lora/weight.hpp>): owned or viewed, (O, I) or (I, O) as a Conv1D checkpoint stores it;
+  /// bias (O) or none (empty). MultiLoRALinear never writes W.
+  explicit MultiLoRALinear(FrozenWeight<Scalar> weight, Row bias = Row());
 
   MultiLoRALinear(MultiLoRALinear&&) noexcept = default;
   MultiLoRALinear& operator=(MultiLoRALinear&&) noexcept = default;
@@ -221,7 +225,16 @@ class MultiLoRALinear {
 
   // ---- shape and accounting -----------------------------------------------------------
 
-  ConstMatrixMap<Scalar> weight() const { return ConstMatrixMap<Scalar>(weight_data(), out_, in_); }
+  /// W (O, I). Throws state_error when W is stored (I, O): use frozen_weight() there.
+  ConstMatrixMap<Scalar> weight() const {
+    if (weight_.layout() != WeightLayout::out_in)
+      throw state_error(
+          "MultiLoRALinear::weight: W is stored (in, out) (fan_in_fan_out), so there is no (out, in) matrix to map; "
+          "use frozen_weight().stored() for the buffer as it is, or frozen_weight().to_dense() for an (out, in) copy");
+    return weight_.stored();
+  }
+  const FrozenWeight<Scalar>& frozen_weight() const { return weight_; }
+  WeightLayout weight_layout() const { return weight_.layout(); }
   /// b (1, O); empty when the layer has no bias.
   ConstMatrixMap<Scalar> bias() const { return ConstMatrixMap<Scalar>(bias_.data(), has_bias_ ? 1 : 0, out_); }
   bool has_bias() const { return has_bias_; }
@@ -237,9 +250,6 @@ class MultiLoRALinear {
     bool enabled = true;
   };
   using StatePtr = std::shared_ptr<const State>;
-
-  MultiLoRALinear(const Scalar* external, Index out_features, Index in_features, const Scalar* bias);
-  const Scalar* weight_data() const { return external_ != nullptr ? external_ : weight_.data(); }
 
   StatePtr snapshot() const { return std::atomic_load(&state_); }
   void publish(StatePtr next) { std::atomic_store(&state_, std::move(next)); }
@@ -263,8 +273,7 @@ class MultiLoRALinear {
   void base_forward(const char* where, const ConstRef<Scalar>& x, MutRef<Scalar> y) const;
 
   Index in_ = 0, out_ = 0;
-  Mat weight_;                        // owned W, or empty for a view
-  const Scalar* external_ = nullptr;  // view()
+  FrozenWeight<Scalar> weight_;  // never written
   bool has_bias_ = false;
   Row bias_;
 

@@ -596,6 +596,11 @@ struct LoadReport {
   std::vector<std::string> assumed;                    ///< config defaults the reader assumed
   std::vector<std::string> missing;     ///< non-strict loads: layers the file has no adapter for (left as they were)
   std::vector<std::string> unexpected;  ///< non-strict loads: adapter modules no layer took
+  /// Modules whose layer stores W in the other layout than the config's fan_in_fan_out says. The adapter's A and
+  /// B do not depend on it, so they load either way; PEFT likewise overrides the flag by the module's type (with a
+  /// warning). Listed because a transformers Conv1D weight viewed (out, in) by mistake shows up here (a square
+  /// one would otherwise go unnoticed): build such layers over FrozenWeight<>::view(..., WeightLayout::in_out).
+  std::vector<std::string> layout_differs;
 };
 
 /// How load_adapter treats the model, as PEFT's from_pretrained / load_adapter arguments do.
@@ -647,6 +652,8 @@ LoadReport load_adapter(const std::string& dir_or_file, const std::map<std::stri
       problems.push_back(path + ".bias: the file has a trained bias, the layer's bias does not train (bias mode " +
                          std::string(bias_name(adapter.config.bias)) + ")");
     if (layer->is_merged()) problems.push_back(path + ": the layer is merged; unmerge() it before loading");
+    if ((layer->weight_layout() == WeightLayout::in_out) != adapter.config.fan_in_fan_out)
+      report.layout_differs.push_back(path);
   }
   if (options.strict) {
     detail::add_unexpected_modules(adapter, model, problems);
@@ -716,6 +723,10 @@ AdapterConfig config_for(const std::map<std::string, LoRALinear<Scalar>*>& model
     }
   }
   if (first) throw config_error("peft::save_adapter: no layer with r > 0 to save");
+  // fan_in_fan_out says how the base checkpoint stores W, for merging tools: (in, out) when a layer stores it so
+  // (a Conv1D weight viewed in place); otherwise as the caller's config says (a Conv1D weight copied transposed).
+  for (const auto& [path, layer] : model)
+    if (layer->config().r != 0 && layer->weight_layout() == WeightLayout::in_out) base.fan_in_fan_out = true;
   // Keep the caller's r, lora_alpha and patterns when they already give every layer its rank and alpha
   // (a loaded adapter saved back keeps its file's patterns); otherwise derive them.
   bool base_fits = true;
@@ -814,6 +825,9 @@ LoadReport load_adapter(const std::string& dir_or_file, const std::string& name,
   detail::add_unexpected_modules(adapter, model, problems);
   detail::throw_problems(adapter.source + ": cannot load adapter \"" + name + "\" into this model, ", problems);
   LoadReport report;
+  for (const auto& [path, layer] : model)
+    if ((layer->weight_layout() == WeightLayout::in_out) != adapter.config.fan_in_fan_out)
+      report.layout_differs.push_back(path);
   try {
     for (const auto& [path, layer] : model) {
       const ModuleAdapter<Scalar>* m = adapter.find(path);
@@ -847,8 +861,7 @@ void save_adapter(const std::string& dir, const std::string& name,
       throw config_error("peft::save_adapter: layer \"" + path + "\" has no adapter named \"" + name + "\"");
     auto a = layer->adapter(name);
     // A LoRALinear over the layer's W with this adapter's A and B: the single-adapter writer does the rest.
-    views.push_back(std::make_unique<LoRALinear<Scalar>>(LoRALinear<Scalar>::view(
-        layer->weight().data(), layer->out_features(), layer->in_features(), a->config, nullptr)));
+    views.push_back(std::make_unique<LoRALinear<Scalar>>(layer->frozen_weight().read_only_view(), a->config));
     views.back()->lora_A() = a->lora_A;
     views.back()->lora_B() = a->lora_B;
     single[path] = views.back().get();

@@ -142,6 +142,60 @@ put("clip.norm", norm)
 put("clip.g1_clipped", p1.grad)
 put("clip.g2_clipped", p2.grad)
 
+# ---- Conv1D layout (fan_in_fan_out): transformers' Conv1D with PEFT's LoRA --------------------
+# transformers.pytorch_utils.Conv1D.forward: addmm(bias, x, weight) with weight (in, out). PEFT's LoRA on it adds
+# lora_B(lora_A(dropout(x))) * scaling as for a Linear (A (r, in), B (out, r)), and its get_delta_weight is
+# transpose(B @ A, fan_in_fan_out) * scaling, so merging adds (s B A)^T to the (in, out) weight.
+N, I, O, R = 5, 4, 6, 2
+alpha = 4.0
+scaling = alpha / R
+x = torch.randn(N, I, requires_grad=True)
+W_io = torch.randn(I, O)
+b = torch.randn(O)
+A = torch.randn(R, I, requires_grad=True)
+B = torch.randn(O, R, requires_grad=True)
+dy = torch.randn(N, O)
+for name, t in [("x", x), ("W", W_io), ("b", b), ("A", A), ("B", B), ("dy", dy)]:
+    put("conv1d." + name, t)
+y = torch.addmm(b, x, W_io) + F.linear(F.linear(x, A), B) * scaling
+y.backward(dy)
+put("conv1d.y", y)
+put("conv1d.dx", x.grad)
+put("conv1d.dA", A.grad)
+put("conv1d.dB", B.grad)
+put("conv1d.merged_W", W_io + (B @ A).T * scaling)
+
+# ---- LoRA on slices of a fused q, k, v projection (loralib's MergedLinear, enable_lora=[True, False, True]) -----
+# GPT-2's c_attn as a Conv1D (in, 3d). q at rank 2 (alpha 4), k frozen, v at rank 3 with rsLoRA (alpha 6):
+# each adapted slice adds s_k * (x A_k^T) B_k^T to its own outputs, computed here slice by slice.
+N, d = 4, 3
+I, O = d, 3 * d
+x = torch.randn(N, I, requires_grad=True)
+W_io = torch.randn(I, O)
+b = torch.randn(O)
+Aq, Bq = torch.randn(2, I, requires_grad=True), torch.randn(d, 2, requires_grad=True)
+Av, Bv = torch.randn(3, I, requires_grad=True), torch.randn(d, 3, requires_grad=True)
+s_q, s_v = 4.0 / 2, 6.0 / math.sqrt(3)
+dy = torch.randn(N, O)
+for name, t in [("x", x), ("W", W_io), ("b", b), ("Aq", Aq), ("Bq", Bq), ("Av", Av), ("Bv", Bv), ("dy", dy)]:
+    put("fused." + name, t)
+base = torch.addmm(b, x, W_io)
+q = base[:, 0:d] + F.linear(F.linear(x, Aq), Bq) * s_q
+k = base[:, d : 2 * d]
+v = base[:, 2 * d : 3 * d] + F.linear(F.linear(x, Av), Bv) * s_v
+y = torch.cat([q, k, v], dim=1)
+y.backward(dy)
+put("fused.y", y)
+put("fused.dx", x.grad)
+put("fused.dAq", Aq.grad)
+put("fused.dBq", Bq.grad)
+put("fused.dAv", Av.grad)
+put("fused.dBv", Bv.grad)
+merged = W_io.clone()
+merged[:, 0:d] += (Bq @ Aq).T * s_q
+merged[:, 2 * d : 3 * d] += (Bv @ Av).T * s_v
+put("fused.merged_W", merged)
+
 out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data", "golden.txt")
 with open(out, "w") as f:
     f.write("# PyTorch %s reference values; written by tests/golden/make_golden.py\n" % torch.__version__)

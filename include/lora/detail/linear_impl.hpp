@@ -85,13 +85,13 @@ LoRALinear<Scalar>::LoRALinear(Index in_features, Index out_features, const Lora
   config.validate();
   in_ = in_features;
   out_ = out_features;
-  weight_owned_.resize(out_, in_);
   init_common(config, bias);
   // torch.nn.Linear.reset_parameters: W and b ~ U(-1/sqrt(I), 1/sqrt(I)).
   detail::Rng rng(detail::stream_seed(*config_.seed, detail::stream_base));
   const double bound = 1.0 / std::sqrt(static_cast<double>(in_));
-  for (Index i = 0; i < weight_owned_.size(); ++i)
-    weight_owned_.data()[i] = static_cast<Scalar>(rng.uniform(-bound, bound));
+  Mat W(out_, in_);
+  for (Index i = 0; i < W.size(); ++i) W.data()[i] = static_cast<Scalar>(rng.uniform(-bound, bound));
+  weight_ = FrozenWeight<Scalar>::owned(std::move(W));
   if (has_bias_) {
     auto b = this->bias();
     for (Index i = 0; i < out_; ++i) b(0, i) = static_cast<Scalar>(rng.uniform(-bound, bound));
@@ -104,7 +104,7 @@ LoRALinear<Scalar>::LoRALinear(Mat weight, const LoraConfig& config) {
   config.validate();
   in_ = weight.cols();
   out_ = weight.rows();
-  weight_owned_ = std::move(weight);
+  weight_ = FrozenWeight<Scalar>::owned(std::move(weight));
   init_common(config, false);
 }
 
@@ -118,36 +118,53 @@ LoRALinear<Scalar>::LoRALinear(Mat weight, Row bias, const LoraConfig& config) {
   config.validate();
   in_ = weight.cols();
   out_ = weight.rows();
-  weight_owned_ = std::move(weight);
+  weight_ = FrozenWeight<Scalar>::owned(std::move(weight));
   init_common(config, true);
   this->bias() = bias;
 }
 
 template <class Scalar>
-LoRALinear<Scalar>::LoRALinear(ViewTag, WeightKind kind, const Scalar* weight, Index out_features, Index in_features,
-                               const LoraConfig& config, const Scalar* bias) {
-  const char* where = kind == WeightKind::view ? "LoRALinear::view" : "LoRALinear::mutable_view";
-  detail::check_features(where, out_features, in_features);
-  if (weight == nullptr) throw shape_error(std::string(where) + ": weight must not be null");
+LoRALinear<Scalar>::LoRALinear(FrozenWeight<Scalar> weight, const LoraConfig& config) {
+  if (weight.out_features() <= 0) throw shape_error("LoRALinear(FrozenWeight): the weight is empty");
   config.validate();
-  in_ = in_features;
-  out_ = out_features;
-  weight_kind_ = kind;
-  weight_external_ = weight;
-  init_common(config, bias != nullptr);
-  if (bias != nullptr) this->bias() = ConstMatrixMap<Scalar>(bias, 1, out_);
+  in_ = weight.in_features();
+  out_ = weight.out_features();
+  weight_ = std::move(weight);
+  init_common(config, false);
+}
+
+template <class Scalar>
+LoRALinear<Scalar>::LoRALinear(FrozenWeight<Scalar> weight, Row bias, const LoraConfig& config) {
+  if (weight.out_features() <= 0) throw shape_error("LoRALinear(FrozenWeight, bias): the weight is empty");
+  if (bias.size() != weight.out_features())
+    throw shape_error("LoRALinear(FrozenWeight, bias): bias expected " + std::to_string(weight.out_features()) +
+                      " entries (out_features), got " + std::to_string(bias.size()));
+  config.validate();
+  in_ = weight.in_features();
+  out_ = weight.out_features();
+  weight_ = std::move(weight);
+  init_common(config, true);
+  this->bias() = bias;
 }
 
 template <class Scalar>
 LoRALinear<Scalar> LoRALinear<Scalar>::view(const Scalar* weight, Index out_features, Index in_features,
                                             const LoraConfig& config, const Scalar* bias) {
-  return LoRALinear(ViewTag{}, WeightKind::view, weight, out_features, in_features, config, bias);
+  detail::check_features("LoRALinear::view", out_features, in_features);
+  if (weight == nullptr) throw shape_error("LoRALinear::view: weight must not be null");
+  auto w = FrozenWeight<Scalar>::view(weight, out_features, in_features);
+  if (bias == nullptr) return LoRALinear(std::move(w), config);
+  return LoRALinear(std::move(w), ConstMatrixMap<Scalar>(bias, 1, out_features), config);
 }
 
 template <class Scalar>
 LoRALinear<Scalar> LoRALinear<Scalar>::mutable_view(Scalar* weight, Index out_features, Index in_features,
                                                     const LoraConfig& config, const Scalar* bias) {
-  return LoRALinear(ViewTag{}, WeightKind::mutable_view, weight, out_features, in_features, config, bias);
+  detail::check_features("LoRALinear::mutable_view", out_features, in_features);
+  if (weight == nullptr) throw shape_error("LoRALinear::mutable_view: weight must not be null");
+  auto w = FrozenWeight<Scalar>::mutable_view(weight, out_features, in_features);
+  if (bias == nullptr) return LoRALinear(std::move(w), config);
+  return LoRALinear(std::move(w), ConstMatrixMap<Scalar>(bias, 1, out_features), config);
 }
 
 template <class Scalar>
@@ -194,7 +211,7 @@ void LoRALinear<Scalar>::forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) co
                       " on a const layer runs in eval mode only, but the layer is in training mode: call eval() first "
                       "(a training forward keeps activations for backward and needs a non-const layer)");
   check_forward_args(where, x, y);
-  y.noalias() = x * weight().transpose();
+  weight_.forward(x, y);
   if (has_bias_) y.rowwise() += bias().row(0);
   if (rank_ > 0 && !merged_) {
     const Mat H = x * lora_A().transpose();  // (N, R): small; a local so concurrent callers share nothing
@@ -217,7 +234,7 @@ void LoRALinear<Scalar>::forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) {
   check_forward_args(where, x, y);
   const Index N = x.rows();
   cached_rows_ = -1;  // invalid until this forward completes
-  y.noalias() = x * weight().transpose();
+  weight_.forward(x, y);
   if (has_bias_) y.rowwise() += bias().row(0);
   if (rank_ > 0) {
     H_.resize(N, rank_);
@@ -300,7 +317,7 @@ void LoRALinear<Scalar>::backward_impl(const ConstRef<Scalar>& x, const ConstRef
   }
   if (dx != nullptr) {
     // forward: y = x Wᵀ + s · (x ⊙ mask) Aᵀ Bᵀ, so dx = dy W + s · (G A) ⊙ mask
-    dx->noalias() = dy * weight();
+    weight_.backward(dy, *dx);
     if (rank_ > 0) {
       if (dropout_ > 0) {
         dx_lora_.resize(x.rows(), in_);
@@ -316,33 +333,8 @@ void LoRALinear<Scalar>::backward_impl(const ConstRef<Scalar>& x, const ConstRef
 template <class Scalar>
 void LoRALinear<Scalar>::merge(bool safe_merge) {
   if (merged_ || rank_ == 0) return;
-  if (weight_kind_ == WeightKind::view)
-    throw state_error(
-        "LoRALinear::merge: the weight is a read-only view of the host's memory and is never written; wrap it "
-        "with LoRALinear::mutable_view to allow merging, or serve the adapter unmerged");
-  MatrixMap<Scalar> W(const_cast<Scalar*>(weight_data()), out_, in_);  // owned, or a mutable_view made from Scalar*
-  if (safe_merge) {
-    // s·B·A in blocks of rows (about 256 KiB of float each), twice: the first pass only checks that
-    // W + s·B·A is finite, the second adds it. W is untouched unless every entry is finite, and no
-    // temporary the size of W is ever allocated (a 4096 x 4096 layer would need 64 MiB more).
-    const Index block = std::max<Index>(1, std::min<Index>(out_, Index(1 << 16) / std::max<Index>(1, in_)));
-    Mat delta(block, in_);
-    for (int pass = 0; pass < 2; ++pass) {
-      for (Index i = 0; i < out_; i += block) {
-        const Index k = std::min(block, out_ - i);
-        auto d = delta.topRows(k);
-        d.noalias() = scaling_ * lora_B().middleRows(i, k) * lora_A();
-        if (pass == 1)
-          W.middleRows(i, k) += d;
-        else if (!(W.middleRows(i, k) + d).allFinite())
-          throw numeric_error("LoRALinear::merge: W + s·B·A has non-finite entries in rows " + std::to_string(i) +
-                              ".." + std::to_string(i + k - 1) +
-                              " (A, B or W hold inf/NaN, or the sum overflows); W is left unchanged");
-      }
-    }
-  } else {
-    W.noalias() += scaling_ * lora_B() * lora_A();
-  }
+  // W is untouched unless every entry of W + s·B·A is finite (safe_merge), and no temporary the size of W is made.
+  weight_.add_low_rank("LoRALinear::merge", scaling_, lora_B(), lora_A(), 0, safe_merge);
   merged_A_ = lora_A();
   merged_B_ = lora_B();
   merged_scaling_ = scaling_;
@@ -352,8 +344,7 @@ void LoRALinear<Scalar>::merge(bool safe_merge) {
 template <class Scalar>
 void LoRALinear<Scalar>::unmerge() {
   if (!merged_) return;
-  MatrixMap<Scalar> W(const_cast<Scalar*>(weight_data()), out_, in_);
-  W.noalias() -= merged_scaling_ * merged_B_ * merged_A_;
+  weight_.add_low_rank("LoRALinear::unmerge", -merged_scaling_, merged_B_, merged_A_);
   merged_A_.resize(0, 0);
   merged_B_.resize(0, 0);
   merged_ = false;

@@ -32,6 +32,20 @@ MultiLoRALinear<Scalar>::MultiLoRALinear(Mat weight, Row bias) {
                       std::to_string(bias.size()));
   in_ = weight.cols();
   out_ = weight.rows();
+  weight_ = FrozenWeight<Scalar>::owned(std::move(weight));
+  has_bias_ = bias.size() != 0;
+  bias_ = std::move(bias);
+  state_ = std::make_shared<const State>();
+}
+
+template <class Scalar>
+MultiLoRALinear<Scalar>::MultiLoRALinear(FrozenWeight<Scalar> weight, Row bias) {
+  if (weight.out_features() <= 0) throw shape_error("MultiLoRALinear(FrozenWeight): the weight is empty");
+  if (bias.size() != 0 && bias.size() != weight.out_features())
+    throw shape_error("MultiLoRALinear(FrozenWeight, bias): bias expected " + std::to_string(weight.out_features()) +
+                      " entries (out_features), got " + std::to_string(bias.size()));
+  in_ = weight.in_features();
+  out_ = weight.out_features();
   weight_ = std::move(weight);
   has_bias_ = bias.size() != 0;
   bias_ = std::move(bias);
@@ -39,22 +53,13 @@ MultiLoRALinear<Scalar>::MultiLoRALinear(Mat weight, Row bias) {
 }
 
 template <class Scalar>
-MultiLoRALinear<Scalar>::MultiLoRALinear(const Scalar* external, Index out_features, Index in_features,
-                                         const Scalar* bias) {
-  detail::check_features("MultiLoRALinear::view", out_features, in_features);
-  if (external == nullptr) throw shape_error("MultiLoRALinear::view: weight must not be null");
-  in_ = in_features;
-  out_ = out_features;
-  external_ = external;
-  has_bias_ = bias != nullptr;
-  if (has_bias_) bias_ = ConstMatrixMap<Scalar>(bias, 1, out_);
-  state_ = std::make_shared<const State>();
-}
-
-template <class Scalar>
 MultiLoRALinear<Scalar> MultiLoRALinear<Scalar>::view(const Scalar* weight, Index out_features, Index in_features,
                                                       const Scalar* bias) {
-  return MultiLoRALinear(weight, out_features, in_features, bias);
+  detail::check_features("MultiLoRALinear::view", out_features, in_features);
+  if (weight == nullptr) throw shape_error("MultiLoRALinear::view: weight must not be null");
+  auto w = FrozenWeight<Scalar>::view(weight, out_features, in_features);
+  if (bias == nullptr) return MultiLoRALinear(std::move(w));
+  return MultiLoRALinear(std::move(w), ConstMatrixMap<Scalar>(bias, 1, out_features));
 }
 
 // ---- adapters ---------------------------------------------------------------------------
@@ -403,7 +408,7 @@ void MultiLoRALinear<Scalar>::base_forward(const char* where, const ConstRef<Sca
   detail::check_shape(where, "x", x, -1, in_);
   detail::check_shape(where, "y", y, x.rows(), out_);
   detail::check_no_overlap(where, "y", y, "x", x);
-  y.noalias() = x * weight().transpose();
+  weight_.forward(x, y);
   if (has_bias_) y.rowwise() += bias_;
 }
 
@@ -588,8 +593,8 @@ void MultiLoRALinear<Scalar>::train_adapter(const std::string& name) {
   // The trainer computes s = lora_alpha' / r with lora_alpha' = scale · lora_alpha: the serving scaling.
   LoraConfig cfg = a->config;
   cfg.lora_alpha = a->config.lora_alpha * a->scale;
-  auto t = std::make_unique<LoRALinear<Scalar>>(
-      LoRALinear<Scalar>::view(weight_data(), out_, in_, cfg, has_bias_ ? bias_.data() : nullptr));
+  auto t = std::make_unique<LoRALinear<Scalar>>(has_bias_ ? LoRALinear<Scalar>(weight_.read_only_view(), bias_, cfg)
+                                                          : LoRALinear<Scalar>(weight_.read_only_view(), cfg));
   t->lora_A() = a->lora_A;
   t->lora_B() = a->lora_B;
   t->train();

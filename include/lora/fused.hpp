@@ -1,0 +1,467 @@
+// FusedLoRALinear: LoRA on output slices of a fused projection.
+//
+// GPT-2 stores q, k and v as one projection c_attn, W (3d, d) (as a Conv1D,
+// (d, 3d)), while the LoRA paper adapts Wq and Wv only. This layer wraps the
+// fused W and gives each slice of its outputs its own adapter (its own A, B,
+// rank and lora_alpha), or none (a frozen slice, which costs nothing beyond
+// the base product), as loralib's MergedLinear(enable_lora=[True, False,
+// True]) does.
+//
+//   x (N, I), W (O, I) with O = Σ_k O_k, slice k = outputs [o_k, o_k + O_k)
+//   A_k (R_k, I), B_k (O_k, R_k) for the adapted slices; A = [A_1; A_2; ...] (R, I), R = Σ R_k
+//
+//   forward:   H   = drop(x) Aᵀ                           (N, R)   one product for all slices
+//              y   = x Wᵀ + b;  y_k += s_k · H_k B_kᵀ      (N, O_k) H_k: the columns of slice k
+//   backward:  G_k = s_k · dy_k B_k                        (N, R_k)
+//              dB_k += s_k · dy_kᵀ H_k                     (O_k, R_k)
+//              dA   += Gᵀ drop(x)                          (R, I)   G = [G_1 G_2 ...]
+//              dx   = dy W + (G A) ⊙ mask                  (N, I)
+//   merge:     W_k += s_k · B_k A_k on each adapted slice  (unmerge subtracts what was added)
+//
+// One dropout mask serves every slice (drop(x) is taken once, as in
+// loralib's MergedLinear and PEFT's LoRA on the fused module).
+//
+// In a PEFT file the fused module is one exact LoRA (to_lora()): A stacked,
+// B block-placed with s_k folded in, rank R and scaling 1, so PEFT,
+// lora-merge and every other reader apply it unchanged; from_lora() recovers
+// the slices from such a LoRA when its B is zero outside the slices' blocks.
+#pragma once
+
+#ifndef LORA_INSIDE_LIBRARY
+#define LORA_INSIDE_LIBRARY
+#endif
+
+#include <lora/config.hpp>
+#include <lora/detail/checks.hpp>
+#include <lora/detail/random.hpp>
+#include <lora/errors.hpp>
+#include <lora/linear.hpp>
+#include <lora/params.hpp>
+#include <lora/types.hpp>
+#include <lora/weight.hpp>
+
+#include <cmath>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace lora {
+
+/// One slice of a fused projection's outputs: its name ("q", "k", "v"), its number of outputs, and its adapter's
+/// config; config.r = 0 makes it a frozen slice. lora_dropout must be the same for every adapted slice (one mask
+/// serves them all) and config.bias must be none (the fused bias stays frozen).
+struct FusedSlice {
+  std::string name;
+  Index out_features = 0;
+  LoraConfig config;
+};
+
+template <class Scalar>
+class FusedLoRALinear {
+  static_assert(std::is_floating_point_v<Scalar>,
+                "FusedLoRALinear<Scalar>: Scalar must be float, double or long double");
+
+ public:
+  using Mat = Matrix<Scalar>;
+  using Row = RowVector<Scalar>;
+
+  /// Wraps the fused weight (owned or viewed, (O, I) or (I, O)) with the slices in output order; their
+  /// out_features must add up to O. bias: (O), or empty for none. Throws shape_error / config_error naming the
+  /// slice for sizes that do not add up, an empty or repeated name, unequal dropout, a trainable bias mode.
+  FusedLoRALinear(FrozenWeight<Scalar> weight, std::vector<FusedSlice> slices, Row bias = Row());
+
+  // ---- forward / backward -------------------------------------------------
+
+  /// x (N, I) -> y (N, O). Training mode: dropout, and H and the mask kept for backward.
+  void forward(const ConstRef<Scalar>& x, MutRef<Scalar> y);
+  /// Eval-mode forward: no dropout, nothing cached, safe from several threads at once.
+  void forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) const;
+  /// dy (N, O) -> dx (N, I); adds into every adapted slice's dA and dB.
+  void backward(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy, MutRef<Scalar> dx);
+  void backward(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy);
+  void zero_grad() { grads_.setZero(); }
+
+  void train(bool mode = true) { training_ = mode; }
+  void eval() { training_ = false; }
+  bool is_training() const { return training_; }
+  void set_dropout_seed(std::uint64_t seed) { dropout_rng_.reseed(seed); }
+
+  /// W_k += s_k · B_k A_k on every adapted slice, once. With safe_merge every slice's sum is checked finite
+  /// before any is written. Throws state_error for a read-only view.
+  void merge(bool safe_merge = true);
+  /// Subtracts exactly what merge() added.
+  void unmerge();
+  bool is_merged() const { return merged_; }
+
+  // ---- slices and tensors ------------------------------------------------------
+
+  const std::vector<FusedSlice>& slices() const { return slices_; }
+  /// The index of the slice named `name`; throws config_error listing the names for an unknown one.
+  std::size_t slice_index(const std::string& name) const;
+  /// The first output of slice k, and its rank (0 for a frozen slice).
+  Index slice_offset(std::size_t k) const { return out_offset_.at(k); }
+  Index slice_rank(std::size_t k) const { return slices_.at(k).config.r; }
+  Scalar slice_scaling(std::size_t k) const { return scaling_.at(k); }
+
+  /// A_k (R_k, I), B_k (O_k, R_k) and their gradients; (0, I) / (O_k, 0) for a frozen slice.
+  MatrixMap<Scalar> lora_A(std::size_t k) { return MatrixMap<Scalar>(params_.data() + a_at(k), slice_rank(k), in_); }
+  ConstMatrixMap<Scalar> lora_A(std::size_t k) const {
+    return ConstMatrixMap<Scalar>(params_.data() + a_at(k), slice_rank(k), in_);
+  }
+  MatrixMap<Scalar> lora_B(std::size_t k) {
+    return MatrixMap<Scalar>(params_.data() + b_at_.at(k), slices_[k].out_features, slice_rank(k));
+  }
+  ConstMatrixMap<Scalar> lora_B(std::size_t k) const {
+    return ConstMatrixMap<Scalar>(params_.data() + b_at_.at(k), slices_[k].out_features, slice_rank(k));
+  }
+  ConstMatrixMap<Scalar> dA(std::size_t k) const {
+    return ConstMatrixMap<Scalar>(grads_.data() + a_at(k), slice_rank(k), in_);
+  }
+  ConstMatrixMap<Scalar> dB(std::size_t k) const {
+    return ConstMatrixMap<Scalar>(grads_.data() + b_at_.at(k), slices_[k].out_features, slice_rank(k));
+  }
+  /// Every slice's A stacked in slice order: (R, I).
+  ConstMatrixMap<Scalar> stacked_A() const { return ConstMatrixMap<Scalar>(params_.data(), rank_, in_); }
+
+  /// "<slice>.lora_A" and "<slice>.lora_B" of every adapted slice, with their gradients.
+  ParameterList<Scalar> parameters();
+
+  const FrozenWeight<Scalar>& frozen_weight() const { return weight_; }
+  ConstMatrixMap<Scalar> bias() const { return ConstMatrixMap<Scalar>(bias_.data(), has_bias_ ? 1 : 0, out_); }
+  bool has_bias() const { return has_bias_; }
+  Index in_features() const { return in_; }
+  Index out_features() const { return out_; }
+  /// R = Σ R_k.
+  Index rank() const { return rank_; }
+  ParameterCount parameter_count() const { return {rank_ * in_ + b_size_, out_ * in_ + (has_bias_ ? out_ : 0)}; }
+
+  // ---- one LoRA on the fused module (PEFT files, MultiLoRALinear) -----------------------------------
+
+  /// The exact single LoRA on the fused module: a LoRALinear over a read-only view of W (and the bias), with
+  /// A = the stacked A (R, I), B (O, R) holding s_k · B_k in slice k's rows and columns and zeros elsewhere,
+  /// r = R, and lora_alpha R (sqrt(R) with use_rslora, as the other layers of the file have it), so its
+  /// scaling is 1 and s·B·A = Σ_k s_k B_k A_k placed in the slices' rows. Save it with peft::save_adapter
+  /// under the fused module's path, or add its A and B to a MultiLoRALinear. This layer must outlive it.
+  LoRALinear<Scalar> to_lora(bool use_rslora = false) const;
+
+  /// Takes the slices back from a single LoRA on the fused module (one read from a PEFT file): its rank must be
+  /// R, the rows of A in slice order, and B zero outside each slice's block (rows of slice k, columns of slice
+  /// k), exactly. B_k = (s / s_k) · its block. Throws config_error naming the first entry that breaks this, or a
+  /// rank that differs; nothing changes then.
+  void from_lora(const LoRALinear<Scalar>& single);
+
+ private:
+  Index a_at(std::size_t k) const { return a_row_.at(k) * in_; }
+  void check_forward_args(const char* where, const ConstRef<Scalar>& x, const MutRef<Scalar>& y) const;
+  void backward_impl(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy, MutRef<Scalar>* dx);
+  /// y_k += s_k · H_k B_kᵀ for every adapted slice.
+  void add_slices(const Mat& H, MutRef<Scalar> y) const;
+
+  FrozenWeight<Scalar> weight_;
+  std::vector<FusedSlice> slices_;
+  std::vector<Index> out_offset_, a_row_, b_at_;  // per slice: first output, first row of A, offset of B in params_
+  std::vector<Scalar> scaling_;                   // s_k, 0 for a frozen slice
+  Index in_ = 0, out_ = 0, rank_ = 0, b_size_ = 0;
+  Scalar dropout_ = 0;
+  bool has_bias_ = false;
+  Row bias_;
+
+  Vector<Scalar> params_;  // [A (R·I) | B_1 | B_2 | ...]
+  Vector<Scalar> grads_;   // same layout
+
+  bool training_ = true;
+  bool merged_ = false;
+  Vector<Scalar> merged_params_;  // the adapters as merged
+  std::vector<Scalar> merged_scaling_;
+  detail::Rng dropout_rng_;
+
+  Index cached_rows_ = -1;
+  Mat H_, G_, mask_, x_dropped_, dx_lora_;
+};
+
+template <class Scalar>
+FusedLoRALinear<Scalar>::FusedLoRALinear(FrozenWeight<Scalar> weight, std::vector<FusedSlice> slices, Row bias)
+    : weight_(std::move(weight)), slices_(std::move(slices)) {
+  const char* where = "FusedLoRALinear";
+  in_ = weight_.in_features();
+  out_ = weight_.out_features();
+  if (out_ <= 0) throw shape_error(std::string(where) + ": the weight is empty");
+  if (slices_.empty()) throw config_error(std::string(where) + ": give at least one slice");
+  Index sum = 0;
+  bool first_adapted = true;
+  for (std::size_t k = 0; k < slices_.size(); ++k) {
+    FusedSlice& slice = slices_[k];
+    const std::string name = "slice " + std::to_string(k) + " (\"" + slice.name + "\")";
+    if (slice.name.empty()) throw config_error(std::string(where) + ": slice " + std::to_string(k) + " has no name");
+    for (std::size_t j = 0; j < k; ++j)
+      if (slices_[j].name == slice.name)
+        throw config_error(std::string(where) + ": two slices are named \"" + slice.name + "\"");
+    if (slice.out_features <= 0)
+      throw shape_error(std::string(where) + ": " + name + " must have outputs, got " +
+                        std::to_string(slice.out_features));
+    slice.config.validate();
+    if (slice.config.bias != BiasMode::none)
+      throw config_error(std::string(where) + ": " + name +
+                         ": bias must be none (the fused bias is shared by the slices and stays frozen)");
+    slice.config = slice.config.with_seed();
+    out_offset_.push_back(sum);
+    sum += slice.out_features;
+    if (slice.config.r > 0) {
+      if (first_adapted) {
+        dropout_ = static_cast<Scalar>(slice.config.lora_dropout);
+        dropout_rng_.reseed(detail::stream_seed(*slice.config.seed, detail::stream_dropout));
+        first_adapted = false;
+      } else if (static_cast<Scalar>(slice.config.lora_dropout) != dropout_) {
+        throw config_error(std::string(where) + ": " + name + " has lora_dropout " +
+                           std::to_string(slice.config.lora_dropout) + ", an earlier slice " +
+                           std::to_string(static_cast<double>(dropout_)) + "; one dropout mask serves every slice");
+      }
+    }
+  }
+  if (sum != out_)
+    throw shape_error(std::string(where) + ": the slices have " + std::to_string(sum) +
+                      " outputs in all, the weight has " + std::to_string(out_));
+  if (bias.size() != 0 && bias.size() != out_)
+    throw shape_error(std::string(where) + ": bias expected " + std::to_string(out_) + " entries, got " +
+                      std::to_string(bias.size()));
+  has_bias_ = bias.size() != 0;
+  bias_ = std::move(bias);
+  for (const auto& slice : slices_) {
+    a_row_.push_back(rank_);
+    rank_ += slice.config.r;
+    scaling_.push_back(slice.config.r > 0 ? static_cast<Scalar>(slice.config.scaling()) : Scalar(0));
+  }
+  Index at = rank_ * in_;
+  for (const auto& slice : slices_) {
+    b_at_.push_back(at);
+    at += slice.out_features * slice.config.r;
+  }
+  b_size_ = at - rank_ * in_;
+  params_.setZero(at);
+  grads_.setZero(at);
+  for (std::size_t k = 0; k < slices_.size(); ++k)
+    if (slice_rank(k) > 0) detail::init_lora_weights<Scalar>(lora_A(k), lora_B(k), slices_[k].config);
+}
+
+template <class Scalar>
+std::size_t FusedLoRALinear<Scalar>::slice_index(const std::string& name) const {
+  std::string names;
+  for (std::size_t k = 0; k < slices_.size(); ++k) {
+    if (slices_[k].name == name) return k;
+    names += (k ? ", \"" : "\"") + slices_[k].name + "\"";
+  }
+  throw config_error("FusedLoRALinear: no slice named \"" + name + "\"; the slices are " + names);
+}
+
+template <class Scalar>
+ParameterList<Scalar> FusedLoRALinear<Scalar>::parameters() {
+  ParameterList<Scalar> list;
+  for (std::size_t k = 0; k < slices_.size(); ++k) {
+    if (slice_rank(k) == 0) continue;
+    const Index r = slice_rank(k), o = slices_[k].out_features;
+    list.push_back({slices_[k].name + ".lora_A", params_.data() + a_at(k), grads_.data() + a_at(k), r, in_});
+    list.push_back({slices_[k].name + ".lora_B", params_.data() + b_at_[k], grads_.data() + b_at_[k], o, r});
+  }
+  return list;
+}
+
+template <class Scalar>
+void FusedLoRALinear<Scalar>::check_forward_args(const char* where, const ConstRef<Scalar>& x,
+                                                 const MutRef<Scalar>& y) const {
+  detail::check_shape(where, "x", x, -1, in_);
+  detail::check_shape(where, "y", y, x.rows(), out_);
+  detail::check_no_overlap(where, "y", y, "x", x);
+}
+
+template <class Scalar>
+void FusedLoRALinear<Scalar>::add_slices(const Mat& H, MutRef<Scalar> y) const {
+  for (std::size_t k = 0; k < slices_.size(); ++k) {
+    if (slice_rank(k) == 0) continue;
+    y.middleCols(out_offset_[k], slices_[k].out_features).noalias() +=
+        scaling_[k] * H.middleCols(a_row_[k], slice_rank(k)) * lora_B(k).transpose();
+  }
+}
+
+template <class Scalar>
+void FusedLoRALinear<Scalar>::forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) const {
+  const char* where = "FusedLoRALinear::forward";
+  if (training_)
+    throw state_error(std::string(where) +
+                      " on a const layer runs in eval mode only, but the layer is in training mode: call eval() first");
+  check_forward_args(where, x, y);
+  weight_.forward(x, y);
+  if (has_bias_) y.rowwise() += bias_;
+  if (rank_ > 0 && !merged_) {
+    const Mat H = x * stacked_A().transpose();  // (N, R), local: concurrent callers share nothing
+    add_slices(H, y);
+  }
+}
+
+template <class Scalar>
+void FusedLoRALinear<Scalar>::forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) {
+  if (!training_) {
+    std::as_const(*this).forward(x, y);
+    return;
+  }
+  const char* where = "FusedLoRALinear::forward";
+  if (merged_) throw state_error(std::string(where) + ": the layer is merged; call unmerge() before training");
+  check_forward_args(where, x, y);
+  const Index N = x.rows();
+  cached_rows_ = -1;
+  weight_.forward(x, y);
+  if (has_bias_) y.rowwise() += bias_;
+  if (rank_ > 0) {
+    H_.resize(N, rank_);
+    if (dropout_ > 0) {
+      mask_.resize(N, in_);
+      x_dropped_.resize(N, in_);
+      const Scalar keep = Scalar(1) / (Scalar(1) - dropout_);
+      const double p = static_cast<double>(dropout_);
+      for (Index i = 0; i < mask_.size(); ++i) mask_.data()[i] = dropout_rng_.uniform() < p ? Scalar(0) : keep;
+      x_dropped_ = x.cwiseProduct(mask_);
+      H_.noalias() = x_dropped_ * stacked_A().transpose();
+    } else {
+      H_.noalias() = x * stacked_A().transpose();
+    }
+    add_slices(H_, y);
+  }
+  cached_rows_ = N;
+}
+
+template <class Scalar>
+void FusedLoRALinear<Scalar>::backward(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy, MutRef<Scalar> dx) {
+  detail::check_shape("FusedLoRALinear::backward", "dx", dx, x.rows(), in_);
+  detail::check_no_overlap("FusedLoRALinear::backward", "dx", dx, "dy", dy);
+  backward_impl(x, dy, &dx);
+}
+
+template <class Scalar>
+void FusedLoRALinear<Scalar>::backward(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy) {
+  backward_impl(x, dy, nullptr);
+}
+
+template <class Scalar>
+void FusedLoRALinear<Scalar>::backward_impl(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy, MutRef<Scalar>* dx) {
+  const char* where = "FusedLoRALinear::backward";
+  if (!training_)
+    throw state_error(std::string(where) + ": the layer is in eval mode; call train() and run forward again");
+  detail::check_shape(where, "x", x, -1, in_);
+  detail::check_shape(where, "dy", dy, x.rows(), out_);
+  if (cached_rows_ != x.rows())
+    throw state_error(std::string(where) + ": needs the training-mode forward of the same batch first; " +
+                      (cached_rows_ < 0 ? std::string("no forward was run")
+                                        : "the last forward had " + std::to_string(cached_rows_) + " rows") +
+                      ", backward got " + std::to_string(x.rows()));
+  if (rank_ > 0) {
+    G_.resize(x.rows(), rank_);
+    for (std::size_t k = 0; k < slices_.size(); ++k) {
+      if (slice_rank(k) == 0) continue;
+      const auto dy_k = dy.middleCols(out_offset_[k], slices_[k].out_features);
+      // forward: y_k += s_k · H_k B_kᵀ, so dB_k += s_k · dy_kᵀ H_k and dH_k = s_k · dy_k B_k (= G_k)
+      MatrixMap<Scalar>(grads_.data() + b_at_[k], slices_[k].out_features, slice_rank(k)).noalias() +=
+          scaling_[k] * dy_k.transpose() * H_.middleCols(a_row_[k], slice_rank(k));
+      G_.middleCols(a_row_[k], slice_rank(k)).noalias() = scaling_[k] * dy_k * lora_B(k);
+    }
+    // forward: H = drop(x) Aᵀ, so dA += Gᵀ drop(x), all slices in one product
+    MatrixMap<Scalar> dA(grads_.data(), rank_, in_);
+    if (dropout_ > 0)
+      dA.noalias() += G_.transpose() * x_dropped_;
+    else
+      dA.noalias() += G_.transpose() * x;
+  }
+  if (dx != nullptr) {
+    weight_.backward(dy, *dx);
+    if (rank_ > 0) {
+      if (dropout_ > 0) {
+        dx_lora_.resize(x.rows(), in_);
+        dx_lora_.noalias() = G_ * stacked_A();
+        *dx += dx_lora_.cwiseProduct(mask_);
+      } else {
+        dx->noalias() += G_ * stacked_A();
+      }
+    }
+  }
+}
+
+template <class Scalar>
+void FusedLoRALinear<Scalar>::merge(bool safe_merge) {
+  if (merged_ || rank_ == 0) return;
+  const char* where = "FusedLoRALinear::merge";
+  weight_.require_writable(where);
+  if (safe_merge)
+    for (std::size_t k = 0; k < slices_.size(); ++k)
+      if (slice_rank(k) > 0) weight_.check_low_rank_finite(where, scaling_[k], lora_B(k), lora_A(k), out_offset_[k]);
+  for (std::size_t k = 0; k < slices_.size(); ++k)
+    if (slice_rank(k) > 0) weight_.add_low_rank(where, scaling_[k], lora_B(k), lora_A(k), out_offset_[k]);
+  merged_params_ = params_;
+  merged_scaling_ = scaling_;
+  merged_ = true;
+}
+
+template <class Scalar>
+void FusedLoRALinear<Scalar>::unmerge() {
+  if (!merged_) return;
+  for (std::size_t k = 0; k < slices_.size(); ++k) {
+    if (slice_rank(k) == 0) continue;
+    const ConstMatrixMap<Scalar> A(merged_params_.data() + a_at(k), slice_rank(k), in_);
+    const ConstMatrixMap<Scalar> B(merged_params_.data() + b_at_[k], slices_[k].out_features, slice_rank(k));
+    weight_.add_low_rank("FusedLoRALinear::unmerge", -merged_scaling_[k], B, A, out_offset_[k]);
+  }
+  merged_params_.resize(0);
+  merged_ = false;
+}
+
+template <class Scalar>
+LoRALinear<Scalar> FusedLoRALinear<Scalar>::to_lora(bool use_rslora) const {
+  if (rank_ == 0) throw config_error("FusedLoRALinear::to_lora: no slice has an adapter");
+  LoraConfig c;
+  c.r = static_cast<int>(rank_);
+  c.lora_alpha = use_rslora ? std::sqrt(static_cast<double>(rank_)) : static_cast<double>(rank_);
+  c.use_rslora = use_rslora;
+  c.lora_dropout = static_cast<double>(dropout_);
+  c.seed = 0;  // A and B are set below
+  LoRALinear<Scalar> single = has_bias_ ? LoRALinear<Scalar>(weight_.read_only_view(), bias_, c)
+                                        : LoRALinear<Scalar>(weight_.read_only_view(), c);
+  single.lora_A() = stacked_A();
+  auto B = single.lora_B();
+  B.setZero();
+  for (std::size_t k = 0; k < slices_.size(); ++k)
+    if (slice_rank(k) > 0)
+      B.block(out_offset_[k], a_row_[k], slices_[k].out_features, slice_rank(k)) =
+          (scaling_[k] / single.scaling()) * lora_B(k);
+  single.eval();
+  return single;
+}
+
+template <class Scalar>
+void FusedLoRALinear<Scalar>::from_lora(const LoRALinear<Scalar>& single) {
+  const char* where = "FusedLoRALinear::from_lora";
+  if (single.rank() != rank_ || single.in_features() != in_ || single.out_features() != out_)
+    throw config_error(std::string(where) + ": the LoRA has rank " + std::to_string(single.rank()) + " over " +
+                       shape_string(single.out_features(), single.in_features()) + ", the slices need rank " +
+                       std::to_string(rank_) + " (the sum of their ranks) over " + shape_string(out_, in_));
+  const auto B = single.lora_B();
+  for (std::size_t k = 0; k < slices_.size(); ++k) {
+    if (slice_rank(k) > 0 && scaling_[k] == Scalar(0))
+      throw config_error(std::string(where) + ": slice \"" + slices_[k].name +
+                         "\" has scaling 0 (lora_alpha 0), so its B cannot be recovered");
+    for (Index o = out_offset_[k]; o < out_offset_[k] + slices_[k].out_features; ++o)
+      for (Index c = 0; c < rank_; ++c) {
+        const bool own = c >= a_row_[k] && c < a_row_[k] + slice_rank(k);
+        if (!own && B(o, c) != Scalar(0))
+          throw config_error(std::string(where) + ": lora_B[" + std::to_string(o) + ", " + std::to_string(c) + "] is " +
+                             std::to_string(static_cast<double>(B(o, c))) + ", but output " + std::to_string(o) +
+                             " belongs to slice \"" + slices_[k].name + "\", whose adapter has columns " +
+                             std::to_string(a_row_[k]) + ".." + std::to_string(a_row_[k] + slice_rank(k) - 1) +
+                             " only: this LoRA is not one adapter per slice; load it as one LoRALinear over the "
+                             "fused weight instead");
+      }
+  }
+  MatrixMap<Scalar>(params_.data(), rank_, in_) = single.lora_A();
+  for (std::size_t k = 0; k < slices_.size(); ++k)
+    if (slice_rank(k) > 0)
+      lora_B(k) =
+          (single.scaling() / scaling_[k]) * B.block(out_offset_[k], a_row_[k], slices_[k].out_features, slice_rank(k));
+}
+
+}  // namespace lora

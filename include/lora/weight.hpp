@@ -1,0 +1,235 @@
+// FrozenWeight: the frozen W of a layer, however it is stored.
+//
+// Every layer that wraps a frozen weight (LoRALinear, MultiLoRALinear) holds
+// one FrozenWeight and reaches W only through the operations below, so how W
+// is stored is decided here and nowhere else:
+//
+//   forward    y  = x Wᵀ          x (N, I)  -> y  (N, O)
+//   backward   dx = dy W          dy (N, O) -> dx (N, I)
+//   merge      W += s · B A       B (O, R), A (R, I), on all of W or on a slice of its outputs
+//
+// Layouts. W is (O, I) as torch.nn.Linear stores it, or (I, O) as
+// transformers' Conv1D (GPT-2 and the models built on it) stores it, which
+// PEFT calls fan_in_fan_out. The layout is only how the buffer is read: the
+// products above use it as it is (Eigen reads the stored matrix transposed
+// where needed), so a Conv1D checkpoint's buffer is never copied or
+// transposed in memory, and the adapter's A (R, I) and B (O, R) have the
+// same shapes in both layouts, as in PEFT.
+//
+// Ownership. A FrozenWeight owns its buffer (a Matrix moved in), or views
+// one the caller owns: read-only (view: never written, merging throws), or
+// writable (mutable_view: merge and unmerge write it in place, the only
+// writes ever made). A view's buffer must outlive every layer that holds it.
+#pragma once
+
+#include <lora/errors.hpp>
+#include <lora/types.hpp>
+
+#include <algorithm>
+#include <cstddef>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+namespace lora {
+
+/// How a frozen weight's buffer is laid out (row-major).
+enum class WeightLayout {
+  out_in,  ///< (O, I): torch.nn.Linear, safetensors checkpoints of most models
+  in_out,  ///< (I, O): transformers' Conv1D (GPT-2), PEFT's fan_in_fan_out
+};
+
+inline const char* layout_name(WeightLayout layout) {
+  return layout == WeightLayout::out_in ? "(out, in)" : "(in, out) (fan_in_fan_out)";
+}
+
+template <class Scalar>
+class FrozenWeight {
+  static_assert(std::is_floating_point_v<Scalar>, "FrozenWeight<Scalar>: Scalar must be float, double or long double");
+
+ public:
+  using Mat = Matrix<Scalar>;
+
+  /// An empty weight (0 x 0), to be assigned.
+  FrozenWeight() = default;
+
+  /// Owns `stored`, which is (O, I) for out_in and (I, O) for in_out.
+  static FrozenWeight owned(Mat stored, WeightLayout layout = WeightLayout::out_in) {
+    FrozenWeight w(Kind::owned, layout, stored.data(), out_of(stored, layout), in_of(stored, layout), "owned");
+    w.owned_ = std::move(stored);
+    w.data_ = w.owned_.data();
+    return w;
+  }
+
+  /// Views a row-major buffer of O·I scalars the caller owns, laid out as `layout` says; never writes it.
+  static FrozenWeight view(const Scalar* data, Index out_features, Index in_features,
+                           WeightLayout layout = WeightLayout::out_in) {
+    return FrozenWeight(Kind::view, layout, data, out_features, in_features, "view");
+  }
+
+  /// As view(), but merge() / unmerge() of a layer holding it may write the buffer in place.
+  static FrozenWeight mutable_view(Scalar* data, Index out_features, Index in_features,
+                                   WeightLayout layout = WeightLayout::out_in) {
+    return FrozenWeight(Kind::mutable_view, layout, data, out_features, in_features, "mutable_view");
+  }
+
+  // A copy of an owned weight owns a copy of the buffer; a copy of a view views the same buffer. data_ always
+  // points at the weight's own buffer when it owns one (Eigen moves the allocation on a move).
+  FrozenWeight(const FrozenWeight& other) { *this = other; }
+  FrozenWeight(FrozenWeight&& other) noexcept { *this = std::move(other); }
+  FrozenWeight& operator=(const FrozenWeight& other) {
+    if (this == &other) return *this;
+    owned_ = other.owned_;
+    take_shape(other);
+    return *this;
+  }
+  FrozenWeight& operator=(FrozenWeight&& other) noexcept {
+    if (this == &other) return *this;
+    owned_ = std::move(other.owned_);
+    take_shape(other);
+    other.data_ = nullptr;
+    other.out_ = other.in_ = 0;
+    return *this;
+  }
+
+  Index out_features() const { return out_; }
+  Index in_features() const { return in_; }
+  WeightLayout layout() const { return layout_; }
+  /// True unless the buffer is the weight's own.
+  bool is_view() const { return kind_ != Kind::owned; }
+  /// True when merging may write the buffer (owned or mutable_view).
+  bool is_writable() const { return kind_ != Kind::view; }
+  /// Bytes of the stored weight (owned or viewed).
+  std::size_t stored_bytes() const { return static_cast<std::size_t>(out_ * in_) * sizeof(Scalar); }
+
+  /// A read-only view of the same buffer and layout (the caller keeps this weight alive).
+  FrozenWeight read_only_view() const { return view(data_, out_, in_, layout_); }
+
+  /// The buffer as it is stored: (O, I) for out_in, (I, O) for in_out.
+  ConstMatrixMap<Scalar> stored() const { return ConstMatrixMap<Scalar>(data_, stored_rows(), stored_cols()); }
+
+  /// W as (O, I), copied: for inspection and tests, never used by the layers.
+  Mat to_dense() const {
+    if (layout_ == WeightLayout::out_in) return stored();
+    return stored().transpose();
+  }
+
+  /// y = x Wᵀ: x (N, I), y (N, O), y not overlapping x (the caller checks shapes).
+  void forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) const {
+    if (layout_ == WeightLayout::out_in)
+      y.noalias() = x * stored().transpose();
+    else
+      y.noalias() = x * stored();
+  }
+
+  /// dx = dy W: dy (N, O), dx (N, I).
+  void backward(const ConstRef<Scalar>& dy, MutRef<Scalar> dx) const {
+    if (layout_ == WeightLayout::out_in)
+      dx.noalias() = dy * stored();
+    else
+      dx.noalias() = dy * stored().transpose();
+  }
+
+  /// W[out_begin : out_begin + O', :] += s · B A with B (O', R) and A (R, I): all of W when B has O rows, one
+  /// slice of a fused projection's outputs otherwise. In blocks of about 64 Ki scalars, so no temporary the
+  /// size of W is made. With check_finite, a first pass checks that every sum is finite and throws
+  /// numeric_error (naming `where` and the rows) before anything is written. Throws state_error for a
+  /// read-only view and shape_error for shapes that do not fit.
+  void add_low_rank(const char* where, Scalar s, const ConstRef<Scalar>& B, const ConstRef<Scalar>& A,
+                    Index out_begin = 0, bool check_finite = false) {
+    require_writable(where);
+    check_low_rank_shapes(where, B, A, out_begin);
+    if (check_finite) low_rank_pass(where, s, B, A, out_begin, false);
+    low_rank_pass(where, s, B, A, out_begin, true);
+  }
+
+  /// Throws state_error, naming `where`, unless merging may write the buffer.
+  void require_writable(const char* where) const {
+    if (!is_writable())
+      throw state_error(std::string(where) +
+                        ": the weight is a read-only view of the host's memory and is never written; wrap it as a "
+                        "mutable_view to allow merging, or serve the adapter unmerged");
+  }
+
+  /// Throws numeric_error, as add_low_rank(..., check_finite = true) would, when W + s·B·A (on the slice at
+  /// out_begin) has a non-finite entry; writes nothing. For a layer that adds several slices: check them all,
+  /// then add them all, so that a refusal leaves W as it was.
+  void check_low_rank_finite(const char* where, Scalar s, const ConstRef<Scalar>& B, const ConstRef<Scalar>& A,
+                             Index out_begin = 0) const {
+    check_low_rank_shapes(where, B, A, out_begin);
+    const_cast<FrozenWeight*>(this)->low_rank_pass(where, s, B, A, out_begin, false);
+  }
+
+ private:
+  enum class Kind { owned, view, mutable_view };
+
+  FrozenWeight(Kind kind, WeightLayout layout, const Scalar* data, Index out_features, Index in_features,
+               const char* how)
+      : kind_(kind), layout_(layout), out_(out_features), in_(in_features), data_(const_cast<Scalar*>(data)) {
+    if (out_features <= 0 || in_features <= 0)
+      throw shape_error(std::string("FrozenWeight::") + how +
+                        ": out_features and in_features must be positive, got out_features=" +
+                        std::to_string(out_features) + ", in_features=" + std::to_string(in_features));
+    if (data == nullptr) throw shape_error(std::string("FrozenWeight::") + how + ": the weight must not be null");
+  }
+  void take_shape(const FrozenWeight& other) {
+    kind_ = other.kind_;
+    layout_ = other.layout_;
+    out_ = other.out_;
+    in_ = other.in_;
+    data_ = kind_ == Kind::owned ? owned_.data() : other.data_;
+  }
+  void check_low_rank_shapes(const char* where, const ConstRef<Scalar>& B, const ConstRef<Scalar>& A,
+                             Index out_begin) const {
+    if (A.cols() != in_ || B.cols() != A.rows() || out_begin < 0 || out_begin + B.rows() > out_)
+      throw shape_error(std::string(where) + ": cannot add B " + shape_string(B.rows(), B.cols()) + " times A " +
+                        shape_string(A.rows(), A.cols()) + " at output " + std::to_string(out_begin) +
+                        " of a weight with " + std::to_string(out_) + " outputs and " + std::to_string(in_) +
+                        " inputs");
+  }
+
+  // One pass over W's slice in blocks of stored rows (outputs for out_in, inputs for in_out) of about 64 Ki
+  // scalars: adds s·B·A when `write`, else only checks that every sum is finite (and writes nothing).
+  void low_rank_pass(const char* where, Scalar s, const ConstRef<Scalar>& B, const ConstRef<Scalar>& A, Index out_begin,
+                     bool write) {
+    MatrixMap<Scalar> W(data_, stored_rows(), stored_cols());
+    const Index outs = B.rows();
+    const Index rows = layout_ == WeightLayout::out_in ? outs : in_;
+    const Index cols = layout_ == WeightLayout::out_in ? in_ : outs;
+    const Index block = std::max<Index>(1, std::min<Index>(rows, Index(1 << 16) / std::max<Index>(1, cols)));
+    Mat delta(block, cols);
+    for (Index i = 0; i < rows; i += block) {
+      const Index k = std::min(block, rows - i);
+      auto d = delta.topRows(k);
+      if (layout_ == WeightLayout::out_in)
+        d.noalias() = s * B.middleRows(i, k) * A;  // rows out_begin + i .. of W (O, I)
+      else
+        d.noalias() = s * A.middleCols(i, k).transpose() * B.transpose();  // rows i.. of W (I, O), our columns
+      auto target =
+          layout_ == WeightLayout::out_in ? W.block(out_begin + i, 0, k, cols) : W.block(i, out_begin, k, cols);
+      if (write) {
+        target += d;
+      } else if (!(target + d).allFinite()) {
+        const std::string what = layout_ == WeightLayout::out_in ? " in outputs " : " in inputs ";
+        const Index first = layout_ == WeightLayout::out_in ? out_begin + i : i;
+        throw numeric_error(std::string(where) + ": W + s·B·A has non-finite entries" + what + std::to_string(first) +
+                            ".." + std::to_string(first + k - 1) +
+                            " (A, B or W hold inf/NaN, or the sum overflows); W is left unchanged");
+      }
+    }
+  }
+  static Index out_of(const Mat& m, WeightLayout layout) {
+    return layout == WeightLayout::out_in ? m.rows() : m.cols();
+  }
+  static Index in_of(const Mat& m, WeightLayout layout) { return layout == WeightLayout::out_in ? m.cols() : m.rows(); }
+  Index stored_rows() const { return layout_ == WeightLayout::out_in ? out_ : in_; }
+  Index stored_cols() const { return layout_ == WeightLayout::out_in ? in_ : out_; }
+
+  Kind kind_ = Kind::owned;
+  WeightLayout layout_ = WeightLayout::out_in;
+  Index out_ = 0, in_ = 0;
+  Mat owned_;
+  Scalar* data_ = nullptr;  // owned_.data(), or the caller's buffer (written only when mutable_view)
+};
+
+}  // namespace lora

@@ -1,0 +1,274 @@
+// FrozenWeight and the weight layouts: W stored (O, I) as torch.nn.Linear, or (I, O) as transformers' Conv1D
+// (fan_in_fan_out), viewed in place. Checked against hand-computed products, against the same layer over an
+// (O, I) copy, against finite differences, and through PEFT files.
+#include <catch2/catch.hpp>
+#include <lora/lora.hpp>
+
+#include "test_files.hpp"
+
+#include <cstdlib>
+#include <limits>
+#include <map>
+#include <string>
+#include <vector>
+
+using Catch::Contains;
+using lora::FrozenWeight;
+using lora::Index;
+using lora::WeightLayout;
+template <class S>
+using Mat = lora::Matrix<S>;
+
+namespace {
+
+lora::LoraConfig make_config(int r, double alpha, double dropout = 0.0, std::uint64_t seed = 7) {
+  lora::LoraConfig c;
+  c.r = r;
+  c.lora_alpha = alpha;
+  c.lora_dropout = dropout;
+  c.seed = seed;
+  return c;
+}
+
+template <class S>
+Mat<S> random_matrix(Index rows, Index cols, unsigned seed) {
+  std::srand(seed);
+  return Mat<S>::Random(rows, cols);
+}
+
+double max_diff(const Mat<double>& a, const Mat<double>& b) {
+  REQUIRE(a.rows() == b.rows());
+  REQUIRE(a.cols() == b.cols());
+  return (a - b).cwiseAbs().maxCoeff();
+}
+
+}  // namespace
+
+TEST_CASE("FrozenWeight products in both layouts, computed by hand", "[weight]") {
+  // W (O = 2, I = 3) = [[1, 2, 3], [4, 5, 6]]; stored (I, O) it is [[1, 4], [2, 5], [3, 6]].
+  Mat<double> W(2, 3), Wt(3, 2), x(1, 3), dy(1, 2);
+  W << 1, 2, 3, 4, 5, 6;
+  Wt << 1, 4, 2, 5, 3, 6;
+  x << 1, 0, -1;
+  dy << 1, 1;
+  for (auto layout : {WeightLayout::out_in, WeightLayout::in_out}) {
+    const Mat<double>& stored = layout == WeightLayout::out_in ? W : Wt;
+    const auto w = FrozenWeight<double>::view(stored.data(), 2, 3, layout);
+    CHECK(w.out_features() == 2);
+    CHECK(w.in_features() == 3);
+    CHECK(w.stored().data() == stored.data());
+    CHECK(w.stored().rows() == stored.rows());
+    CHECK(w.to_dense() == W);
+    Mat<double> y(1, 2), dx(1, 3);
+    w.forward(x, y);  // x Wᵀ = [1 - 3, 4 - 6]
+    CHECK(y(0, 0) == -2);
+    CHECK(y(0, 1) == -2);
+    w.backward(dy, dx);  // dy W = [5, 7, 9]
+    CHECK(dx(0, 0) == 5);
+    CHECK(dx(0, 1) == 7);
+    CHECK(dx(0, 2) == 9);
+  }
+}
+
+TEST_CASE("LoRALinear over an (in, out) view computes what it computes over the (out, in) copy", "[weight][linear]") {
+  const Index O = 7, I = 5, N = 6;
+  const int r = 3;
+  const Mat<double> W = random_matrix<double>(O, I, 1);
+  const Mat<double> Wt = W.transpose();  // the Conv1D checkpoint's buffer
+  const Mat<double> b = random_matrix<double>(1, O, 2);
+  const Mat<double> x = random_matrix<double>(N, I, 3), dy = random_matrix<double>(N, O, 4);
+  for (double dropout : {0.0, 0.3}) {
+    CAPTURE(dropout);
+    const auto cfg = make_config(r, 6, dropout);
+    lora::LoRALinear<double> linear(W, b, cfg);
+    lora::LoRALinear<double> conv1d(FrozenWeight<double>::view(Wt.data(), O, I, WeightLayout::in_out), b, cfg);
+    CHECK(conv1d.frozen_weight().stored().data() == Wt.data());  // no copy
+    CHECK(conv1d.weight_layout() == WeightLayout::in_out);
+    CHECK(conv1d.weight_is_view());
+    CHECK(conv1d.lora_A() == linear.lora_A());  // the same seed gives the same A
+    linear.lora_B() = random_matrix<double>(O, r, 5);
+    conv1d.lora_B() = linear.lora_B();
+
+    Mat<double> y1(N, O), y2(N, O), dx1(N, I), dx2(N, I);
+    linear.forward(x, y1);
+    conv1d.forward(x, y2);
+    CHECK(max_diff(y1, y2) < 1e-12);
+    linear.backward(x, dy, dx1);
+    conv1d.backward(x, dy, dx2);
+    CHECK(max_diff(dx1, dx2) < 1e-12);
+    CHECK(max_diff(linear.dA(), conv1d.dA()) < 1e-12);
+    CHECK(max_diff(linear.dB(), conv1d.dB()) < 1e-12);
+
+    conv1d.eval();
+    linear.eval();
+    CHECK(max_diff(std::as_const(linear).forward(x), std::as_const(conv1d).forward(x)) < 1e-12);
+  }
+  lora::LoRALinear<double> conv1d(FrozenWeight<double>::view(Wt.data(), O, I, WeightLayout::in_out));
+  REQUIRE_THROWS_AS(conv1d.weight(), lora::state_error);
+  REQUIRE_THROWS_WITH(conv1d.weight(), Contains("frozen_weight()"));
+}
+
+TEST_CASE("gradients through an (in, out) weight match finite differences", "[weight][gradcheck]") {
+  const Index O = 6, I = 4;
+  const Mat<double> Wt = random_matrix<double>(I, O, 8);
+  lora::LoRALinear<double> layer(FrozenWeight<double>::owned(Wt, WeightLayout::in_out), random_matrix<double>(1, O, 9),
+                                 make_config(2, 4));
+  layer.lora_B() = random_matrix<double>(O, 2, 10);
+  const auto result = lora::check_layer_gradients(layer, random_matrix<double>(5, I, 11));
+  INFO(result.describe());
+  CHECK(result.ok());
+  CHECK(result.dx.checked == 5 * I);
+}
+
+TEST_CASE("merge writes W + s B A transposed into an (in, out) buffer, and unmerge takes it back", "[weight][merge]") {
+  const Index O = 5, I = 4;
+  const int r = 2;
+  const Mat<double> W = random_matrix<double>(O, I, 12);
+  Mat<double> Wt = W.transpose();
+  const Mat<double> original = Wt;
+  auto cfg = make_config(r, 3);
+  auto layer = lora::LoRALinear<double>(FrozenWeight<double>::mutable_view(Wt.data(), O, I, WeightLayout::in_out), cfg);
+  layer.lora_B() = random_matrix<double>(O, r, 13);
+  const Mat<double> x = random_matrix<double>(3, I, 14);
+  layer.eval();
+  const Mat<double> unmerged = std::as_const(layer).forward(x);
+
+  layer.merge();
+  // Independent of the library: the (O, I) sum, transposed, element by element.
+  const double s = 3.0 / r;
+  const Mat<double> BA = layer.lora_B() * layer.lora_A();
+  for (Index o = 0; o < O; ++o)
+    for (Index i = 0; i < I; ++i) CHECK(std::abs(Wt(i, o) - (W(o, i) + s * BA(o, i))) < 1e-14);
+  CHECK(max_diff(std::as_const(layer).forward(x), unmerged) < 1e-12);
+  layer.unmerge();
+  CHECK(max_diff(Wt, original) < 1e-14);
+
+  SECTION("a read-only (in, out) view refuses, and nothing is written") {
+    auto view = lora::LoRALinear<double>(FrozenWeight<double>::view(Wt.data(), O, I, WeightLayout::in_out), cfg);
+    view.lora_B() = random_matrix<double>(O, r, 15);
+    const Mat<double> before = Wt;
+    REQUIRE_THROWS_AS(view.merge(), lora::state_error);
+    REQUIRE_THROWS_WITH(view.merge(), Contains("mutable_view"));
+    CHECK(Wt == before);
+  }
+  SECTION("a sum that is not finite is refused, and nothing is written") {
+    layer.lora_B()(3, 1) = std::numeric_limits<double>::infinity();
+    const Mat<double> before = Wt;
+    REQUIRE_THROWS_AS(layer.merge(), lora::numeric_error);
+    REQUIRE_THROWS_WITH(layer.merge(), Contains("W is left unchanged"));
+    CHECK(Wt == before);
+    CHECK_FALSE(layer.is_merged());
+  }
+}
+
+TEST_CASE("add_low_rank adds to one slice of a fused weight's outputs, in both layouts", "[weight][merge]") {
+  // A fused q, k, v projection: O = 3·4 outputs, I = 5 inputs; the update goes to k only (outputs 4..7).
+  const Index d = 4, O = 3 * d, I = 5;
+  const Mat<double> W = random_matrix<double>(O, I, 16);
+  const Mat<double> B = random_matrix<double>(d, 2, 17), A = random_matrix<double>(2, I, 18);
+  Mat<double> expected = W;
+  expected.middleRows(d, d) += 0.5 * B * A;
+  for (auto layout : {WeightLayout::out_in, WeightLayout::in_out}) {
+    Mat<double> stored = layout == WeightLayout::out_in ? W : Mat<double>(W.transpose());
+    auto w = FrozenWeight<double>::mutable_view(stored.data(), O, I, layout);
+    w.add_low_rank("test", 0.5, B, A, d, true);
+    CHECK(max_diff(w.to_dense(), expected) < 1e-14);
+    CHECK(w.to_dense().topRows(d) == W.topRows(d));  // q and v untouched, bit for bit
+    CHECK(w.to_dense().bottomRows(d) == W.bottomRows(d));
+    REQUIRE_THROWS_AS(w.add_low_rank("test", 0.5, B, A, 2 * d + 1), lora::shape_error);
+    REQUIRE_THROWS_WITH(w.add_low_rank("test", 0.5, B, A, 2 * d + 1), Contains("at output 9"));
+  }
+}
+
+TEST_CASE("FrozenWeight refuses bad input and copies as owned or viewed", "[weight]") {
+  REQUIRE_THROWS_AS(FrozenWeight<float>::view(nullptr, 2, 2), lora::shape_error);
+  REQUIRE_THROWS_WITH(FrozenWeight<float>::view(nullptr, 2, 2), Contains("must not be null"));
+  const std::vector<float> host(6, 1.0f);
+  REQUIRE_THROWS_WITH(FrozenWeight<float>::view(host.data(), 0, 6), Contains("out_features=0"));
+  REQUIRE_THROWS_AS(FrozenWeight<float>::owned(Mat<float>()), lora::shape_error);
+  REQUIRE_THROWS_AS(lora::LoRALinear<float>(FrozenWeight<float>()), lora::shape_error);
+
+  auto owned = FrozenWeight<double>::owned(Mat<double>::Ones(2, 3), WeightLayout::in_out);  // O = 3, I = 2
+  CHECK(owned.out_features() == 3);
+  CHECK(owned.in_features() == 2);
+  auto copy = owned;
+  CHECK(copy.stored().data() != owned.stored().data());
+  copy.add_low_rank("test", 1, Mat<double>::Ones(3, 1), Mat<double>::Ones(1, 2));
+  CHECK(owned.to_dense() == Mat<double>::Ones(3, 2));  // the original did not move
+  CHECK(copy.to_dense() == Mat<double>::Constant(3, 2, 2));
+
+  const auto view = FrozenWeight<float>::view(host.data(), 2, 3);
+  const auto view_copy = view;
+  CHECK(view_copy.stored().data() == host.data());
+  CHECK_FALSE(view_copy.is_writable());
+}
+
+TEST_CASE("MultiLoRALinear over an (in, out) view serves and trains as over the (out, in) copy", "[weight][multi]") {
+  const Index O = 6, I = 5, N = 4;
+  const Mat<double> W = random_matrix<double>(O, I, 20);
+  const Mat<double> Wt = W.transpose();
+  lora::MultiLoRALinear<double> linear(W);
+  lora::MultiLoRALinear<double> conv1d(FrozenWeight<double>::view(Wt.data(), O, I, WeightLayout::in_out));
+  CHECK(conv1d.frozen_weight().stored().data() == Wt.data());
+  for (auto* layer : {&linear, &conv1d}) {
+    layer->add_adapter("a", make_config(2, 4), random_matrix<double>(2, I, 21), random_matrix<double>(O, 2, 22));
+    layer->add_adapter("b", make_config(3, 3), random_matrix<double>(3, I, 23), random_matrix<double>(O, 3, 24));
+  }
+  const Mat<double> x = random_matrix<double>(N, I, 25);
+  const std::vector<std::string> rows{"a", "__base__", "b", "a"};
+  Mat<double> y1(N, O), y2(N, O);
+  linear.forward(x, rows, y1);
+  conv1d.forward(x, rows, y2);
+  CHECK(max_diff(y1, y2) < 1e-12);
+
+  const Mat<double> dy = random_matrix<double>(N, O, 26);
+  Mat<double> dx1(N, I), dx2(N, I);
+  for (auto* layer : {&linear, &conv1d}) layer->train_adapter("b");
+  linear.forward(x, y1);
+  conv1d.forward(x, y2);
+  linear.backward(x, dy, dx1);
+  conv1d.backward(x, dy, dx2);
+  CHECK(max_diff(y1, y2) < 1e-12);
+  CHECK(max_diff(dx1, dx2) < 1e-12);
+  CHECK(max_diff(linear.dA(), conv1d.dA()) < 1e-12);
+  CHECK(max_diff(linear.dB(), conv1d.dB()) < 1e-12);
+  CHECK(Wt == Mat<double>(W.transpose()));  // never written
+}
+
+TEST_CASE("PEFT files: fan_in_fan_out is written for (in, out) layers and layout mismatches are reported",
+          "[weight][peft]") {
+  const auto dir = lora_test::scratch_dir("weight-peft");
+  const Index O = 6, I = 4;
+  const Mat<float> W = random_matrix<float>(O, I, 30);
+  const Mat<float> Wt = W.transpose();
+  const auto cfg = make_config(2, 4);
+  lora::LoRALinear<float> conv1d(FrozenWeight<float>::view(Wt.data(), O, I, WeightLayout::in_out), cfg);
+  conv1d.lora_B() = random_matrix<float>(O, 2, 31);
+  const std::map<std::string, lora::LoRALinear<float>*> gpt2{{"transformer.h.0.attn.c_proj", &conv1d}};
+  lora::peft::save_adapter((dir / "conv1d").string(), gpt2);
+  const auto config = lora::peft::AdapterConfig::read((dir / "conv1d" / "adapter_config.json").string());
+  CHECK(config.fan_in_fan_out);
+
+  // Back into an (in, out) layer: nothing to report. Into an (out, in) layer over a transposed copy: loaded
+  // (A and B do not depend on the layout), and listed.
+  lora::LoRALinear<float> back(FrozenWeight<float>::view(Wt.data(), O, I, WeightLayout::in_out), cfg);
+  const auto report =
+      lora::peft::load_adapter((dir / "conv1d").string(),
+                               std::map<std::string, lora::LoRALinear<float>*>{{"transformer.h.0.attn.c_proj", &back}});
+  CHECK(report.layout_differs.empty());
+  CHECK(back.lora_B() == conv1d.lora_B());
+  lora::LoRALinear<float> copied(W, cfg);
+  const auto mismatch = lora::peft::load_adapter(
+      (dir / "conv1d").string(),
+      std::map<std::string, lora::LoRALinear<float>*>{{"transformer.h.0.attn.c_proj", &copied}});
+  REQUIRE(mismatch.layout_differs == std::vector<std::string>{"transformer.h.0.attn.c_proj"});
+
+  // The multi-adapter writer writes fan_in_fan_out for (in, out) layers too.
+  lora::MultiLoRALinear<float> multi(FrozenWeight<float>::view(Wt.data(), O, I, WeightLayout::in_out));
+  multi.add_adapter("x", cfg, conv1d.lora_A(), conv1d.lora_B());
+  lora::peft::save_adapter(
+      (dir / "multi").string(), "x",
+      std::map<std::string, lora::MultiLoRALinear<float>*>{{"transformer.h.0.attn.c_proj", &multi}});
+  CHECK(lora::peft::AdapterConfig::read((dir / "multi" / "adapter_config.json").string()).fan_in_fan_out);
+  std::filesystem::remove_all(dir);
+}
