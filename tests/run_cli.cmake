@@ -8,6 +8,8 @@
 #         [-DSTDOUT_NOT_REGEX=re]  stdout must not match re
 #         [-DSTDERR_REGEX=re] [-DSTDERR_NOT_REGEX=re]  the same for stderr
 #         [-DSTDERR_ONE_LINE=ON]   stderr is exactly one line
+#         [-DSTDERR_LINES=n]       stderr is exactly n lines: the first "<tool>: <what failed>", each other one
+#                                  problem indented by two spaces (tools/cli.hpp, error_lines)
 #         [-DPRINTABLE=ON]         neither stdout nor stderr holds a control character but newline (C0, DEL, C1)
 #                                  nor a Unicode bidi override or isolate: nothing lora::printable escapes
 #         -P run_cli.cmake
@@ -65,6 +67,19 @@ if(STDERR_ONE_LINE)
   if(NOT lines EQUAL 1)
     message(FATAL_ERROR "expected exactly one line on stderr, got ${lines}")
   endif()
+endif()
+if(NOT "${STDERR_LINES}" STREQUAL "")
+  string(REGEX MATCHALL "\n" newlines "${err}")
+  list(LENGTH newlines lines)
+  if(NOT lines EQUAL STDERR_LINES)
+    message(FATAL_ERROR "expected ${STDERR_LINES} lines on stderr, got ${lines}")
+  endif()
+  string(REGEX MATCHALL "\n[^\n]*" rest "${err}")
+  foreach(line IN LISTS rest)
+    if(NOT line STREQUAL "\n" AND NOT line MATCHES "^\n  [^ ]")
+      message(FATAL_ERROR "a line after the first on stderr is not one problem indented by two spaces: ${line}")
+    endif()
+  endforeach()
 endif()
 if(PRINTABLE)
   # The bytes are built here: a CMake regex has no \x escape. C0 without newline (10), DEL; C1 (U+0080-9F) as

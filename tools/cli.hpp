@@ -1,6 +1,8 @@
 // What the command-line tools share: reading the command line and reporting
-// a refusal the way the README promises, exit status 1 and one line on
-// stderr, "<tool>: <message>", with every control character escaped.
+// a refusal the way the README promises: exit status 1, and on stderr a first
+// line "<tool>: <message>" that says what failed, followed by one indented
+// line per problem when the library found several; every control character
+// escaped.
 #pragma once
 
 #include <lora/errors.hpp>
@@ -13,6 +15,7 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <vector>
 
 // The CMake project's version, defined by tools/CMakeLists.txt.
 #ifndef LORA_TOOLS_VERSION
@@ -21,19 +24,30 @@
 
 namespace lora_tools {
 
-/// An error message on one line: the library lists several problems on
-/// indented lines, joined here by "; ". What is left is escaped
-/// (lora::printable): a newline or an escape sequence in a name from a file
-/// or the command line shows as \n or \x1b and cannot break the line.
-inline std::string one_line(std::string text) {
-  for (std::size_t at; (at = text.find(":\n  ")) != std::string::npos;) text.replace(at, 4, ": ");
-  for (std::size_t at; (at = text.find("\n  ")) != std::string::npos;) text.replace(at, 3, "; ");
-  return lora::printable(text);
+/// An error message as the lines the tools print. The library lists several
+/// problems on lines indented by two spaces after a summary ending in ':'.
+/// One problem stays on the summary's line ("...: 1 problem(s): X"); two or
+/// more keep a line each, so a long list reads (and greps) one per line.
+/// Every line is escaped (lora::printable): a newline or an escape sequence
+/// in a name from a file or the command line shows as \n or \x1b and cannot
+/// break a line or forge one.
+inline std::vector<std::string> error_lines(const std::string& text) {
+  std::vector<std::string> lines;
+  std::size_t begin = 0;
+  for (std::size_t at; (at = text.find("\n  ", begin)) != std::string::npos; begin = at + 3)
+    lines.push_back(text.substr(begin, at - begin));
+  lines.push_back(text.substr(begin));
+  if (lines.size() == 2) lines = {lines[0] + " " + lines[1]};
+  for (std::size_t i = 0; i < lines.size(); ++i) lines[i] = (i == 0 ? "" : "  ") + lora::printable(lines[i]);
+  return lines;
 }
 
-/// A refusal on stderr: "<tool>: <message>", one line.
+/// A refusal on stderr: "<tool>: <message>", then the problems, if several,
+/// one per indented line.
 inline void report_error(const std::string& tool, const std::string& message) {
-  std::cerr << tool << ": " << one_line(message) << '\n';
+  std::string out;
+  for (const auto& line : error_lines(message)) out += (out.empty() ? tool + ": " : std::string()) + line + '\n';
+  std::cerr << out;
 }
 
 /// `text` as a double when all of it is one finite number ("0.5", "-2",
