@@ -191,23 +191,22 @@ struct Node {
 constexpr std::uint64_t python_max_repeat = 4294967295u;
 
 /// A recursive-descent copy of Python 3.11's re/_parser.py, run over PEFT's
-/// whole pattern "(.*\.)?(" + key + ")$" so that the key is read exactly as
-/// Python reads it. Throws config_error for what Python rejects and for what
-/// is outside the linear-time subset.
+/// whole pattern "(.*\.)?(" + key + ")$" (or prefix + key + suffix) so that
+/// the key is read exactly as Python reads it. Throws config_error for what
+/// Python rejects and for what is outside the linear-time subset.
 class Parser {
  public:
-  static constexpr std::size_t prefix_length = 8;  // "(.*\.)?("
-
-  Parser(std::string_view key, std::size_t max_depth) : key_(key), max_depth_(max_depth) {
-    for (char32_t c : std::u32string_view(U"(.*\\.)?(")) source_.push_back(c);
+  Parser(std::string_view key, std::size_t max_depth, std::u32string_view prefix = U"(.*\\.)?(",
+         std::u32string_view suffix = U")$")
+      : key_(key), max_depth_(max_depth), prefix_length_(prefix.size()) {
+    source_.assign(prefix.begin(), prefix.end());
     char32_t cp = 0;
     for (std::size_t i = 0, len = 0; i < key.size(); i += len) {
       len = utf8_sequence(key, i, cp);
       source_.push_back(cp);
       key_offsets_.push_back(i);
     }
-    source_.push_back(')');
-    source_.push_back('$');
+    source_.insert(source_.end(), suffix.begin(), suffix.end());
   }
 
   Node parse() {
@@ -227,14 +226,15 @@ class Parser {
 
   std::string_view key_;
   std::size_t max_depth_;
+  std::size_t prefix_length_;  // code points of the text before the key
   std::vector<char32_t> source_;
   std::vector<std::size_t> key_offsets_;  // byte offset in the key of each code point of it
   std::size_t pos_ = 0;
   std::set<std::string> group_names_;
 
   std::string where(std::size_t at) const {
-    if (at < prefix_length || at - prefix_length >= key_offsets_.size()) return "at the end of the key";
-    return "at byte " + std::to_string(key_offsets_[at - prefix_length]);
+    if (at < prefix_length_ || at - prefix_length_ >= key_offsets_.size()) return "at the end of the key";
+    return "at byte " + std::to_string(key_offsets_[at - prefix_length_]);
   }
 
   [[noreturn]] void invalid(const std::string& what, std::size_t at) const {
@@ -645,40 +645,24 @@ class ModulePattern {
 
   /// Compiles PEFT's "(.*\.)?(key)$" around `key`; throws config_error naming
   /// the key, the byte offset in it and what is invalid or not supported.
-  explicit ModulePattern(std::string_view key) : key_(key) {
-    if (key.size() > max_key_bytes)
-      throw config_error("pattern key " + pattern_impl::quoted(key) + " is " + std::to_string(key.size()) +
-                         " bytes, more than the limit of " + std::to_string(max_key_bytes));
-    const std::size_t bad = pattern_impl::invalid_utf8_at(key);
-    if (bad != std::string_view::npos)
-      throw config_error("pattern key " + pattern_impl::quoted(key) + " is not valid UTF-8 (at byte " +
-                         std::to_string(bad) + ")");
-    if (compile_literal(key)) return;
-    pattern_impl::Parser parser(key, max_group_depth + 1);  // PEFT's own group around the key is one level
-    const pattern_impl::Node root = parser.parse();
-    if (pattern_impl::Compiler::size(root, max_program_size + 1) + 1 > max_program_size)
-      throw config_error("pattern key " + pattern_impl::quoted(key) + " compiles to more than " +
-                         std::to_string(max_program_size) +
-                         " NFA instructions (counted repetitions are expanded), more than this matcher allows; only a "
-                         "linear-time subset of Python's re is supported");
-    pattern_impl::Compiler(program_).emit(root);
-    program_.push_back({Op::match, Anchor::begin, 0, 0});
-    precompute_closures();
-    classes_ = std::move(parser.classes);
-    // The longest few required strings, and none that is part of a longer one.
-    std::vector<std::string> required;
-    pattern_impl::required_literals(root, required);
-    std::sort(required.begin(), required.end(), [](const auto& a, const auto& b) { return a.size() > b.size(); });
-    for (const auto& r : required) {
-      if (required_.size() == 4) break;
-      if (std::none_of(required_.begin(), required_.end(), [&](const auto& s) { return s.find(r) != s.npos; }))
-        required_.push_back(r);
-    }
+  explicit ModulePattern(std::string_view key) : ModulePattern(key, U"(.*\\.)?(", U")$", false) {}
+
+  /// re.fullmatch(pattern, module) is not None (PEFT's target_modules and
+  /// exclude_modules strings): `pattern` is parsed alone, as Python compiles
+  /// it, then matched as re.match("(?:" + pattern + r")\Z", module) would.
+  static ModulePattern fullmatch(std::string_view pattern) { return ModulePattern(pattern, U"(?:", U")\\Z", true); }
+
+  /// re.match(prefix + pattern + suffix, module) is not None: `prefix` and
+  /// `suffix` are regex text joined to `pattern` without a group, as PEFT's
+  /// f-strings join them (rf".*?\.{pattern}\.(\d+)\."), and parsed as one.
+  static ModulePattern match_joined(std::u32string_view prefix, std::string_view pattern, std::u32string_view suffix) {
+    return ModulePattern(pattern, prefix, suffix, false);
   }
 
   /// re.match(rf"(.*\.)?({key})$", module) is not None, as Python 3.11
-  /// decides it (with the ASCII classes above). Throws config_error for a
-  /// module path over max_module_bytes or not valid UTF-8.
+  /// decides it (with the ASCII classes above); for fullmatch() and
+  /// match_joined(), the call each names. Throws config_error for a module
+  /// path over max_module_bytes or not valid UTF-8.
   bool matches(std::string_view module) const {
     if (module.size() > max_module_bytes)
       throw config_error("module path " + pattern_impl::quoted(module) + " is " + std::to_string(module.size()) +
@@ -706,6 +690,40 @@ class ModulePattern {
   const std::string& key() const { return key_; }
 
  private:
+  // `alone`: the key must also parse by itself (fullmatch: Python compiles it alone).
+  ModulePattern(std::string_view key, std::u32string_view prefix, std::u32string_view suffix, bool alone) : key_(key) {
+    if (key.size() > max_key_bytes)
+      throw config_error("pattern key " + pattern_impl::quoted(key) + " is " + std::to_string(key.size()) +
+                         " bytes, more than the limit of " + std::to_string(max_key_bytes));
+    const std::size_t bad = pattern_impl::invalid_utf8_at(key);
+    if (bad != std::string_view::npos)
+      throw config_error("pattern key " + pattern_impl::quoted(key) + " is not valid UTF-8 (at byte " +
+                         std::to_string(bad) + ")");
+    if (prefix == U"(.*\\.)?(" && suffix == U")$" && compile_literal(key)) return;
+    if (alone)
+      pattern_impl::Parser(key, max_group_depth, U"", U"").parse();         // Python's errors for the pattern by itself
+    pattern_impl::Parser parser(key, max_group_depth + 1, prefix, suffix);  // the wrapper's group is one level
+    const pattern_impl::Node root = parser.parse();
+    if (pattern_impl::Compiler::size(root, max_program_size + 1) + 1 > max_program_size)
+      throw config_error("pattern key " + pattern_impl::quoted(key) + " compiles to more than " +
+                         std::to_string(max_program_size) +
+                         " NFA instructions (counted repetitions are expanded), more than this matcher allows; only a "
+                         "linear-time subset of Python's re is supported");
+    pattern_impl::Compiler(program_).emit(root);
+    program_.push_back({Op::match, Anchor::begin, 0, 0});
+    precompute_closures();
+    classes_ = std::move(parser.classes);
+    // The longest few required strings, and none that is part of a longer one.
+    std::vector<std::string> required;
+    pattern_impl::required_literals(root, required);
+    std::sort(required.begin(), required.end(), [](const auto& a, const auto& b) { return a.size() > b.size(); });
+    for (const auto& r : required) {
+      if (required_.size() == 4) break;
+      if (std::none_of(required_.begin(), required_.end(), [&](const auto& s) { return s.find(r) != s.npos; }))
+        required_.push_back(r);
+    }
+  }
+
   using Instruction = pattern_impl::Instruction;
   using Op = pattern_impl::Op;
   using Anchor = pattern_impl::Anchor;
