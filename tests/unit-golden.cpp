@@ -149,3 +149,28 @@ TEMPLATE_TEST_CASE("LoRA on the q and v slices of a fused Conv1D projection matc
   layer.merge();
   CHECK(max_rel_diff(W, tensor("fused.merged_W")) < tolerance<S>);
 }
+
+TEMPLATE_TEST_CASE("embedding LoRA with repeated ids and a padding index matches PyTorch", "[golden][embedding]", float,
+                   double) {
+  using S = TestType;
+  lora::Matrix<S> E = tensor<S>("embedding.E");  // (V, d)
+  lora::LoraConfig cfg;
+  cfg.r = 2;
+  cfg.lora_alpha = 4;
+  lora::LoRAEmbedding<S> layer(
+      lora::FrozenWeight<S>::mutable_view(E.data(), E.cols(), E.rows(), lora::WeightLayout::in_out), cfg, 0);
+  layer.lora_A() = tensor<S>("embedding.A");
+  layer.lora_B() = tensor<S>("embedding.B");
+  const auto ids_matrix = tensor("embedding.ids");
+  std::vector<lora::Index> ids;
+  for (lora::Index i = 0; i < ids_matrix.size(); ++i) ids.push_back(static_cast<lora::Index>(ids_matrix(0, i)));
+  lora::Matrix<S> y(static_cast<lora::Index>(ids.size()), E.cols());
+  layer.forward(ids, y);
+  layer.backward(ids, tensor<S>("embedding.dy"));
+  CHECK(max_rel_diff(y, tensor("embedding.y")) < tolerance<S>);
+  CHECK(max_rel_diff(layer.dA(), tensor("embedding.dA")) < tolerance<S>);  // id 4 three times, id 0 padding
+  CHECK(max_rel_diff(layer.dB(), tensor("embedding.dB")) < tolerance<S>);
+  layer.eval();
+  layer.merge();
+  CHECK(max_rel_diff(E, tensor("embedding.merged_E")) < tolerance<S>);
+}

@@ -307,7 +307,7 @@ TEST_CASE("peft config: defaults assumed are reported, bad values refused", "[pe
   CHECK_THAT(bad("{"), Contains("cfg.json: not valid JSON"));
 }
 
-TEST_CASE("peft refuses DoRA and embedding tensors, pickles, and half adapters", "[peft]") {
+TEST_CASE("peft refuses DoRA tensors, broken embedding adapters, pickles, and half adapters", "[peft]") {
   fs::path dir = scratch_dir("unsupported");
   write_text((dir / "adapter_config.json").string(), R"({"peft_type": "LORA", "r": 2, "lora_alpha": 2})");
   Mat A = Mat::Ones(2, 3), B = Mat::Ones(4, 2), m = Mat::Ones(1, 4);
@@ -328,8 +328,21 @@ TEST_CASE("peft refuses DoRA and embedding tensors, pickles, and half adapters",
         {"base_model.model.fc.lora_B.weight", B},
         {"base_model.model.fc.lora_magnitude_vector", m}});
   CHECK_THAT(message(), Contains("DoRA magnitude vectors are not supported yet"));
+  // An embedding adapter reads (lora_embedding_A (r, V), lora_embedding_B (d, r)); broken ones are named.
   save({{"base_model.model.emb.lora_embedding_A", A}, {"base_model.model.emb.lora_embedding_B", B}});
-  CHECK_THAT(message(), Contains("embedding adapters (lora_embedding_A/B) are not supported yet"));
+  CHECK(message() == "accepted");
+  CHECK(peft::read_adapter<float>(dir.string()).modules.at(0).embedding);
+  save({{"base_model.model.emb.lora_embedding_A", A}});
+  CHECK_THAT(message(), Contains("emb: has lora_embedding_A but no lora_embedding_B"));
+  save({{"base_model.model.emb.lora_embedding_A", A}, {"base_model.model.emb.lora_embedding_B", Mat::Ones(4, 3)}});
+  CHECK_THAT(message(), Contains("emb: lora_embedding_A [2, 3] and lora_embedding_B [4, 3] do not have the rank"));
+  save({{"base_model.model.emb.lora_embedding_A", A},
+        {"base_model.model.emb.lora_embedding_B", B},
+        {"base_model.model.emb.lora_A.weight", A},
+        {"base_model.model.emb.lora_B.weight", B}});
+  CHECK_THAT(message(), Contains("emb: has both lora_A/lora_B and lora_embedding_A/B"));
+  save({{"base_model.model.lora_embedding_A", A}, {"base_model.model.emb.lora_B.weight", B}});
+  CHECK_THAT(message(), Contains("base_model.model.lora_embedding_A: a LoRA matrix with no module path"));
   save({{"base_model.model.fc.lora_A.weight", A}, {"base_model.model.up.lora_B.weight", B}});
   std::string two = message();
   CHECK_THAT(two, Contains("2 problem(s)"));

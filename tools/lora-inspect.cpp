@@ -68,9 +68,10 @@ int main(int argc, char** argv) {
     std::printf("\n%-*s %8s %8s %5s %8s %9s\n", static_cast<int>(width), "module", "in", "out", "r", "alpha",
                 "scaling");
     for (const auto& m : adapter.modules)
-      std::printf("%-*s %8lld %8lld %5d %8s %9s\n", static_cast<int>(width), shown(m.path).c_str(),
+      // An embedding's "in" is its vocabulary (lora_embedding_A's columns), "out" its embedding dimension.
+      std::printf("%-*s %8lld %8lld %5d %8s %9s%s\n", static_cast<int>(width), shown(m.path).c_str(),
                   static_cast<long long>(m.in_features()), static_cast<long long>(m.out_features()), m.r,
-                  number(m.lora_alpha).c_str(), number(m.scaling).c_str());
+                  number(m.lora_alpha).c_str(), number(m.scaling).c_str(), m.embedding ? "  embedding" : "");
     std::printf("\nnon-LoRA tensors: %zu\n", adapter.other_tensors.size());
     for (const auto& t : adapter.other_tensors)
       std::printf("  %s %s %s\n", shown(t.name).c_str(), lora::safetensors::dtype_name(t.dtype),

@@ -4,6 +4,7 @@
 #include <lora/activations.hpp>
 #include <lora/checkpoint.hpp>
 #include <lora/config.hpp>
+#include <lora/embedding.hpp>
 #include <lora/errors.hpp>
 #include <lora/fused.hpp>
 #include <lora/gradcheck.hpp>

@@ -21,6 +21,7 @@
 #include <lora/config.hpp>
 #include <lora/detail/file.hpp>
 #include <lora/detail/pattern.hpp>
+#include <lora/embedding.hpp>
 #include <lora/errors.hpp>
 #include <lora/linear.hpp>
 #include <lora/multi.hpp>
@@ -389,6 +390,9 @@ struct ModuleAdapter {
   int r = 0;
   double lora_alpha = 0;
   double scaling = 0;
+  /// An embedding adapter (lora_embedding_A (R, V), lora_embedding_B (d, R)): the base tensor <path>.weight is
+  /// the (V, d) table, so merging adds (s B A)ᵀ whatever fan_in_fan_out says, as PEFT does.
+  bool embedding = false;
   Index in_features() const { return A.cols(); }
   Index out_features() const { return B.rows(); }
 };
@@ -420,7 +424,7 @@ struct Adapter {
 
 namespace detail {
 
-enum class KeyKind { lora_A, lora_B, bias, unsupported_embedding, unsupported_dora, no_module_path, other };
+enum class KeyKind { lora_A, lora_B, embedding_A, embedding_B, bias, unsupported_dora, no_module_path, other };
 
 /// Splits a saved key into (module path, kind).
 inline std::pair<std::string, KeyKind> classify_key(const std::string& key) {
@@ -428,19 +432,22 @@ inline std::pair<std::string, KeyKind> classify_key(const std::string& key) {
     return key.size() > suffix.size() && key.compare(key.size() - suffix.size(), suffix.size(), suffix) == 0;
   };
   const std::string prefix = key_prefix;
-  if (key.find("lora_embedding_A") != std::string::npos || key.find("lora_embedding_B") != std::string::npos)
-    return {key, KeyKind::unsupported_embedding};
   if (key.find("lora_magnitude_vector") != std::string::npos) return {key, KeyKind::unsupported_dora};
-  if (key.compare(0, prefix.size(), prefix) != 0) return {key, KeyKind::other};
+  const bool embedding =
+      key.find("lora_embedding_A") != std::string::npos || key.find("lora_embedding_B") != std::string::npos;
+  if (key.compare(0, prefix.size(), prefix) != 0) return {key, embedding ? KeyKind::no_module_path : KeyKind::other};
   // "<prefix><path><suffix>" with a non-empty path: "base_model.model.lora_A.weight" names no module.
+  // Embedding adapters (PEFT's lora.Embedding) have no ".weight" suffix.
   for (auto [suffix, kind] : {std::pair<const char*, KeyKind>{".lora_A.weight", KeyKind::lora_A},
                               {".lora_B.weight", KeyKind::lora_B},
+                              {".lora_embedding_A", KeyKind::embedding_A},
+                              {".lora_embedding_B", KeyKind::embedding_B},
                               {".bias", KeyKind::bias}}) {
     const std::size_t n = std::strlen(suffix);
     if (ends_with(suffix) && key.size() > prefix.size() + n)
       return {key.substr(prefix.size(), key.size() - prefix.size() - n), kind};
   }
-  if (ends_with("lora_A.weight") || ends_with("lora_B.weight")) return {key, KeyKind::no_module_path};
+  if (ends_with("lora_A.weight") || ends_with("lora_B.weight") || embedding) return {key, KeyKind::no_module_path};
   return {key, KeyKind::other};
 }
 
@@ -499,6 +506,7 @@ Adapter<Scalar> read_adapter(const std::string& dir_or_file) {
   const safetensors::File& file = *adapter.file;
 
   std::map<std::string, std::pair<const safetensors::TensorInfo*, const safetensors::TensorInfo*>> found;
+  std::map<std::string, std::pair<const safetensors::TensorInfo*, const safetensors::TensorInfo*>> embeddings;
   std::map<std::string, const safetensors::TensorInfo*> biases;
   std::vector<std::string> problems;
   for (const auto& t : file.tensors()) {
@@ -513,36 +521,49 @@ Adapter<Scalar> read_adapter(const std::string& dir_or_file) {
       case detail::KeyKind::bias:
         biases[path] = &t;
         break;
-      case detail::KeyKind::unsupported_embedding:
-        problems.push_back(printable(t.name) + ": embedding adapters (lora_embedding_A/B) are not supported yet");
+      case detail::KeyKind::embedding_A:
+        embeddings[path].first = &t;
+        break;
+      case detail::KeyKind::embedding_B:
+        embeddings[path].second = &t;
         break;
       case detail::KeyKind::unsupported_dora:
         problems.push_back(printable(t.name) + ": DoRA magnitude vectors are not supported yet");
         break;
       case detail::KeyKind::no_module_path:
         problems.push_back(printable(t.name) + ": a LoRA matrix with no module path (expected " + key_prefix +
-                           "<module path>.lora_A.weight / .lora_B.weight)");
+                           "<module path>.lora_A.weight / .lora_B.weight, or .lora_embedding_A / _B)");
         break;
       default:
         adapter.other_tensors.push_back(t);
         break;
     }
   }
+  for (const auto& [path, pair] : embeddings) {
+    if (found.count(path) != 0) {
+      problems.push_back(path + ": has both lora_A/lora_B and lora_embedding_A/B; a module is one or the other");
+      continue;
+    }
+    found[path] = pair;
+  }
   for (const auto& [path, pair] : found) {
+    const bool embedding = embeddings.count(path) != 0;
+    const std::string name_A = embedding ? "lora_embedding_A" : "lora_A",
+                      name_B = embedding ? "lora_embedding_B" : "lora_B";
     const auto* a = pair.first;
     const auto* b = pair.second;
     if (a == nullptr || b == nullptr) {
-      problems.push_back(path + ": has lora_" + std::string(a ? "A" : "B") + " but no lora_" + (a ? "B" : "A"));
+      problems.push_back(path + ": has " + (a ? name_A : name_B) + " but no " + (a ? name_B : name_A));
       continue;
     }
     if (!safetensors::is_float(a->dtype) || !safetensors::is_float(b->dtype)) {
-      problems.push_back(path + ": lora_A/lora_B must be F16, BF16, F32 or F64, got " +
+      problems.push_back(path + ": " + name_A + "/" + name_B + " must be F16, BF16, F32 or F64, got " +
                          safetensors::dtype_name(a->dtype) + "/" + safetensors::dtype_name(b->dtype));
       continue;
     }
     if (a->shape.size() != 2 || b->shape.size() != 2) {
-      problems.push_back(path + ": lora_A " + detail::shape_of(*a) + " and lora_B " + detail::shape_of(*b) +
-                         " must both be 2-D");
+      problems.push_back(path + ": " + name_A + " " + detail::shape_of(*a) + " and " + name_B + " " +
+                         detail::shape_of(*b) + " must both be 2-D");
       continue;
     }
     int rank = 0;
@@ -553,8 +574,9 @@ Adapter<Scalar> read_adapter(const std::string& dir_or_file) {
       continue;
     }
     if (a->shape[0] != b->shape[1] || a->shape[0] != static_cast<std::uint64_t>(rank)) {
-      problems.push_back(path + ": lora_A " + detail::shape_of(*a) + " and lora_B " + detail::shape_of(*b) +
-                         " do not have the rank the config gives this module (" + std::to_string(rank) + ")");
+      problems.push_back(path + ": " + name_A + " " + detail::shape_of(*a) + " and " + name_B + " " +
+                         detail::shape_of(*b) + " do not have the rank the config gives this module (" +
+                         std::to_string(rank) + ")");
       continue;
     }
     if (a->shape[1] == 0 || b->shape[0] == 0) {
@@ -564,6 +586,7 @@ Adapter<Scalar> read_adapter(const std::string& dir_or_file) {
     }
     ModuleAdapter<Scalar> m;
     m.path = path;
+    m.embedding = embedding;
     m.r = rank;
     m.lora_alpha = adapter.config.alpha_for(path);
     m.scaling = adapter.config.scaling_for(path);
@@ -622,44 +645,67 @@ struct LoadOptions {
 /// left for inference (eval()) unless options.is_trainable.
 template <class Scalar>
 LoadReport load_adapter(const std::string& dir_or_file, const std::map<std::string, LoRALinear<Scalar>*>& model,
+                        const std::map<std::string, LoRAEmbedding<Scalar>*>& embeddings,
                         const LoadOptions& options = {}) {
   Adapter<Scalar> adapter = read_adapter<Scalar>(dir_or_file);
   std::vector<std::string> problems;
   LoadReport report;
-  for (const auto& [path, layer] : model) {
-    if (layer->rank() == 0) continue;
+  // What every layer kind shares: a module for each adapted layer, shapes, scaling, merged state.
+  auto check = [&](const std::string& path, const auto& layer, bool want_embedding) -> const ModuleAdapter<Scalar>* {
+    const std::string name_A = want_embedding ? ".lora_embedding_A" : ".lora_A.weight",
+                      name_B = want_embedding ? ".lora_embedding_B" : ".lora_B.weight";
     const ModuleAdapter<Scalar>* m = adapter.find(path);
     if (m == nullptr) {
       if (options.strict)
-        problems.push_back("missing: " + std::string(key_prefix) + path + ".lora_A.weight / .lora_B.weight");
+        problems.push_back("missing: " + std::string(key_prefix) + path + name_A + " / " + name_B);
       else
         report.missing.push_back(path);
-      continue;
+      return nullptr;
     }
-    if (m->A.rows() != layer->rank() || m->A.cols() != layer->in_features())
-      problems.push_back(path + ".lora_A.weight: expected " + shape_string(layer->rank(), layer->in_features()) +
-                         ", got " + shape_string(m->A.rows(), m->A.cols()));
-    if (m->B.rows() != layer->out_features() || m->B.cols() != layer->rank())
-      problems.push_back(path + ".lora_B.weight: expected " + shape_string(layer->out_features(), layer->rank()) +
-                         ", got " + shape_string(m->B.rows(), m->B.cols()));
-    const double layer_scaling = static_cast<double>(layer->scaling());
+    if (m->embedding != want_embedding) {
+      problems.push_back(path + (m->embedding ? ": the file has an embedding adapter (lora_embedding_A/B) for it, the "
+                                                "layer is a LoRALinear"
+                                              : ": the file has a linear adapter (lora_A/lora_B) for it, the layer is "
+                                                "a LoRAEmbedding"));
+      return nullptr;
+    }
+    if (m->A.rows() != layer.rank() || m->A.cols() != layer.lora_A().cols())
+      problems.push_back(path + name_A + ": expected " + shape_string(layer.rank(), layer.lora_A().cols()) + ", got " +
+                         shape_string(m->A.rows(), m->A.cols()));
+    if (m->B.rows() != layer.lora_B().rows() || m->B.cols() != layer.rank())
+      problems.push_back(path + name_B + ": expected " + shape_string(layer.lora_B().rows(), layer.rank()) + ", got " +
+                         shape_string(m->B.rows(), m->B.cols()));
+    const double layer_scaling = static_cast<double>(layer.scaling());
     if (std::abs(layer_scaling - m->scaling) > 1e-6 * std::max(1.0, std::abs(m->scaling)))
       problems.push_back(path + ": the file's scaling is " + value_string(m->scaling) + " (lora_alpha " +
                          value_string(m->lora_alpha) + ", r " + std::to_string(m->r) +
                          (adapter.config.use_rslora ? ", rsLoRA" : "") + "), the layer was built with " +
                          value_string(layer_scaling) + "; build it with AdapterConfig::layer_config(\"" + path + "\")");
+    if (layer.is_merged()) problems.push_back(path + ": the layer is merged; unmerge() it before loading");
+    return m;
+  };
+  for (const auto& [path, layer] : model) {
+    if (layer->rank() == 0) continue;
+    const ModuleAdapter<Scalar>* m = check(path, *layer, false);
+    if (m == nullptr) continue;
     if (m->bias.size() > 0 && !layer->bias_trainable())
       problems.push_back(path + ".bias: the file has a trained bias, the layer's bias does not train (bias mode " +
                          std::string(bias_name(adapter.config.bias)) + ")");
-    if (layer->is_merged()) problems.push_back(path + ": the layer is merged; unmerge() it before loading");
     if ((layer->weight_layout() == WeightLayout::in_out) != adapter.config.fan_in_fan_out)
       report.layout_differs.push_back(path);
   }
-  if (options.strict) {
-    detail::add_unexpected_modules(adapter, model, problems);
-  } else {
-    for (const auto& m : adapter.modules)
-      if (model.find(m.path) == model.end()) report.unexpected.push_back(m.path);
+  for (const auto& [path, layer] : embeddings) {
+    if (model.count(path) != 0) problems.push_back(path + ": given both as a LoRALinear and as a LoRAEmbedding");
+    if (layer->rank() > 0) check(path, *layer, true);
+  }
+  for (const auto& m : adapter.modules) {
+    if (model.count(m.path) != 0 || embeddings.count(m.path) != 0) continue;
+    if (options.strict)
+      problems.push_back("unexpected: " + std::string(key_prefix) + m.path +
+                         (m.embedding ? ".lora_embedding_A / _B" : ".lora_A.weight / .lora_B.weight") +
+                         " (no layer with that module path)");
+    else
+      report.unexpected.push_back(m.path);
   }
   detail::throw_problems(adapter.source + ": cannot load into this model, ", problems);
   for (const auto& [path, layer] : model) {
@@ -672,9 +718,25 @@ LoadReport load_adapter(const std::string& dir_or_file, const std::map<std::stri
     layer->train(options.is_trainable);
     report.loaded.push_back(path);
   }
+  for (const auto& [path, layer] : embeddings) {
+    if (layer->rank() == 0) continue;
+    const ModuleAdapter<Scalar>* m = adapter.find(path);
+    if (m == nullptr) continue;
+    layer->lora_A() = m->A;
+    layer->lora_B() = m->B;
+    layer->train(options.is_trainable);
+    report.loaded.push_back(path);
+  }
   report.other_tensors = adapter.other_tensors;
   report.assumed = adapter.config.assumed;
   return report;
+}
+
+/// load_adapter for a model of LoRALinear layers only.
+template <class Scalar>
+LoadReport load_adapter(const std::string& dir_or_file, const std::map<std::string, LoRALinear<Scalar>*>& model,
+                        const LoadOptions& options = {}) {
+  return load_adapter(dir_or_file, model, std::map<std::string, LoRAEmbedding<Scalar>*>{}, options);
 }
 
 namespace detail {
@@ -762,13 +824,36 @@ AdapterConfig config_for(const std::map<std::string, LoRALinear<Scalar>*>& model
 /// before either is renamed into place. `extra` adds non-LoRA tensors
 /// under their full names (a modules_to_save head). The files a failed save
 /// would have replaced stay as they were.
+/// With embedding layers too: each saved as PEFT saves lora.Embedding, "<path>.lora_embedding_A" (R, V) and
+/// "<path>.lora_embedding_B" (d, R), its r and lora_alpha in the config like any module's.
 template <class Scalar>
 void save_adapter(const std::string& dir, const std::map<std::string, LoRALinear<Scalar>*>& model,
-                  const AdapterConfig& base = {}, safetensors::Dtype dtype = safetensors::Dtype::F32,
+                  const std::map<std::string, LoRAEmbedding<Scalar>*>& embeddings, const AdapterConfig& base = {},
+                  safetensors::Dtype dtype = safetensors::Dtype::F32,
                   const std::map<std::string, Matrix<Scalar>>& extra = {}) {
-  AdapterConfig config = config_for(model, base);
+  // The config is derived from every module: an embedding counts as a LoRALinear over its table would.
+  std::vector<std::unique_ptr<LoRALinear<Scalar>>> stand_ins;
+  std::map<std::string, LoRALinear<Scalar>*> all = model;
+  for (const auto& [path, layer] : embeddings) {
+    if (model.count(path) != 0)
+      throw config_error("peft::save_adapter: \"" + path + "\" is given both as a LoRALinear and as a LoRAEmbedding");
+    stand_ins.push_back(std::make_unique<LoRALinear<Scalar>>(layer->frozen_weight().read_only_view(), layer->config()));
+    all[path] = stand_ins.back().get();
+  }
+  AdapterConfig config = config_for(all, base);
+  // fan_in_fan_out is about the linear layers' base tensors; an embedding table is (V, d) whatever it says.
+  config.fan_in_fan_out = base.fan_in_fan_out;
+  for (const auto& [path, layer] : model)
+    if (layer->rank() > 0 && layer->weight_layout() == WeightLayout::in_out) config.fan_in_fan_out = true;
   safetensors::Writer writer;
   writer.set_metadata("format", "pt");
+  for (const auto& [path, layer] : embeddings) {
+    if (layer->is_merged())
+      throw state_error("peft::save_adapter: layer \"" + path + "\" is merged; save before merging or unmerge()");
+    if (layer->rank() == 0) continue;
+    writer.add(key_prefix + path + ".lora_embedding_A", layer->lora_A(), dtype);
+    writer.add(key_prefix + path + ".lora_embedding_B", layer->lora_B(), dtype);
+  }
   for (const auto& [path, layer] : model) {
     if (layer->is_merged())
       throw state_error("peft::save_adapter: layer \"" + path + "\" is merged; save before merging or unmerge()");
@@ -789,6 +874,14 @@ void save_adapter(const std::string& dir, const std::map<std::string, LoRALinear
   auto config_file = config.stage((std::filesystem::path(dir) / config_file_name).string());
   weights.commit();
   config_file.commit();
+}
+
+/// save_adapter for a model of LoRALinear layers only.
+template <class Scalar>
+void save_adapter(const std::string& dir, const std::map<std::string, LoRALinear<Scalar>*>& model,
+                  const AdapterConfig& base = {}, safetensors::Dtype dtype = safetensors::Dtype::F32,
+                  const std::map<std::string, Matrix<Scalar>>& extra = {}) {
+  save_adapter(dir, model, std::map<std::string, LoRAEmbedding<Scalar>*>{}, base, dtype, extra);
 }
 
 // ---- several adapters on one base ----------------------------------------------------
@@ -1000,12 +1093,15 @@ MergeReport merge_adapter_file(const std::string& base_path, const std::string& 
     }
     const std::uint64_t O = static_cast<std::uint64_t>(m.out_features()),
                         I = static_cast<std::uint64_t>(m.in_features());
+    const bool in_out = fan_in_fan_out || m.embedding;  // an embedding table is (V, d): (in, out)
     const std::vector<std::uint64_t> want =
-        fan_in_fan_out ? std::vector<std::uint64_t>{I, O} : std::vector<std::uint64_t>{O, I};
+        in_out ? std::vector<std::uint64_t>{I, O} : std::vector<std::uint64_t>{O, I};
     if (w->shape != want) {
       problems.push_back(m.path + ": base tensor \"" + w->name + "\" is " + safetensors::shape_text(w->shape) +
                          ", the adapter needs " + safetensors::shape_text(want) +
-                         (fan_in_fan_out ? " (in, out), fan_in_fan_out" : " (out, in)"));
+                         (m.embedding      ? " (num_embeddings, embedding_dim)"
+                          : fan_in_fan_out ? " (in, out), fan_in_fan_out"
+                                           : " (out, in)"));
       continue;
     }
     if (!safetensors::is_float(w->dtype)) {
@@ -1081,7 +1177,7 @@ MergeReport merge_adapter_file(const std::string& base_path, const std::string& 
     Matrix<Acc> merged(rows, cols);
     if (w->dtype == safetensors::Dtype::F64) {
       base.convert_into(*w, merged.data());
-      merge_into<Acc, Acc>(merged, m, scale, fan_in_fan_out);
+      merge_into<Acc, Acc>(merged, m, scale, fan_in_fan_out || m.embedding);
     } else {  // float accumulation, as PEFT does for a float32 base and llama.cpp's export-lora
       const float s = static_cast<float>(scale * m.scaling);
       if (!std::isfinite(s)) {
@@ -1096,7 +1192,7 @@ MergeReport merge_adapter_file(const std::string& base_path, const std::string& 
       m32.A = m.A.template cast<float>();
       m32.B = m.B.template cast<float>();
       m32.scaling = m.scaling;
-      merge_into<float, float>(w32, m32, scale, fan_in_fan_out);
+      merge_into<float, float>(w32, m32, scale, fan_in_fan_out || m.embedding);
       merged = w32.cast<double>();
     }
     const std::size_t bad =

@@ -196,6 +196,25 @@ merged[:, 0:d] += (Bq @ Aq).T * s_q
 merged[:, 2 * d : 3 * d] += (Bv @ Av).T * s_v
 put("fused.merged_W", merged)
 
+# ---- embedding LoRA (PEFT's lora.Embedding), repeated ids and a padding index --------------------------------
+# PEFT: result = base_layer(x) + F.embedding(x, lora_embedding_A.T, padding_idx) @ lora_embedding_B.T * scaling,
+# no dropout; get_delta_weight = transpose(B @ A, True) * scaling, added to the (V, d) table.
+V, d, R = 7, 3, 2
+scaling = 4.0 / R
+E = torch.randn(V, d)
+A = torch.randn(R, V, requires_grad=True)  # PEFT starts A at zero; random here so every gradient path shows
+B = torch.randn(d, R, requires_grad=True)
+ids = torch.tensor([1, 4, 1, 0, 6, 4, 4])
+dy = torch.randn(len(ids), d)
+for name, t in [("E", E), ("A", A), ("B", B), ("ids", ids), ("dy", dy)]:
+    put("embedding." + name, t)
+y = F.embedding(ids, E, padding_idx=0) + F.embedding(ids, A.T, padding_idx=0) @ B.T * scaling
+y.backward(dy)
+put("embedding.y", y)
+put("embedding.dA", A.grad)
+put("embedding.dB", B.grad)
+put("embedding.merged_E", E + (B @ A).T * scaling)
+
 out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data", "golden.txt")
 with open(out, "w") as f:
     f.write("# PyTorch %s reference values; written by tests/golden/make_golden.py\n" % torch.__version__)
