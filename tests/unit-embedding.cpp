@@ -165,6 +165,12 @@ TEST_CASE("embedding adapters round trip through PEFT files beside linear layers
   CHECK(emb2.lora_A() == emb.lora_A());
   CHECK(emb2.lora_B() == emb.lora_B());
   CHECK_FALSE(emb2.is_training());
+  // Saved again from what was loaded: the same bytes, both files.
+  lora::peft::save_adapter((dir / "b").string(),
+                           std::map<std::string, lora::LoRALinear<float>*>{{"model.layers.0.self_attn.q_proj", &q2}},
+                           std::map<std::string, lora::LoRAEmbedding<float>*>{{"model.embed_tokens", &emb2}}, config);
+  for (const char* name : {"adapter_model.safetensors", "adapter_config.json"})
+    CHECK(lora_test::read_bytes((dir / "a" / name).string()) == lora_test::read_bytes((dir / "b" / name).string()));
 
   // Loaded into the wrong kind of layer, or left out: refused, naming the module, and nothing changes.
   lora::LoRALinear<float> wrong(Mat<float>(wte.transpose()), config.layer_config("model.embed_tokens"));
