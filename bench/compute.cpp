@@ -21,6 +21,13 @@
 //   mixed_over_single_paired the single-adapter and the mixed forward alternating in one loop; the counter
 //                            mixed/single is the median of the per-pair time ratios
 // and, before the runs, the resident memory each extra adapter adds (VmRSS).
+// Weight layouts and fused slices (issue 13), each a paired run whose counters are medians of per-pair ratios,
+// registered over (N, I, O, R):
+//   layout_paired    the same LoRALinear over W stored (O, I) and over Wᵀ stored (I, O) (a Conv1D checkpoint
+//                    viewed in place): "fwd in_out/out_in" and "step in_out/out_in" (forward + backward with dx)
+//   fused_qv_paired  FusedLoRALinear with adapters on the q and v thirds of a fused (I, O = 3I) weight, against
+//                    the base product alone ("fwd fused/base": x Wᵀ) and against the two dense products of a
+//                    training step ("step fused/dense": x Wᵀ and dy W)
 // After the runs a table gives each variant's median time over its baseline's.
 //
 // Flags besides google benchmark's: --threads=T (default 1) and --smoke (small
@@ -295,6 +302,89 @@ void mixed_over_single_paired(benchmark::State& state) {
   state.counters["mixed/single"] = ratios[ratios.size() / 2];  // the median per-pair ratio
 }
 
+// Times f and g alternately, each on its own, after one untimed call of each; returns the median of the
+// per-pair ratios time(f) / time(g). The order alternates so neither always runs right after the other.
+template <class F, class G>
+double paired_median(benchmark::State& state, F&& f, G&& g) {
+  using clock = std::chrono::steady_clock;
+  auto timed = [](auto& call) {
+    const auto t0 = clock::now();
+    call();
+    benchmark::ClobberMemory();
+    return std::chrono::duration<double>(clock::now() - t0).count();
+  };
+  f();
+  g();
+  std::vector<double> ratios;
+  bool f_first = false;
+  for (auto _ : state) {
+    double tf, tg;
+    if (f_first) {
+      tf = timed(f);
+      tg = timed(g);
+    } else {
+      tg = timed(g);
+      tf = timed(f);
+    }
+    ratios.push_back(tf / tg);
+    f_first = !f_first;
+  }
+  std::nth_element(ratios.begin(), ratios.begin() + ratios.size() / 2, ratios.end());
+  return ratios[ratios.size() / 2];
+}
+
+void layout_paired(benchmark::State& state) {
+  const lora::Index N = state.range(0), I = state.range(1), O = state.range(2);
+  const int R = static_cast<int>(state.range(3));
+  const Mat W = Mat::Random(O, I), Wt = W.transpose();
+  const Mat x = Mat::Random(N, I), dy = Mat::Random(N, O);
+  Mat y(N, O), dx(N, I);
+  const auto cfg = Problem::config(R);
+  lora::LoRALinear<float> out_in(lora::FrozenWeight<float>::view(W.data(), O, I), cfg);
+  lora::LoRALinear<float> in_out(lora::FrozenWeight<float>::view(Wt.data(), O, I, lora::WeightLayout::in_out), cfg);
+  out_in.lora_B().setRandom();
+  in_out.lora_B() = out_in.lora_B();
+  const bool step = state.range(4) != 0;
+  auto run = [&](lora::LoRALinear<float>& layer) {
+    layer.forward(x, y);
+    if (step) layer.backward(x, dy, dx);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::DoNotOptimize(dx.data());
+  };
+  state.counters[step ? "step in_out/out_in" : "fwd in_out/out_in"] = paired_median(
+      state, [&] { run(in_out); }, [&] { run(out_in); });
+}
+
+void fused_qv_paired(benchmark::State& state) {
+  const lora::Index N = state.range(0), I = state.range(1), O = state.range(2);
+  const int R = static_cast<int>(state.range(3));
+  const lora::Index d = O / 3;
+  const Mat Wt = Mat::Random(I, O);  // GPT-2's c_attn: (in, 3 out)
+  const Mat x = Mat::Random(N, I), dy = Mat::Random(N, O);
+  Mat y(N, O), dx(N, I);
+  const auto weight = lora::FrozenWeight<float>::view(Wt.data(), O, I, lora::WeightLayout::in_out);
+  lora::LoraConfig frozen;
+  frozen.r = 0;
+  lora::FusedLoRALinear<float> fused(weight,
+                                     {{"q", d, Problem::config(R)}, {"k", d, frozen}, {"v", d, Problem::config(R)}});
+  fused.lora_B(0).setRandom();
+  fused.lora_B(2).setRandom();
+  const bool step = state.range(4) != 0;
+  auto run_fused = [&] {
+    fused.forward(x, y);
+    if (step) fused.backward(x, dy, dx);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::DoNotOptimize(dx.data());
+  };
+  auto run_dense = [&] {
+    weight.forward(x, y);
+    if (step) weight.backward(dy, dx);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::DoNotOptimize(dx.data());
+  };
+  state.counters[step ? "step fused/dense" : "fwd fused/base"] = paired_median(state, run_fused, run_dense);
+}
+
 // What a server without grouped low-rank products would do: merge each adapter into W, run its rows, unmerge.
 void naive_merge_per_adapter(benchmark::State& state) {
   MultiProblem p(state);
@@ -380,6 +470,28 @@ void register_all(bool smoke) {
             {N, D, R, fn == single_adapter_forward ? std::vector<int64_t>{1} : std::vector<int64_t>{1, 8, 64}})
         ->Unit(benchmark::kMillisecond)
         ->UseRealTime();
+  // Issue 13's shapes: GPT-2's c_attn (768 -> 2304) and a LLaMA-7B projection (4096 -> 4096), N = 512, r = 8;
+  // the last argument is 0 for the forward, 1 for the training step. Each iteration is one pair.
+  const std::vector<std::vector<int64_t>> layouts =
+      smoke ? std::vector<std::vector<int64_t>>{{16, 32, 96, 4}}
+            : std::vector<std::vector<int64_t>>{{512, 768, 2304, 8}, {512, 4096, 4096, 8}};
+  for (int step = 0; step < 2; ++step) {
+    for (auto shape : layouts) {
+      shape.push_back(step);
+      benchmark::RegisterBenchmark("layout_paired", layout_paired)
+          ->ArgNames({"N", "I", "O", "R", "step"})
+          ->Args(shape)
+          ->Iterations(smoke ? 2 : 15)
+          ->Unit(benchmark::kMillisecond)
+          ->UseRealTime();
+    }
+    benchmark::RegisterBenchmark("fused_qv_paired", fused_qv_paired)
+        ->ArgNames({"N", "I", "O", "R", "step"})
+        ->Args(smoke ? std::vector<int64_t>{16, 32, 96, 4, step} : std::vector<int64_t>{512, 768, 2304, 8, step})
+        ->Iterations(smoke ? 2 : 25)
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
+  }
 }
 
 // Passes everything to the console and keeps each run's time (the median when
