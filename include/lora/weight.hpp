@@ -210,7 +210,7 @@ class FrozenWeight {
       if (write) {
         target += d;
       } else if (!(target + d).allFinite()) {
-        const std::string what = layout_ == WeightLayout::out_in ? " in outputs " : " in inputs ";
+        const std::string what = layout_ == WeightLayout::out_in ? " in rows " : " in stored (in, out) rows ";
         const Index first = layout_ == WeightLayout::out_in ? out_begin + i : i;
         throw numeric_error(std::string(where) + ": W + s·B·A has non-finite entries" + what + std::to_string(first) +
                             ".." + std::to_string(first + k - 1) +
