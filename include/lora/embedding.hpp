@@ -238,11 +238,7 @@ void LoRAEmbedding<Scalar>::backward(const std::vector<Index>& ids, const ConstR
   const Index N = static_cast<Index>(ids.size());
   detail::check_shape(where, "dy", dy, N, dim_);
   check_ids(where, ids);
-  if (cached_rows_ != N)
-    throw state_error(std::string(where) + ": needs the training-mode forward of the same ids first; " +
-                      (cached_rows_ < 0 ? std::string("no forward was run")
-                                        : "the last forward had " + std::to_string(cached_rows_) + " ids") +
-                      ", backward got " + std::to_string(N));
+  detail::check_cached_forward(where, cached_rows_, N, "ids", "ids");
   if (rank_ == 0) return;
   // forward: y += s · H Bᵀ, so dB += s · dyᵀ H and dH = s · dy B
   MatrixMap<Scalar>(grads_.data() + rank_ * vocab_, dim_, rank_).noalias() += scaling_ * dy.transpose() * H_;

@@ -315,9 +315,7 @@ void FusedLoRALinear<Scalar>::forward(const ConstRef<Scalar>& x, MutRef<Scalar> 
     if (dropout_ > 0) {
       mask_.resize(N, in_);
       x_dropped_.resize(N, in_);
-      const Scalar keep = Scalar(1) / (Scalar(1) - dropout_);
-      const double p = static_cast<double>(dropout_);
-      for (Index i = 0; i < mask_.size(); ++i) mask_.data()[i] = dropout_rng_.uniform() < p ? Scalar(0) : keep;
+      detail::draw_dropout_mask(dropout_rng_, dropout_, mask_);
       x_dropped_ = x.cwiseProduct(mask_);
       H_.noalias() = x_dropped_ * stacked_A().transpose();
     } else {
@@ -347,11 +345,7 @@ void FusedLoRALinear<Scalar>::backward_impl(const ConstRef<Scalar>& x, const Con
     throw state_error(std::string(where) + ": the layer is in eval mode; call train() and run forward again");
   detail::check_shape(where, "x", x, -1, in_);
   detail::check_shape(where, "dy", dy, x.rows(), out_);
-  if (cached_rows_ != x.rows())
-    throw state_error(std::string(where) + ": needs the training-mode forward of the same batch first; " +
-                      (cached_rows_ < 0 ? std::string("no forward was run")
-                                        : "the last forward had " + std::to_string(cached_rows_) + " rows") +
-                      ", backward got " + std::to_string(x.rows()));
+  detail::check_cached_forward(where, cached_rows_, x.rows());
   if (rank_ > 0) {
     G_.resize(x.rows(), rank_);
     for (std::size_t k = 0; k < slices_.size(); ++k) {

@@ -27,6 +27,26 @@ inline void check_features(const char* where, Index out_features, Index in_featu
     throw shape_error(std::string(where) + ": out_features and in_features must be positive, got out_features=" +
                       std::to_string(out_features) + ", in_features=" + std::to_string(in_features));
 }
+
+/// torch.nn.Dropout's mask for `mask`'s shape: each entry 0 with probability p, else 1 / (1 - p), drawn in
+/// storage order from `rng` (every layer draws the same way, so equal seeds give equal masks).
+template <class Scalar>
+void draw_dropout_mask(Rng& rng, Scalar p, Matrix<Scalar>& mask) {
+  const Scalar keep = Scalar(1) / (Scalar(1) - p);
+  const double drop = static_cast<double>(p);
+  for (Index i = 0; i < mask.size(); ++i) mask.data()[i] = rng.uniform() < drop ? Scalar(0) : keep;
+}
+
+/// Throws state_error unless the last training forward had `rows` inputs (`cached` is -1 when none ran):
+/// backward needs what that forward kept. `what` names the input ("batch"), `unit` its rows ("rows").
+inline void check_cached_forward(const char* where, Index cached, Index rows, const char* what = "batch",
+                                 const char* unit = "rows") {
+  if (cached != rows)
+    throw state_error(std::string(where) + ": needs the training-mode forward of the same " + what + " first; " +
+                      (cached < 0 ? std::string("no forward was run")
+                                  : "the last forward had " + std::to_string(cached) + " " + unit) +
+                      ", backward got " + std::to_string(rows));
+}
 }  // namespace detail
 
 template <class Scalar>
@@ -241,10 +261,7 @@ void LoRALinear<Scalar>::forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) {
     if (dropout_ > 0) {
       mask_.resize(N, in_);
       x_dropped_.resize(N, in_);
-      // Keep with probability 1 - p, scaled by 1 / (1 - p), as torch.nn.Dropout.
-      const Scalar keep = Scalar(1) / (Scalar(1) - dropout_);
-      const double p = static_cast<double>(dropout_);
-      for (Index i = 0; i < mask_.size(); ++i) mask_.data()[i] = dropout_rng_.uniform() < p ? Scalar(0) : keep;
+      detail::draw_dropout_mask(dropout_rng_, dropout_, mask_);
       x_dropped_ = x.cwiseProduct(mask_);
       H_.noalias() = x_dropped_ * lora_A().transpose();
     } else {
@@ -292,11 +309,7 @@ void LoRALinear<Scalar>::backward_impl(const ConstRef<Scalar>& x, const ConstRef
   if (merged_) throw state_error(std::string(where) + ": the layer is merged; call unmerge() before training");
   detail::check_shape(where, "x", x, -1, in_);
   detail::check_shape(where, "dy", dy, x.rows(), out_);
-  if (cached_rows_ != x.rows())
-    throw state_error(std::string(where) + ": needs the training-mode forward of the same batch first; " +
-                      (cached_rows_ < 0 ? std::string("no forward was run")
-                                        : "the last forward had " + std::to_string(cached_rows_) + " rows") +
-                      ", backward got " + std::to_string(x.rows()));
+  detail::check_cached_forward(where, cached_rows_, x.rows());
 
   if (bias_trainable_) {
     // forward: y = ... + b (broadcast over rows), so db += Σ_rows dy
