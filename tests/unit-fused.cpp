@@ -7,9 +7,13 @@
 
 #include "test_files.hpp"
 
+#include <cstdint>
 #include <cstdlib>
+#include <cstring>
+#include <filesystem>
 #include <limits>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -260,4 +264,125 @@ TEST_CASE("fused layers refuse bad slices with the slice named", "[fused]") {
   REQUIRE_THROWS_WITH(fused.slice_index("o"), Contains("\"q\", \"k\", \"v\""));
   Mat<float> x(2, I), y(2, O - 1);
   REQUIRE_THROWS_AS(fused.forward(x, y), lora::shape_error);
+}
+
+TEST_CASE("an adapter PEFT wrote with q, v slices and an embedding loads, gives PyTorch's outputs, saves back exactly",
+          "[fused][embedding][peft][golden]") {
+  // tests/golden/make_sliced_golden.py: a tiny GPT-2 (V = 10, d = 6) whose c_attn holds LoRA on its q and v
+  // slices (rank 4 each, alpha 8) as one LoRA on the fused module, an embedding LoRA on wte, LoRA on c_proj.
+  namespace st = lora::safetensors;
+  const std::string golden = std::string(LORA_TEST_DATA_DIR) + "/peft/sliced";
+  const auto base = st::File::open(golden + "/base.safetensors");
+  const auto forward = st::File::open(golden + "/forward.safetensors");
+  const auto config = lora::peft::AdapterConfig::read(golden + "/adapter/adapter_config.json");
+  constexpr Index V = 10, D = 6;
+  const auto slices = [&] {
+    lora::LoraConfig c = config.layer_config("transformer.h.0.attn.c_attn");
+    c.r = 4;
+    c.lora_alpha = 8;
+    lora::LoraConfig frozen;
+    frozen.r = 0;
+    return std::vector<FusedSlice>{{"q", D, c}, {"k", D, frozen}, {"v", D, c}};
+  };
+
+  // Every weight viewed in place in the mmap'd base: Conv1D (in, out) as GPT-2 stores it.
+  std::map<std::string, lora::LoRALinear<float>*> linears;
+  std::vector<std::unique_ptr<lora::LoRALinear<float>>> layers;
+  std::vector<std::unique_ptr<lora::FusedLoRALinear<float>>> fused;
+  for (int layer = 0; layer < 2; ++layer) {
+    const std::string h = "h." + std::to_string(layer) + ".attn.";
+    const auto attn = base.view<float>(h + "c_attn.weight");
+    REQUIRE(attn.rows() == D);
+    REQUIRE(attn.cols() == 3 * D);
+    fused.push_back(std::make_unique<lora::FusedLoRALinear<float>>(
+        FrozenWeight<float>::view(attn.data(), 3 * D, D, WeightLayout::in_out), slices(),
+        base.matrix<float>(h + "c_attn.bias")));
+    const std::string attn_path = "transformer." + h + "c_attn";
+    layers.push_back(std::make_unique<lora::LoRALinear<float>>(fused.back()->frozen_weight().read_only_view(),
+                                                               config.layer_config(attn_path)));
+    linears[attn_path] = layers.back().get();
+    const auto proj = base.view<float>(h + "c_proj.weight");
+    const std::string proj_path = "transformer." + h + "c_proj";
+    layers.push_back(std::make_unique<lora::LoRALinear<float>>(
+        FrozenWeight<float>::view(proj.data(), D, D, WeightLayout::in_out), config.layer_config(proj_path)));
+    linears[proj_path] = layers.back().get();
+  }
+  const auto table = base.view<float>("wte.weight");
+  lora::LoRAEmbedding<float> wte(FrozenWeight<float>::view(table.data(), D, V, WeightLayout::in_out),
+                                 config.layer_config("transformer.wte"));
+  const std::map<std::string, lora::LoRAEmbedding<float>*> embeddings{{"transformer.wte", &wte}};
+  const auto report = lora::peft::load_adapter(golden + "/adapter", linears, embeddings);
+  CHECK(report.loaded.size() == 5);
+  CHECK(report.layout_differs.empty());
+
+  // The fused modules' LoRA is one adapter per slice: the slices come out of it, and give PyTorch's y.
+  for (int layer = 0; layer < 2; ++layer) {
+    const std::string path = "transformer.h." + std::to_string(layer) + ".attn.c_attn";
+    CAPTURE(path);
+    fused[layer]->from_lora(*linears.at(path));
+    fused[layer]->eval();
+    const Mat<float> x = forward.matrix<float>(path + ".x");
+    Mat<float> y(x.rows(), 3 * D);
+    std::as_const(*fused[layer]).forward(x, y);
+    CHECK(max_diff(y.cast<double>(), forward.matrix<double>(path + ".y")) < 1e-5);
+  }
+  const auto& ids_info = forward.at("transformer.wte.ids");  // I64, as torch writes token ids
+  REQUIRE(ids_info.dtype == st::Dtype::I64);
+  std::vector<std::int64_t> ids64(ids_info.nbytes() / sizeof(std::int64_t));
+  std::memcpy(ids64.data(), forward.bytes(ids_info), ids_info.nbytes());
+  const std::vector<Index> ids(ids64.begin(), ids64.end());
+  wte.eval();
+  CHECK(max_diff(wte.forward(ids).cast<double>(), forward.matrix<double>("transformer.wte.y")) < 1e-5);
+
+  // Saved back from the slices (to_lora) and the embedding: both files byte for byte as PEFT wrote them.
+  std::vector<lora::LoRALinear<float>> singles;
+  singles.reserve(2);
+  std::map<std::string, lora::LoRALinear<float>*> to_save = linears;
+  for (int layer = 0; layer < 2; ++layer) {
+    singles.push_back(fused[layer]->to_lora());
+    CHECK(singles.back().scaling() == 2.0f);  // the slices share scaling 2, so B keeps each B_k as it is
+    to_save["transformer.h." + std::to_string(layer) + ".attn.c_attn"] = &singles.back();
+  }
+  const auto dir = lora_test::scratch_dir("sliced-peft");
+  lora::peft::save_adapter((dir / "out").string(), to_save, embeddings, config);
+  for (const char* name : {"adapter_model.safetensors", "adapter_config.json"}) {
+    CAPTURE(name);
+    CHECK(lora_test::read_bytes((dir / "out" / name).string()) == lora_test::read_bytes(golden + "/adapter/" + name));
+  }
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("output_blocks finds the slices in a fused LoRA's B, and nothing in an ordinary B", "[fused]") {
+  const Mat<float> Wt = random_matrix<float>(I, O, 21);
+  lora::FusedLoRALinear<float> fused(FrozenWeight<float>::view(Wt.data(), O, I, WeightLayout::in_out), qkv_slices());
+  fused.lora_B(0) = random_matrix<float>(d, 2, 22);
+  fused.lora_B(2) = random_matrix<float>(d, 3, 23);
+  Mat<float> B = fused.to_lora().lora_B();
+  B(1, 0) = 0;  // a zero inside q's block changes nothing
+  const auto blocks = lora::output_blocks(B);
+  REQUIRE(blocks.size() == 3);
+  CHECK(
+      (blocks[0].out_begin == 0 && blocks[0].out_count == d && blocks[0].rank_begin == 0 && blocks[0].rank_count == 2));
+  CHECK((blocks[1].out_begin == d && blocks[1].out_count == d && blocks[1].rank_count == 0));
+  CHECK((blocks[2].out_begin == 2 * d && blocks[2].out_count == d && blocks[2].rank_begin == 2 &&
+         blocks[2].rank_count == 3));
+  // Adjacent adapted slices with no frozen one between them are told apart by their columns.
+  Mat<float> qv = Mat<float>::Zero(4, 3);
+  qv.topLeftCorner(2, 1).setOnes();
+  qv.bottomRightCorner(2, 2).setOnes();
+  const auto two = lora::output_blocks(qv);
+  REQUIRE(two.size() == 2);
+  CHECK((two[1].out_begin == 2 && two[1].rank_begin == 1 && two[1].rank_count == 2));
+
+  CHECK(lora::output_blocks(random_matrix<float>(O, 5, 24)).empty());  // an ordinary LoRA's B
+  CHECK(lora::output_blocks(Mat<float>::Zero(O, 5)).empty());          // a new adapter's B
+  Mat<float> k_uses_v = B;
+  k_uses_v(d + 1, 4) = 0.5f;  // a row of k uses one of v's columns: not slices
+  CHECK(lora::output_blocks(k_uses_v).empty());
+  Mat<float> q_reaches_v = B;
+  q_reaches_v(1, 3) = 0.25f;  // a row of q reaches into v's columns
+  CHECK(lora::output_blocks(q_reaches_v).empty());
+  Mat<float> dense_gap = random_matrix<float>(O, 5, 25);
+  dense_gap.row(3).setZero();  // a zero row inside an ordinary B: the runs around it share every column
+  CHECK(lora::output_blocks(dense_gap).empty());
 }

@@ -22,7 +22,8 @@
 // loralib's MergedLinear and PEFT's LoRA on the fused module).
 //
 // In a PEFT file the fused module is one exact LoRA (to_lora()): A stacked,
-// B block-placed with s_k folded in, rank R and scaling 1, so PEFT,
+// B block-placed, rank R, with the slices' common scaling (or scaling 1 and
+// each s_k folded into B when the slices' scalings differ), so PEFT,
 // lora-merge and every other reader apply it unchanged; from_lora() recovers
 // the slices from such a LoRA when its B is zero outside the slices' blocks.
 #pragma once
@@ -40,6 +41,7 @@
 #include <lora/types.hpp>
 #include <lora/weight.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <utility>
@@ -55,6 +57,61 @@ struct FusedSlice {
   Index out_features = 0;
   LoraConfig config;
 };
+
+/// A run of a fused projection's outputs and the adapter columns (ranks) it uses: rank_count 0 for a frozen run.
+struct OutputBlock {
+  Index out_begin = 0, out_count = 0;
+  Index rank_begin = 0, rank_count = 0;
+};
+
+/// The slices a single LoRA's B (O, R) on a fused module is made of, as FusedLoRALinear::to_lora() lays them
+/// out: runs of consecutive outputs that use disjoint ranges of B's columns, or none (a frozen run). Empty
+/// when B is not so made (one run using every column, as an ordinary LoRA's B; or runs whose columns overlap).
+/// What lora-inspect prints under a fused module; B is read once, O·R entries.
+template <class Derived>
+std::vector<OutputBlock> output_blocks(const Eigen::MatrixBase<Derived>& B) {
+  std::vector<OutputBlock> runs;
+  Index last = -1;  // the last column the current run uses
+  for (Index o = 0; o < B.rows(); ++o) {
+    Index first_nz = -1, last_nz = -1;
+    for (Index c = 0; c < B.cols(); ++c)
+      if (B(o, c) != 0) {
+        if (first_nz < 0) first_nz = c;
+        last_nz = c;
+      }
+    const bool frozen = first_nz < 0;
+    bool joins = false;
+    if (!runs.empty()) {
+      const OutputBlock& run = runs.back();
+      if (frozen)
+        joins = run.rank_count == 0;
+      else
+        joins = run.rank_count > 0 && first_nz <= last && last_nz >= run.rank_begin;  // the column ranges overlap
+    }
+    if (joins) {
+      OutputBlock& run = runs.back();
+      ++run.out_count;
+      if (!frozen) {
+        const Index begin = std::min(run.rank_begin, first_nz);
+        last = std::max(last, last_nz);
+        run.rank_begin = begin;
+        run.rank_count = last - begin + 1;
+      }
+    } else {
+      runs.push_back({o, 1, frozen ? 0 : first_nz, frozen ? 0 : last_nz - first_nz + 1});
+      if (!frozen) last = last_nz;
+    }
+  }
+  // Slices only when there are several runs and no two adapted runs share a column.
+  std::vector<std::pair<Index, Index>> used;
+  for (const auto& run : runs)
+    if (run.rank_count > 0) used.emplace_back(run.rank_begin, run.rank_begin + run.rank_count);
+  std::sort(used.begin(), used.end());
+  for (std::size_t k = 1; k < used.size(); ++k)
+    if (used[k].first < used[k - 1].second) return {};
+  if (runs.size() < 2 || used.empty()) return {};
+  return runs;
+}
 
 template <class Scalar>
 class FusedLoRALinear {
@@ -138,10 +195,12 @@ class FusedLoRALinear {
   // ---- one LoRA on the fused module (PEFT files, MultiLoRALinear) -----------------------------------
 
   /// The exact single LoRA on the fused module: a LoRALinear over a read-only view of W (and the bias), with
-  /// A = the stacked A (R, I), B (O, R) holding s_k · B_k in slice k's rows and columns and zeros elsewhere,
-  /// r = R, and lora_alpha R (sqrt(R) with use_rslora, as the other layers of the file have it), so its
-  /// scaling is 1 and s·B·A = Σ_k s_k B_k A_k placed in the slices' rows. Save it with peft::save_adapter
-  /// under the fused module's path, or add its A and B to a MultiLoRALinear. This layer must outlive it.
+  /// A = the stacked A (R, I), B (O, R) holding (s_k / s) · B_k in slice k's rows and columns and zeros
+  /// elsewhere, and r = R, so s·B·A = Σ_k s_k B_k A_k placed in the slices' rows. Its scaling s is the slices'
+  /// own when they all share one (lora_alpha s·R, or s·sqrt(R) with use_rslora, as the other layers of the file
+  /// have it), so B's blocks are the B_k exactly and a file PEFT wrote saves back byte for byte; otherwise s = 1
+  /// and each s_k is folded into B. Save it with peft::save_adapter under the fused module's path, or add its A
+  /// and B to a MultiLoRALinear. This layer must outlive it.
   LoRALinear<Scalar> to_lora(bool use_rslora = false) const;
 
   /// Takes the slices back from a single LoRA on the fused module (one read from a PEFT file): its rank must be
@@ -408,9 +467,22 @@ void FusedLoRALinear<Scalar>::unmerge() {
 template <class Scalar>
 LoRALinear<Scalar> FusedLoRALinear<Scalar>::to_lora(bool use_rslora) const {
   if (rank_ == 0) throw config_error("FusedLoRALinear::to_lora: no slice has an adapter");
+  // The slices' common scaling when they share one (not 0, which B could not be recovered from), else 1.
+  double common = 0;
+  for (std::size_t k = 0; k < slices_.size(); ++k) {
+    if (slice_rank(k) == 0) continue;
+    const double s_k = static_cast<double>(scaling_[k]);
+    if (common == 0) {
+      common = s_k;
+    } else if (s_k != common) {
+      common = 1;
+      break;
+    }
+  }
+  if (common == 0) common = 1;
   LoraConfig c;
   c.r = static_cast<int>(rank_);
-  c.lora_alpha = use_rslora ? std::sqrt(static_cast<double>(rank_)) : static_cast<double>(rank_);
+  c.lora_alpha = common * (use_rslora ? std::sqrt(static_cast<double>(rank_)) : static_cast<double>(rank_));
   c.use_rslora = use_rslora;
   c.lora_dropout = static_cast<double>(dropout_);
   c.seed = 0;  // A and B are set below
