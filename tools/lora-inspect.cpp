@@ -1,9 +1,12 @@
 // lora-inspect DIR_OR_FILE: what a PEFT LoRA adapter holds. Prints the
-// config, one row per adapted module (path, in, out, r, alpha, scaling), the
-// tensors that are not LoRA matrices, and the LoRA parameter count. On a bad
-// file: exit status 1 and one line on stderr naming the file and the problem.
-// Every string read from the file is printed escaped (lora::printable), so a
-// name holding an escape sequence or a newline cannot drive the terminal.
+// config, one row per adapted module (path, in, out, r, alpha, scaling; under
+// a LoRA on a fused projection whose B is made of slices, as FusedLoRALinear
+// saves q and v inside c_attn, the slices and their ranks), the tensors that
+// are not LoRA matrices, and the LoRA parameter count. On a bad file: exit
+// status 1 and one line on stderr naming the file and the problem. Every
+// string read from the file is printed escaped (lora::printable), so a name
+// holding an escape sequence or a newline cannot drive the terminal.
+#include <lora/fused.hpp>
 #include <lora/peft.hpp>
 
 #include <CLI/CLI.hpp>
@@ -17,6 +20,11 @@
 namespace {
 
 std::string number(double v) { return lora::value_string(v); }
+
+/// "first..last" of `count` indices from `begin`.
+std::string range(lora::Index begin, lora::Index count) {
+  return std::to_string(begin) + ".." + std::to_string(begin + count - 1);
+}
 
 /// A string from the file as the terminal gets it.
 std::string shown(const std::string& text) { return lora::printable(text); }
@@ -67,11 +75,20 @@ int main(int argc, char** argv) {
     for (const auto& m : adapter.modules) width = std::max(width, shown(m.path).size());
     std::printf("\n%-*s %8s %8s %5s %8s %9s\n", static_cast<int>(width), "module", "in", "out", "r", "alpha",
                 "scaling");
-    for (const auto& m : adapter.modules)
+    for (const auto& m : adapter.modules) {
       // An embedding's "in" is its vocabulary (lora_embedding_A's columns), "out" its embedding dimension.
       std::printf("%-*s %8lld %8lld %5d %8s %9s%s\n", static_cast<int>(width), shown(m.path).c_str(),
                   static_cast<long long>(m.in_features()), static_cast<long long>(m.out_features()), m.r,
                   number(m.lora_alpha).c_str(), number(m.scaling).c_str(), m.embedding ? "  embedding" : "");
+      if (m.embedding) continue;
+      std::string slices;
+      for (const auto& block : lora::output_blocks(m.B)) {
+        slices += slices.empty() ? "  slices: outputs " : ", outputs ";
+        slices += range(block.out_begin, block.out_count);
+        slices += block.rank_count == 0 ? " frozen" : " ranks " + range(block.rank_begin, block.rank_count);
+      }
+      if (!slices.empty()) std::printf("%s\n", slices.c_str());
+    }
     std::printf("\nnon-LoRA tensors: %zu\n", adapter.other_tensors.size());
     for (const auto& t : adapter.other_tensors)
       std::printf("  %s %s %s\n", shown(t.name).c_str(), lora::safetensors::dtype_name(t.dtype),
