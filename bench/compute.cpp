@@ -28,6 +28,8 @@
 //   fused_qv_paired  FusedLoRALinear with adapters on the q and v thirds of a fused (I, O = 3I) weight, against
 //                    the base product alone ("fwd fused/base": x Wᵀ) and against the two dense products of a
 //                    training step ("step fused/dense": x Wᵀ and dy W)
+//   embedding_backward_paired  LoRAEmbedding's backward over a V-row table against the same layer over 1000 rows,
+//                    the same N token ids (all below 1000) and d, r: "bwd V/1000", which must not grow with V
 // After the runs a table gives each variant's median time over its baseline's.
 //
 // Flags besides google benchmark's: --threads=T (default 1) and --smoke (small
@@ -385,6 +387,48 @@ void fused_qv_paired(benchmark::State& state) {
   state.counters[step ? "step fused/dense" : "fwd fused/base"] = paired_median(state, run_fused, run_dense);
 }
 
+void embedding_backward_paired(benchmark::State& state) {
+  const lora::Index N = state.range(0), V = state.range(1), d = state.range(2), small_vocab = state.range(4);
+  lora::LoraConfig cfg = Problem::config(static_cast<int>(state.range(3)));
+  lora::LoRAEmbedding<float> large(Mat::Random(V, d), cfg), small(Mat::Random(small_vocab, d), cfg);
+  large.lora_A().setRandom();
+  small.lora_A().setRandom();
+  std::mt19937 rng(3);
+  std::uniform_int_distribution<lora::Index> pick(0, small_vocab - 1);
+  std::vector<lora::Index> ids(static_cast<std::size_t>(N));
+  for (auto& id : ids) id = pick(rng);
+  const Mat dy = Mat::Random(N, d);
+  Mat y(N, d);
+  // Only the backward is timed; each layer's forward (which backward needs) runs right before it, untimed.
+  using clock = std::chrono::steady_clock;
+  auto backward_seconds = [&](lora::LoRAEmbedding<float>& layer) {
+    layer.forward(ids, y);
+    benchmark::DoNotOptimize(y.data());
+    const auto t0 = clock::now();
+    layer.backward(ids, dy);
+    benchmark::ClobberMemory();
+    return std::chrono::duration<double>(clock::now() - t0).count();
+  };
+  backward_seconds(large);
+  backward_seconds(small);
+  std::vector<double> ratios;
+  bool large_first = false;
+  for (auto _ : state) {
+    double tl, ts;
+    if (large_first) {
+      tl = backward_seconds(large);
+      ts = backward_seconds(small);
+    } else {
+      ts = backward_seconds(small);
+      tl = backward_seconds(large);
+    }
+    ratios.push_back(tl / ts);
+    large_first = !large_first;
+  }
+  std::nth_element(ratios.begin(), ratios.begin() + ratios.size() / 2, ratios.end());
+  state.counters["bwd V/" + std::to_string(small_vocab)] = ratios[ratios.size() / 2];
+}
+
 // What a server without grouped low-rank products would do: merge each adapter into W, run its rows, unmerge.
 void naive_merge_per_adapter(benchmark::State& state) {
   MultiProblem p(state);
@@ -492,6 +536,13 @@ void register_all(bool smoke) {
         ->Unit(benchmark::kMillisecond)
         ->UseRealTime();
   }
+  // Issue 13: the embedding's backward at GPT-2's vocabulary (V = 50257) against V = 1000, 512 tokens, d = 768.
+  benchmark::RegisterBenchmark("embedding_backward_paired", embedding_backward_paired)
+      ->ArgNames({"N", "V", "d", "R", "small"})
+      ->Args(smoke ? std::vector<int64_t>{16, 500, 32, 4, 100} : std::vector<int64_t>{512, 50257, 768, 8, 1000})
+      ->Iterations(smoke ? 2 : 201)
+      ->Unit(benchmark::kMillisecond)
+      ->UseRealTime();
 }
 
 // Passes everything to the console and keeps each run's time (the median when
