@@ -61,7 +61,9 @@ std::vector<FusedSlice> qkv_slices(double dropout = 0.0) {
 TEST_CASE("fused q, k, v with adapters on q and v equal one LoRALinear per slice", "[fused]") {
   const Mat<double> W = random_matrix<double>(O, I, 1), b = random_matrix<double>(1, O, 2);
   const Mat<double> Wt = W.transpose();  // GPT-2 stores c_attn (I, O)
-  const Index N = 5;
+  // 5 rows, and 150: forward and backward work in blocks of 64 rows, the last one partial.
+  const Index N = GENERATE(Index(5), Index(150));
+  CAPTURE(N);
   const Mat<double> x = random_matrix<double>(N, I, 3), dy = random_matrix<double>(N, O, 4);
   lora::FusedLoRALinear<double> fused(FrozenWeight<double>::view(Wt.data(), O, I, WeightLayout::in_out), qkv_slices(),
                                       b);
@@ -114,7 +116,8 @@ TEST_CASE("fused gradients match finite differences, with dropout", "[fused][gra
   lora::FusedLoRALinear<double> fused(FrozenWeight<double>::owned(W), qkv_slices(0.25));
   fused.lora_B(0) = random_matrix<double>(d, 2, 8);
   fused.lora_B(2) = random_matrix<double>(d, 3, 9);
-  const Index N = 3;
+  const Index N = GENERATE(Index(3), Index(70));  // 70: two blocks of rows
+  CAPTURE(N);
   Mat<double> x = random_matrix<double>(N, I, 10);
   const Mat<double> P = random_matrix<double>(N, O, 11);
   // loss = Σ P ⊙ y, with the dropout mask held fixed: every evaluation reseeds it the same way.

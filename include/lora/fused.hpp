@@ -18,6 +18,15 @@
 //              dx   = dy W + (G A) ⊙ mask                  (N, I)
 //   merge:     W_k += s_k · B_k A_k on each adapted slice  (unmerge subtracts what was added)
 //
+// Cost. The flops beyond the base product are 2·N·R·(I + O_k) in forward; the
+// rest is memory traffic, which decides the ratio at GPT-2's sizes. So the
+// low-rank terms go first, in blocks of `block_rows` rows whose x, y, dy and
+// dx stay in cache between the products that use them, and the base product
+// is added last (y += x Wᵀ, dx += dy W): it reads and writes y or dx once
+// either way (Eigen's `=` product zeroes its destination and adds into it),
+// so the adapters make no pass of their own over y, dx, and only one over x
+// and dy.
+//
 // One dropout mask serves every slice (drop(x) is taken once, as in
 // loralib's MergedLinear and PEFT's LoRA on the fused module).
 //
@@ -213,8 +222,11 @@ class FusedLoRALinear {
   Index a_at(std::size_t k) const { return a_row_.at(k) * in_; }
   void check_forward_args(const char* where, const ConstRef<Scalar>& x, const MutRef<Scalar>& y) const;
   void backward_impl(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy, MutRef<Scalar>* dx);
-  /// y_k += s_k · H_k B_kᵀ for every adapted slice.
-  void add_slices(const Mat& H, MutRef<Scalar> y) const;
+  /// Rows processed together by forward and backward: x, y, dy and dx blocks of 64 rows stay in L2 between the
+  /// low-rank products that read them (64 · 2304 floats is 576 KiB).
+  static constexpr Index block_rows = 64;
+  /// H = xa Aᵀ block by block, and y = b + [s_k · H_k B_kᵀ] (0 for a frozen slice) row by row; then y += x Wᵀ.
+  void forward_impl(const ConstRef<Scalar>& x, const ConstRef<Scalar>& xa, Mat& H, MutRef<Scalar> y) const;
 
   FrozenWeight<Scalar> weight_;
   std::vector<FusedSlice> slices_;
@@ -235,7 +247,7 @@ class FusedLoRALinear {
   detail::Rng dropout_rng_;
 
   Index cached_rows_ = -1;
-  Mat H_, G_, mask_, x_dropped_, dx_lora_;
+  Mat H_, G_, mask_, x_dropped_;
 };
 
 template <class Scalar>
@@ -333,12 +345,31 @@ void FusedLoRALinear<Scalar>::check_forward_args(const char* where, const ConstR
 }
 
 template <class Scalar>
-void FusedLoRALinear<Scalar>::add_slices(const Mat& H, MutRef<Scalar> y) const {
-  for (std::size_t k = 0; k < slices_.size(); ++k) {
-    if (slice_rank(k) == 0) continue;
-    y.middleCols(out_offset_[k], slices_[k].out_features).noalias() +=
-        scaling_[k] * H.middleCols(a_row_[k], slice_rank(k)) * lora_B(k).transpose();
+void FusedLoRALinear<Scalar>::forward_impl(const ConstRef<Scalar>& x, const ConstRef<Scalar>& xa, Mat& H,
+                                           MutRef<Scalar> y) const {
+  const Index N = x.rows();
+  const bool adapters = rank_ > 0 && !merged_;
+  if (adapters) H.resize(N, rank_);
+  // B_kᵀ (R_k, O_k) row-major, so each row of y_k is a sum of R_k contiguous rows: written once, never read.
+  std::vector<Mat> Bt(slices_.size());
+  if (adapters)
+    for (std::size_t k = 0; k < slices_.size(); ++k)
+      if (slice_rank(k) > 0) Bt[k] = scaling_[k] * lora_B(k).transpose();
+  for (Index n0 = 0; n0 < N; n0 += block_rows) {
+    const Index n = std::min(block_rows, N - n0);
+    if (adapters) H.middleRows(n0, n).noalias() = xa.middleRows(n0, n) * stacked_A().transpose();
+    for (Index row = n0; row < n0 + n; ++row) {
+      for (std::size_t k = 0; k < slices_.size(); ++k) {
+        auto y_k = y.row(row).segment(out_offset_[k], slices_[k].out_features);
+        if (adapters && slice_rank(k) > 0)
+          y_k.noalias() = H.row(row).segment(a_row_[k], slice_rank(k)) * Bt[k];
+        else
+          y_k.setZero();
+        if (has_bias_) y_k += bias_.segment(out_offset_[k], slices_[k].out_features);
+      }
+    }
   }
+  weight_.forward_add(x, y);
 }
 
 template <class Scalar>
@@ -348,12 +379,8 @@ void FusedLoRALinear<Scalar>::forward(const ConstRef<Scalar>& x, MutRef<Scalar> 
     throw state_error(std::string(where) +
                       " on a const layer runs in eval mode only, but the layer is in training mode: call eval() first");
   check_forward_args(where, x, y);
-  weight_.forward(x, y);
-  if (has_bias_) y.rowwise() += bias_;
-  if (rank_ > 0 && !merged_) {
-    const Mat H = x * stacked_A().transpose();  // (N, R), local: concurrent callers share nothing
-    add_slices(H, y);
-  }
+  Mat H;  // local: concurrent callers share nothing
+  forward_impl(x, x, H, y);
 }
 
 template <class Scalar>
@@ -367,20 +394,14 @@ void FusedLoRALinear<Scalar>::forward(const ConstRef<Scalar>& x, MutRef<Scalar> 
   check_forward_args(where, x, y);
   const Index N = x.rows();
   cached_rows_ = -1;
-  weight_.forward(x, y);
-  if (has_bias_) y.rowwise() += bias_;
-  if (rank_ > 0) {
-    H_.resize(N, rank_);
-    if (dropout_ > 0) {
-      mask_.resize(N, in_);
-      x_dropped_.resize(N, in_);
-      detail::draw_dropout_mask(dropout_rng_, dropout_, mask_);
-      x_dropped_ = x.cwiseProduct(mask_);
-      H_.noalias() = x_dropped_ * stacked_A().transpose();
-    } else {
-      H_.noalias() = x * stacked_A().transpose();
-    }
-    add_slices(H_, y);
+  if (rank_ > 0 && dropout_ > 0) {
+    mask_.resize(N, in_);
+    x_dropped_.resize(N, in_);
+    detail::draw_dropout_mask(dropout_rng_, dropout_, mask_);
+    x_dropped_ = x.cwiseProduct(mask_);
+    forward_impl(x, x_dropped_, H_, y);
+  } else {
+    forward_impl(x, x, H_, y);
   }
   cached_rows_ = N;
 }
@@ -405,33 +426,39 @@ void FusedLoRALinear<Scalar>::backward_impl(const ConstRef<Scalar>& x, const Con
   detail::check_shape(where, "x", x, -1, in_);
   detail::check_shape(where, "dy", dy, x.rows(), out_);
   detail::check_cached_forward(where, cached_rows_, x.rows());
+  const Index N = x.rows();
   if (rank_ > 0) {
-    G_.resize(x.rows(), rank_);
-    for (std::size_t k = 0; k < slices_.size(); ++k) {
-      if (slice_rank(k) == 0) continue;
-      const auto dy_k = dy.middleCols(out_offset_[k], slices_[k].out_features);
-      // forward: y_k += s_k · H_k B_kᵀ, so dB_k += s_k · dy_kᵀ H_k and dH_k = s_k · dy_k B_k (= G_k)
-      MatrixMap<Scalar>(grads_.data() + b_at_[k], slices_[k].out_features, slice_rank(k)).noalias() +=
-          scaling_[k] * dy_k.transpose() * H_.middleCols(a_row_[k], slice_rank(k));
-      G_.middleCols(a_row_[k], slice_rank(k)).noalias() = scaling_[k] * dy_k * lora_B(k);
-    }
-    // forward: H = drop(x) Aᵀ, so dA += Gᵀ drop(x), all slices in one product
+    // forward: y_k += s_k · H_k B_kᵀ, so dB_k += s_k · dy_kᵀ H_k and dH_k = s_k · dy_k B_k (= G_k); and
+    // H = drop(x) Aᵀ, so dA += Gᵀ drop(x), all slices in one product. Block by block: dy's and x's rows are
+    // read from memory once.
+    G_.resize(N, rank_);
     MatrixMap<Scalar> dA(grads_.data(), rank_, in_);
-    if (dropout_ > 0)
-      dA.noalias() += G_.transpose() * x_dropped_;
-    else
-      dA.noalias() += G_.transpose() * x;
+    const ConstRef<Scalar> xa = dropout_ > 0 ? ConstRef<Scalar>(x_dropped_) : x;
+    for (Index n0 = 0; n0 < N; n0 += block_rows) {
+      const Index n = std::min(block_rows, N - n0);
+      for (std::size_t k = 0; k < slices_.size(); ++k) {
+        if (slice_rank(k) == 0) continue;
+        const auto dy_k = dy.block(n0, out_offset_[k], n, slices_[k].out_features);
+        MatrixMap<Scalar>(grads_.data() + b_at_[k], slices_[k].out_features, slice_rank(k)).noalias() +=
+            scaling_[k] * dy_k.transpose() * H_.block(n0, a_row_[k], n, slice_rank(k));
+        G_.block(n0, a_row_[k], n, slice_rank(k)).noalias() = scaling_[k] * dy_k * lora_B(k);
+      }
+      dA.noalias() += G_.middleRows(n0, n).transpose() * xa.middleRows(n0, n);
+    }
   }
   if (dx != nullptr) {
-    weight_.backward(dy, *dx);
     if (rank_ > 0) {
-      if (dropout_ > 0) {
-        dx_lora_.resize(x.rows(), in_);
-        dx_lora_.noalias() = G_ * stacked_A();
-        *dx += dx_lora_.cwiseProduct(mask_);
-      } else {
-        dx->noalias() += G_ * stacked_A();
+      // dx = (G A) ⊙ mask + dy W: the low-rank term written first (after every read of x, so dx may be x's
+      // buffer), the base product added into it.
+      // Row by row, as forward writes y: each row of dx is written once, never read before the base product.
+      for (Index row = 0; row < N; ++row) {
+        auto dx_row = dx->row(row);
+        dx_row.noalias() = G_.row(row) * stacked_A();
+        if (dropout_ > 0) dx_row.array() *= mask_.row(row).array();
       }
+      weight_.backward_add(dy, *dx);
+    } else {
+      weight_.backward(dy, *dx);
     }
   }
 }

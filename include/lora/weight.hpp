@@ -130,6 +130,22 @@ class FrozenWeight {
       dx.noalias() = dy * stored().transpose();
   }
 
+  /// y += x Wᵀ and dx += dy W. Eigen's `=` product zeroes its destination and then adds into it, so a layer
+  /// that writes its other terms (bias, adapters) into y first and adds the base product last makes no extra
+  /// pass over y for them.
+  void forward_add(const ConstRef<Scalar>& x, MutRef<Scalar> y) const {
+    if (layout_ == WeightLayout::out_in)
+      y.noalias() += x * stored().transpose();
+    else
+      y.noalias() += x * stored();
+  }
+  void backward_add(const ConstRef<Scalar>& dy, MutRef<Scalar> dx) const {
+    if (layout_ == WeightLayout::out_in)
+      dx.noalias() += dy * stored();
+    else
+      dx.noalias() += dy * stored().transpose();
+  }
+
   /// W[out_begin : out_begin + O', :] += s · B A with B (O', R) and A (R, I): all of W when B has O rows, one
   /// slice of a fused projection's outputs otherwise. In blocks of about 64 Ki scalars, so no temporary the
   /// size of W is made. With check_finite, a first pass checks that every sum is finite and throws
