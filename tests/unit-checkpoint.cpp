@@ -24,6 +24,10 @@
 
 #include "test_files.hpp"
 
+// Everything below is in a namespace of its own, so the test files can be compiled together (CMake's
+// UNITY_BUILD, tests/CMakeLists.txt) without their helpers clashing.
+namespace unit_checkpoint {
+
 namespace fs = std::filesystem;
 namespace st = lora::safetensors;
 using Catch::Contains;
@@ -704,3 +708,5 @@ TEST_CASE("checkpoint: a failed save leaves the previous checkpoint whole and no
   CHECK(resumed.state.step == 8);
   fs::remove_all(dir);
 }
+
+}  // namespace unit_checkpoint

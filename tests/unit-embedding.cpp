@@ -12,6 +12,10 @@
 #include <string>
 #include <vector>
 
+// Everything below is in a namespace of its own, so the test files can be compiled together (CMake's
+// UNITY_BUILD, tests/CMakeLists.txt) without their helpers clashing.
+namespace unit_embedding {
+
 using Catch::Contains;
 using lora::Index;
 template <class S>
@@ -205,3 +209,5 @@ TEST_CASE("embedding adapters round trip through PEFT files beside linear layers
   CHECK((merged.matrix<float>("model.embed_tokens.weight") - table).cwiseAbs().maxCoeff() < 1e-6f);
   fs::remove_all(dir);
 }
+
+}  // namespace unit_embedding

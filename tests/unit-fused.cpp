@@ -17,6 +17,10 @@
 #include <string>
 #include <vector>
 
+// Everything below is in a namespace of its own, so the test files can be compiled together (CMake's
+// UNITY_BUILD, tests/CMakeLists.txt) without their helpers clashing.
+namespace unit_fused {
+
 using Catch::Contains;
 using lora::FrozenWeight;
 using lora::FusedSlice;
@@ -389,3 +393,5 @@ TEST_CASE("output_blocks finds the slices in a fused LoRA's B, and nothing in an
   dense_gap.row(3).setZero();  // a zero row inside an ordinary B: the runs around it share every column
   CHECK(lora::output_blocks(dense_gap).empty());
 }
+
+}  // namespace unit_fused

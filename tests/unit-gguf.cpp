@@ -18,6 +18,10 @@
 
 #include "test_files.hpp"
 
+// Everything below is in a namespace of its own, so the test files can be compiled together (CMake's
+// UNITY_BUILD, tests/CMakeLists.txt) without their helpers clashing.
+namespace unit_gguf {
+
 using Catch::Contains;
 namespace gguf = lora::gguf;
 namespace fs = std::filesystem;
@@ -773,3 +777,5 @@ TEST_CASE("gguf hostile: Access::read gives the same refusals and notices a file
   CHECK_THAT(error_of([&] { gguf::File::open((dir / "missing.gguf").string()); }), Contains("cannot open"));
   fs::remove_all(dir);
 }
+
+}  // namespace unit_gguf

@@ -5,6 +5,10 @@
 
 #include "golden.hpp"
 
+// Everything below is in a namespace of its own, so the test files can be compiled together (CMake's
+// UNITY_BUILD, tests/CMakeLists.txt) without their helpers clashing.
+namespace unit_golden {
+
 using lora_test::max_rel_diff;
 using lora_test::tensor;
 
@@ -174,3 +178,5 @@ TEMPLATE_TEST_CASE("embedding LoRA with repeated ids and a padding index matches
   layer.merge();
   CHECK(max_rel_diff(E, tensor("embedding.merged_E")) < tolerance<S>);
 }
+
+}  // namespace unit_golden

@@ -5,6 +5,10 @@
 
 #include <cstdlib>
 
+// Everything below is in a namespace of its own, so the test files can be compiled together (CMake's
+// UNITY_BUILD, tests/CMakeLists.txt) without their helpers clashing.
+namespace unit_gradcheck {
+
 using lora::Index;
 using Mat = lora::Matrix<double>;
 
@@ -132,3 +136,5 @@ TEST_CASE("Sequential backward matches finite differences through every layer", 
   INFO(r.describe("dx"));
   CHECK(r.ok());
 }
+
+}  // namespace unit_gradcheck

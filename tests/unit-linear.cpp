@@ -9,6 +9,10 @@
 #include <thread>
 #include <vector>
 
+// Everything below is in a namespace of its own, so the test files can be compiled together (CMake's
+// UNITY_BUILD, tests/CMakeLists.txt) without their helpers clashing.
+namespace unit_linear {
+
 using Catch::Contains;
 using lora::Index;
 template <class S>
@@ -505,3 +509,5 @@ TEST_CASE("layers built from one config start different, reproducibly, unless a 
   multi.add_adapter("y", c);
   CHECK(multi.adapter("x")->lora_A != multi.adapter("y")->lora_A);
 }
+
+}  // namespace unit_linear

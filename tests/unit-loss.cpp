@@ -10,6 +10,10 @@
 
 #include "golden.hpp"
 
+// Everything below is in a namespace of its own, so the test files can be compiled together (CMake's
+// UNITY_BUILD, tests/CMakeLists.txt) without their helpers clashing.
+namespace unit_loss {
+
 using Catch::Contains;
 using lora::Index;
 using lora_test::max_rel_diff;
@@ -229,3 +233,5 @@ TEST_CASE("mse_loss and cross_entropy gradients match finite differences", "[los
     CHECK(r.checked == 20);
   }
 }
+
+}  // namespace unit_loss

@@ -15,6 +15,10 @@
 #include <utility>
 #include <vector>
 
+// Everything below is in a namespace of its own, so the test files can be compiled together (CMake's
+// UNITY_BUILD, tests/CMakeLists.txt) without their helpers clashing.
+namespace unit_multi {
+
 using Catch::Contains;
 using lora::Index;
 template <class S>
@@ -672,3 +676,5 @@ TEST_CASE("multi: several PEFT adapters load onto one base and save back byte fo
   CHECK_THROWS_WITH(lora::peft::save_adapter((dir / "none").string(), "nope", model),
                     Contains("has no adapter named \"nope\""));
 }
+
+}  // namespace unit_multi

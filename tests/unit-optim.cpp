@@ -12,6 +12,10 @@
 
 #include "golden.hpp"
 
+// Everything below is in a namespace of its own, so the test files can be compiled together (CMake's
+// UNITY_BUILD, tests/CMakeLists.txt) without their helpers clashing.
+namespace unit_optim {
+
 using Catch::Contains;
 using lora::Index;
 using lora_test::max_rel_diff;
@@ -534,3 +538,5 @@ TEST_CASE("SGD: nesterov with dampening throws config_error naming dampening and
   REQUIRE_THROWS_WITH(lora::SGD<double>(scalar_parameter(p, g), sgd_options<double>(0.1, 0.9, 0.5, 0, true)),
                       Contains("dampening") && Contains("0.5"));
 }
+
+}  // namespace unit_optim

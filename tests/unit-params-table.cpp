@@ -7,6 +7,10 @@
 #include <string>
 #include <vector>
 
+// Everything below is in a namespace of its own, so the test files can be compiled together (CMake's
+// UNITY_BUILD, tests/CMakeLists.txt) without their helpers clashing.
+namespace unit_params_table {
+
 TEST_CASE("params table: every trainable count is the issue's figure", "[params-table]") {
   struct Expected {
     std::string name;
@@ -79,3 +83,5 @@ TEST_CASE("params table: bytes print in binary units", "[params-table]") {
   CHECK(lora_bench::bytes_string(65536) == "64.0 KiB");
   CHECK(lora_bench::bytes_string(8.0 * 1048576) == "8.0 MiB");
 }
+
+}  // namespace unit_params_table

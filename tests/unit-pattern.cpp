@@ -15,6 +15,10 @@
 #include <string>
 #include <vector>
 
+// Everything below is in a namespace of its own, so the test files can be compiled together (CMake's
+// UNITY_BUILD, tests/CMakeLists.txt) without their helpers clashing.
+namespace unit_pattern {
+
 using Catch::Contains;
 using lora::detail::ModulePattern;
 
@@ -254,3 +258,5 @@ TEST_CASE("pattern hostile keys finish", "[pattern]") {
   CHECK_FALSE(matches("(?:){4294967294}", "x"));
   CHECK(matches("((?:){4294967294}){4294967294}", ""));
 }
+
+}  // namespace unit_pattern

@@ -15,6 +15,10 @@
 #include <string>
 #include <vector>
 
+// Everything below is in a namespace of its own, so the test files can be compiled together (CMake's
+// UNITY_BUILD, tests/CMakeLists.txt) without their helpers clashing.
+namespace unit_peft {
+
 using Catch::Contains;
 namespace st = lora::safetensors;
 namespace peft = lora::peft;
@@ -557,3 +561,5 @@ TEST_CASE("peft: a Sequential with named layers saves and loads as a PEFT adapte
   CHECK_THROWS_WITH(model.forward(x, wrong), Contains("Sequential::forward: y expected shape (4, 3), got (4, 5)"));
   fs::remove_all(dir);
 }
+
+}  // namespace unit_peft

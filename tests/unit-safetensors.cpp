@@ -12,6 +12,10 @@
 
 #include "test_files.hpp"
 
+// Everything below is in a namespace of its own, so the test files can be compiled together (CMake's
+// UNITY_BUILD, tests/CMakeLists.txt) without their helpers clashing.
+namespace unit_safetensors {
+
 using Catch::Contains;
 namespace st = lora::safetensors;
 namespace fs = std::filesystem;
@@ -337,3 +341,5 @@ TEST_CASE("safetensors accepts JSON whitespace around the header object", "[safe
       image(" \n\t{ \"t\" : { \"dtype\" : \"F32\" , \"shape\" : [ 1 ] , \"data_offsets\" : [ 0 , 4 ] } }\r\n  ", 4));
   CHECK(f.at("t").nbytes() == 4);
 }
+
+}  // namespace unit_safetensors

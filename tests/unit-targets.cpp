@@ -22,6 +22,10 @@
 #include <string>
 #include <vector>
 
+// Everything below is in a namespace of its own, so the test files can be compiled together (CMake's
+// UNITY_BUILD, tests/CMakeLists.txt) without their helpers clashing.
+namespace unit_targets {
+
 using Catch::Contains;
 using lora::peft::AdapterConfig;
 using lora::peft::select_targets;
@@ -510,3 +514,5 @@ TEST_CASE("targets: out_proj and conv1d are refused for Mamba-based models, as P
   o.model_type = "llama";
   CHECK(select_targets(mamba, config_of({{"target_modules", {"in_proj", "out_proj"}}}), o).size() == 2);
 }
+
+}  // namespace unit_targets

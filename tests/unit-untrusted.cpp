@@ -23,6 +23,10 @@
 #include <sys/types.h>
 #include <unistd.h>
 
+// Everything below is in a namespace of its own, so the test files can be compiled together (CMake's
+// UNITY_BUILD, tests/CMakeLists.txt) without their helpers clashing.
+namespace unit_untrusted {
+
 using Catch::Contains;
 namespace st = lora::safetensors;
 namespace peft = lora::peft;
@@ -400,3 +404,5 @@ TEST_CASE("untrusted: rank_pattern keys run in bounded time and stack, or are re
   CHECK_THAT(message, Contains("1 problem(s)") && Contains("more than the limit of 4096 for pattern matching"));
   fs::remove_all(dir);
 }
+
+}  // namespace unit_untrusted

@@ -12,6 +12,10 @@
 #include <string>
 #include <vector>
 
+// Everything below is in a namespace of its own, so the test files can be compiled together (CMake's
+// UNITY_BUILD, tests/CMakeLists.txt) without their helpers clashing.
+namespace unit_weight {
+
 using Catch::Contains;
 using lora::FrozenWeight;
 using lora::Index;
@@ -272,3 +276,5 @@ TEST_CASE("PEFT files: fan_in_fan_out is written for (in, out) layers and layout
   CHECK(lora::peft::AdapterConfig::read((dir / "multi" / "adapter_config.json").string()).fan_in_fan_out);
   std::filesystem::remove_all(dir);
 }
+
+}  // namespace unit_weight
