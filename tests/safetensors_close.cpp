@@ -1,5 +1,6 @@
-// safetensors_close GOT EXPECTED TOLERANCE: exit 0 when both files hold the same tensor names with the same
-// dtypes and shapes, and every value of GOT is within TOLERANCE (absolute) of EXPECTED's, compared in double;
+// safetensors_close GOT EXPECTED TOLERANCE [EXTRA...]: exit 0 when GOT holds EXPECTED's tensors with the same
+// dtypes and shapes, every value within TOLERANCE (absolute) of EXPECTED's, compared in double, and besides them
+// exactly the tensors named EXTRA (say a modules_to_save head lora-merge adds that the golden file leaves out);
 // otherwise exit 1 naming the first difference. For the ctest entries that check a file a command-line tool
 // wrote against one PyTorch wrote (tests/golden/), where byte equality would be too strict for merged weights.
 #include <lora/safetensors.hpp>
@@ -12,8 +13,8 @@
 #include <string>
 
 int main(int argc, char** argv) {
-  if (argc != 4) {
-    std::fprintf(stderr, "usage: safetensors_close GOT EXPECTED TOLERANCE\n");
+  if (argc < 4) {
+    std::fprintf(stderr, "usage: safetensors_close GOT EXPECTED TOLERANCE [EXTRA...]\n");
     return 2;
   }
   namespace st = lora::safetensors;
@@ -21,8 +22,14 @@ int main(int argc, char** argv) {
     const auto got = st::File::open(argv[1]);
     const auto expected = st::File::open(argv[2]);
     const double tolerance = std::stod(argv[3]);
-    if (got.tensors().size() != expected.tensors().size()) {
-      std::fprintf(stderr, "%zu tensors, expected %zu\n", got.tensors().size(), expected.tensors().size());
+    const std::size_t extra = static_cast<std::size_t>(argc - 4);
+    for (int i = 4; i < argc; ++i)
+      if (got.find(argv[i]) == nullptr || expected.find(argv[i]) != nullptr) {
+        std::fprintf(stderr, "%s: expected in GOT only\n", argv[i]);
+        return 1;
+      }
+    if (got.tensors().size() != expected.tensors().size() + extra) {
+      std::fprintf(stderr, "%zu tensors, expected %zu\n", got.tensors().size(), expected.tensors().size() + extra);
       return 1;
     }
     for (const auto& e : expected.tensors()) {
