@@ -33,7 +33,7 @@ import os
 
 import torch
 
-from peft_files import pattern_get, save_file
+from peft_files import lora_config, pattern_get, save_file
 
 torch.manual_seed(29112026)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -47,32 +47,16 @@ modules = {  # module path -> (in, out)
     "transformer.h.1.attn.c_attn": (D, 3 * D),
     "transformer.h.1.attn.c_proj": (D, D),
 }
-config = {
-    "alpha_pattern": {"h.1.attn.c_proj": 3},
-    "auto_mapping": None,
-    "base_model_name_or_path": "tiny-gpt2-golden",
-    "bias": "none",
-    "fan_in_fan_out": True,
-    "inference_mode": True,
-    "init_lora_weights": True,
-    "layer_replication": None,
-    "layers_pattern": None,
-    "layers_to_transform": None,
-    "loftq_config": {},
-    "lora_alpha": 8,
-    "lora_dropout": 0.05,
-    "megatron_config": None,
-    "megatron_core": "megatron.core",
-    "modules_to_save": ["score"],
-    "peft_type": "LORA",
-    "r": 4,
-    "rank_pattern": {"c_proj": 2},
-    "revision": None,
-    "target_modules": ["c_attn", "c_proj"],
-    "task_type": "CAUSAL_LM",
-    "use_dora": False,
-    "use_rslora": False,
-}
+config = lora_config(
+    alpha_pattern={"h.1.attn.c_proj": 3},
+    base_model_name_or_path="tiny-gpt2-golden",
+    lora_alpha=8,
+    lora_dropout=0.05,
+    modules_to_save=["score"],
+    r=4,
+    rank_pattern={"c_proj": 2},
+    target_modules=["c_attn", "c_proj"],
+)
 
 
 base = {}

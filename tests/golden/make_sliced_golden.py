@@ -32,7 +32,7 @@ import os
 
 import torch
 
-from peft_files import pattern_get, save_file
+from peft_files import lora_config, pattern_get, save_file
 
 torch.manual_seed(3122026)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -40,32 +40,14 @@ OUT = os.path.join(HERE, "..", "data", "peft", "sliced")
 
 V, D, LAYERS = 10, 6, 2
 SLICE_R, SLICE_ALPHA = 4, 8  # q and v each: scaling 2, the fused LoRA's too (r 8, alpha 16)
-config = {
-    "alpha_pattern": {"c_proj": 4, "wte": 8},
-    "auto_mapping": None,
-    "base_model_name_or_path": "tiny-gpt2-sliced",
-    "bias": "none",
-    "fan_in_fan_out": True,
-    "inference_mode": True,
-    "init_lora_weights": True,
-    "layer_replication": None,
-    "layers_pattern": None,
-    "layers_to_transform": None,
-    "loftq_config": {},
-    "lora_alpha": 2 * SLICE_ALPHA,
-    "lora_dropout": 0.0,
-    "megatron_config": None,
-    "megatron_core": "megatron.core",
-    "modules_to_save": None,
-    "peft_type": "LORA",
-    "r": 2 * SLICE_R,
-    "rank_pattern": {"c_proj": 2, "wte": 4},
-    "revision": None,
-    "target_modules": ["c_attn", "c_proj", "wte"],
-    "task_type": "CAUSAL_LM",
-    "use_dora": False,
-    "use_rslora": False,
-}
+config = lora_config(
+    alpha_pattern={"c_proj": 4, "wte": 8},
+    base_model_name_or_path="tiny-gpt2-sliced",
+    lora_alpha=2 * SLICE_ALPHA,
+    r=2 * SLICE_R,
+    rank_pattern={"c_proj": 2, "wte": 4},
+    target_modules=["c_attn", "c_proj", "wte"],
+)
 
 
 def scaling_of(path):

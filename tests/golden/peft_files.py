@@ -4,6 +4,7 @@ make_sliced_golden.py):
   - a .safetensors file as safetensors.torch.save_file does: header json with
     separators (",", ":"), "__metadata__" first, tensors sorted by decreasing
     dtype alignment then name, header padded with spaces to a multiple of 8;
+  - an adapter_config.json's fields as PEFT 0.13's LoraConfig has them (lora_config);
   - PEFT's get_pattern_key for rank_pattern / alpha_pattern.
 """
 import json
@@ -55,3 +56,38 @@ def pattern_get(patterns, module, default):  # PEFT's get_pattern_key
         if re.match(rf"(.*\.)?({key})$", module):
             return patterns[key]
     return default
+
+
+def lora_config(**fields):
+    """PEFT 0.13's LoraConfig fields with their defaults for a GPT-2 (Conv1D) adapter saved for inference,
+    `fields` overriding them; written by json.dumps(config, indent=2, sort_keys=True) as PEFT does."""
+    config = {
+        "alpha_pattern": {},
+        "auto_mapping": None,
+        "base_model_name_or_path": None,
+        "bias": "none",
+        "fan_in_fan_out": True,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "layer_replication": None,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "loftq_config": {},
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+        "modules_to_save": None,
+        "peft_type": "LORA",
+        "r": 8,
+        "rank_pattern": {},
+        "revision": None,
+        "target_modules": None,
+        "task_type": "CAUSAL_LM",
+        "use_dora": False,
+        "use_rslora": False,
+    }
+    unknown = set(fields) - set(config)
+    assert not unknown, f"not a LoraConfig field: {unknown}"
+    config.update(fields)
+    return config
