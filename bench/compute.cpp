@@ -304,8 +304,31 @@ void mixed_over_single_paired(benchmark::State& state) {
   state.counters["mixed/single"] = ratios[ratios.size() / 2];  // the median per-pair ratio
 }
 
-// Times f and g alternately, each on its own, after one untimed call of each; returns the median of the
-// per-pair ratios time(f) / time(g). The order alternates so neither always runs right after the other.
+// Runs f and g alternately, each returning the seconds it timed, after one untimed call of each; returns the
+// median of the per-pair ratios f / g. The order alternates so neither always runs right after the other.
+template <class F, class G>
+double paired_median_seconds(benchmark::State& state, F&& f, G&& g) {
+  f();
+  g();
+  std::vector<double> ratios;
+  bool f_first = false;
+  for (auto _ : state) {
+    double tf, tg;
+    if (f_first) {
+      tf = f();
+      tg = g();
+    } else {
+      tg = g();
+      tf = f();
+    }
+    ratios.push_back(tf / tg);
+    f_first = !f_first;
+  }
+  std::nth_element(ratios.begin(), ratios.begin() + ratios.size() / 2, ratios.end());
+  return ratios[ratios.size() / 2];
+}
+
+// paired_median_seconds over the whole of each call: time(f) / time(g).
 template <class F, class G>
 double paired_median(benchmark::State& state, F&& f, G&& g) {
   using clock = std::chrono::steady_clock;
@@ -315,24 +338,8 @@ double paired_median(benchmark::State& state, F&& f, G&& g) {
     benchmark::ClobberMemory();
     return std::chrono::duration<double>(clock::now() - t0).count();
   };
-  f();
-  g();
-  std::vector<double> ratios;
-  bool f_first = false;
-  for (auto _ : state) {
-    double tf, tg;
-    if (f_first) {
-      tf = timed(f);
-      tg = timed(g);
-    } else {
-      tg = timed(g);
-      tf = timed(f);
-    }
-    ratios.push_back(tf / tg);
-    f_first = !f_first;
-  }
-  std::nth_element(ratios.begin(), ratios.begin() + ratios.size() / 2, ratios.end());
-  return ratios[ratios.size() / 2];
+  return paired_median_seconds(
+      state, [&] { return timed(f); }, [&] { return timed(g); });
 }
 
 void layout_paired(benchmark::State& state) {
@@ -409,24 +416,8 @@ void embedding_backward_paired(benchmark::State& state) {
     benchmark::ClobberMemory();
     return std::chrono::duration<double>(clock::now() - t0).count();
   };
-  backward_seconds(large);
-  backward_seconds(small);
-  std::vector<double> ratios;
-  bool large_first = false;
-  for (auto _ : state) {
-    double tl, ts;
-    if (large_first) {
-      tl = backward_seconds(large);
-      ts = backward_seconds(small);
-    } else {
-      ts = backward_seconds(small);
-      tl = backward_seconds(large);
-    }
-    ratios.push_back(tl / ts);
-    large_first = !large_first;
-  }
-  std::nth_element(ratios.begin(), ratios.begin() + ratios.size() / 2, ratios.end());
-  state.counters["bwd V/" + std::to_string(small_vocab)] = ratios[ratios.size() / 2];
+  state.counters["bwd V/" + std::to_string(small_vocab)] = paired_median_seconds(
+      state, [&] { return backward_seconds(large); }, [&] { return backward_seconds(small); });
 }
 
 // What a server without grouped low-rank products would do: merge each adapter into W, run its rows, unmerge.
