@@ -886,16 +886,15 @@ void save_adapter(const std::string& dir, const std::map<std::string, LoRALinear
 
 // ---- several adapters on one base ----------------------------------------------------
 
-/// Loads the adapter in `dir_or_file` as adapter `name` into every layer of a
+/// Loads `adapter` (read_adapter's, or gguf::import_adapter's) as adapter `name` into every layer of a
 /// multi-adapter model (module path -> layer), each module with the r and
 /// lora_alpha the config's patterns give it. Checks everything first and
 /// reports every problem at once (a name the layer already has, missing and
 /// unexpected modules, shapes with expected and actual, a trained bias, which
 /// a shared base cannot take); no layer changes unless all checks pass.
 template <class Scalar>
-LoadReport load_adapter(const std::string& dir_or_file, const std::string& name,
+LoadReport load_adapter(const Adapter<Scalar>& adapter, const std::string& name,
                         const std::map<std::string, MultiLoRALinear<Scalar>*>& model) {
-  Adapter<Scalar> adapter = read_adapter<Scalar>(dir_or_file);
   std::vector<std::string> problems;
   for (const auto& [path, layer] : model) {
     if (layer->has_adapter(name)) problems.push_back(path + ": already has an adapter named \"" + name + "\"");
@@ -937,6 +936,41 @@ LoadReport load_adapter(const std::string& dir_or_file, const std::string& name,
   report.other_tensors = adapter.other_tensors;
   report.assumed = adapter.config.assumed;
   return report;
+}
+
+/// load_adapter for an adapter read from `dir_or_file` (read_adapter).
+template <class Scalar>
+LoadReport load_adapter(const std::string& dir_or_file, const std::string& name,
+                        const std::map<std::string, MultiLoRALinear<Scalar>*>& model) {
+  return load_adapter(read_adapter<Scalar>(dir_or_file), name, model);
+}
+
+/// Writes an adapter held in memory (read_adapter's, or one built or
+/// converted, as gguf::import_adapter builds one) as a PEFT folder: every
+/// module's A and B (lora_embedding_A/B for embeddings), its bias, the other
+/// tensors copied from `adapter.file`, and the config. Atomic, as
+/// save_adapter for layers.
+template <class Scalar>
+void save_adapter(const std::string& dir, const Adapter<Scalar>& adapter,
+                  safetensors::Dtype dtype = safetensors::Dtype::F32) {
+  safetensors::Writer writer;
+  writer.set_metadata("format", "pt");
+  for (const auto& m : adapter.modules) {
+    const std::string key = key_prefix + m.path;
+    writer.add(key + (m.embedding ? ".lora_embedding_A" : ".lora_A.weight"), m.A, dtype);
+    writer.add(key + (m.embedding ? ".lora_embedding_B" : ".lora_B.weight"), m.B, dtype);
+    if (m.bias.size() > 0) writer.add(key + ".bias", m.bias, dtype, {static_cast<std::uint64_t>(m.bias.size())});
+  }
+  if (!adapter.other_tensors.empty() && !adapter.file)
+    throw state_error("peft::save_adapter: the adapter lists other tensors but holds no file to copy them from");
+  for (const auto& t : adapter.other_tensors) writer.add_from(t.name, *adapter.file, t);
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) throw io_error(dir + ": cannot create the folder: " + ec.message());
+  auto weights = writer.stage((std::filesystem::path(dir) / weights_file_name).string());
+  auto config_file = adapter.config.stage((std::filesystem::path(dir) / config_file_name).string());
+  weights.commit();
+  config_file.commit();
 }
 
 /// Writes adapter `name` of a multi-adapter model in PEFT's format, as

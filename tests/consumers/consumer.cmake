@@ -2,8 +2,8 @@
 # forces nothing on its users, build app from main.cpp, and link the opt-in targets asked for.
 #
 #   -DLORA_CONSUMER_OPT_IN=native,openblas,openmp   link lora::<name> too; main.cpp then checks each took effect
-#   -DLORA_EXPECT_TOOLS=ON|OFF                      lora::lora-inspect and lora::lora-merge must (not) exist;
-#                                                   when they must, the build runs both with --version
+#   -DLORA_EXPECT_TOOLS=ON|OFF                      lora::<tool> (each of the four tools) must (not) exist;
+#                                                   when they must, the build runs each with --version
 
 # lora::lora is plain: no compile options, definitions or link options, and no library beyond Eigen and
 # nlohmann_json (the speed targets are opt-in).
@@ -34,7 +34,7 @@ foreach(name IN LISTS opt_in)
 endforeach()
 
 if(DEFINED LORA_EXPECT_TOOLS AND NOT LORA_EXPECT_TOOLS STREQUAL "")
-  foreach(tool IN ITEMS lora-inspect lora-merge)
+  foreach(tool IN ITEMS lora-inspect lora-merge lora-export-gguf lora-import-gguf)
     if(LORA_EXPECT_TOOLS AND NOT TARGET lora::${tool})
       message(FATAL_ERROR "lora::${tool} is not an imported target although the tool is installed")
     elseif(NOT LORA_EXPECT_TOOLS AND TARGET lora::${tool})

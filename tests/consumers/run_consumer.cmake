@@ -11,7 +11,7 @@
 # prefix only. find_package_headers_only instead configures LORA_SOURCE_DIR afresh (tools on, as for a
 # top-level build; tests, examples and benchmarks off), installs that without building anything, and checks
 # that the package works without the tools. In both, the consumer is told whether the tools are installed and
-# checks that lora::lora-inspect and lora::lora-merge exist exactly then. OPT_IN: the opt-in targets the
+# checks that lora::<tool> exists for each tool exactly then. OPT_IN: the opt-in targets the
 # consumer links (lora::native, ...). WORK_DIR is wiped on every run.
 cmake_minimum_required(VERSION 3.16)
 
@@ -65,7 +65,7 @@ function(expect_configure_failure step regex)
   endif()
 endfunction()
 
-set(tools lora-inspect lora-merge)
+set(tools lora-inspect lora-merge lora-export-gguf lora-import-gguf)
 if(CONSUMER STREQUAL "find_package")
   if(NOT LORA_BUILD_DIR)
     message(FATAL_ERROR "run_consumer.cmake: CONSUMER=find_package needs -DLORA_BUILD_DIR=...")
@@ -115,7 +115,7 @@ if(CONSUMER MATCHES "^find_package")
       message(FATAL_ERROR "[${CONSUMER}] ${built} was built but not installed into ${prefix}/bin")
     endif()
   endforeach()
-  if(installed_tools STREQUAL "lora-inspect;lora-merge")
+  if(installed_tools STREQUAL "${tools}")
     list(APPEND configure_args -DLORA_EXPECT_TOOLS=ON)
   elseif(NOT installed_tools)
     list(APPEND configure_args -DLORA_EXPECT_TOOLS=OFF)
