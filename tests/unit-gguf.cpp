@@ -5,6 +5,7 @@
 // input rule, each asserting its own message.
 #include <catch2/catch.hpp>
 #include <lora/gguf.hpp>
+#include <nlohmann/json.hpp>
 
 #include <cmath>
 #include <cstdint>
@@ -776,6 +777,95 @@ TEST_CASE("gguf hostile: Access::read gives the same refusals and notices a file
   CHECK_THAT(error_of([&] { f.matrix<float>("t"); }), Contains("good.gguf: the file changed while being read"));
   CHECK_THAT(error_of([&] { gguf::File::open((dir / "missing.gguf").string()); }), Contains("cannot open"));
   fs::remove_all(dir);
+}
+
+// One value as @huggingface/gguf recorded it (tests/golden/read_with_hf_gguf.sh): numbers as JSON numbers, 64-bit
+// integers as decimal strings, f32 widened to double, NaN / infinities / -0 as strings.
+bool same_as_recorded(const gguf::Value& v, const nlohmann::json& j) {
+  auto as_double = [&](double x) {
+    if (j.is_string()) {
+      const std::string t = j.get<std::string>();
+      return (t == "nan" && std::isnan(x)) || (t == "inf" && x == INFINITY) || (t == "-inf" && x == -INFINITY) ||
+             (t == "-0" && x == 0 && std::signbit(x));
+    }
+    return j.is_number() && j.get<double>() == x;
+  };
+  switch (v.type()) {
+    case gguf::ValueType::UINT8:
+      return j == v.get<std::uint8_t>();
+    case gguf::ValueType::INT8:
+      return j == v.get<std::int8_t>();
+    case gguf::ValueType::UINT16:
+      return j == v.get<std::uint16_t>();
+    case gguf::ValueType::INT16:
+      return j == v.get<std::int16_t>();
+    case gguf::ValueType::UINT32:
+      return j == v.get<std::uint32_t>();
+    case gguf::ValueType::INT32:
+      return j == v.get<std::int32_t>();
+    case gguf::ValueType::UINT64:
+      return j == std::to_string(v.get<std::uint64_t>());
+    case gguf::ValueType::INT64:
+      return j == std::to_string(v.get<std::int64_t>());
+    case gguf::ValueType::FLOAT32:
+      return as_double(v.get<float>());
+    case gguf::ValueType::FLOAT64:
+      return as_double(v.get<double>());
+    case gguf::ValueType::BOOL:
+      return j == v.get<bool>();
+    case gguf::ValueType::STRING:
+      return j == v.get<std::string>();
+    case gguf::ValueType::ARRAY: {
+      if (!j.is_array() || j.size() != v.size()) return false;
+      for (std::size_t i = 0; i < v.size(); ++i)
+        if (!same_as_recorded(v.element(i), j[i])) return false;
+      return true;
+    }
+  }
+  return false;
+}
+
+TEST_CASE("gguf: an independent reader (@huggingface/gguf) read every file here as our reader does", "[gguf]") {
+  // Files written by ggml and by our writer (ours_adapter.gguf, adapters/*.gguf), read by the npm package: the
+  // same version, keys, value types, values, tensor names, ne, types and offsets as our reader finds.
+  std::ifstream in(gguf_dir + "/read_by_hf_gguf.json");
+  const auto record = nlohmann::json::parse(in);
+  CHECK(record.at("read_by").get<std::string>().rfind("@huggingface/gguf@", 0) == 0);
+  int files = 0;
+  for (const auto& [path, seen] : record.items()) {
+    if (path == "read_by") continue;
+    CAPTURE(path);
+    ++files;
+    REQUIRE_FALSE(seen.contains("error"));
+    const auto file = gguf::File::open(gguf_dir + "/" + path);
+    CHECK(seen.at("version") == file.version());
+    CHECK(seen.at("tensor_data_offset") == std::to_string(file.data_offset()));
+    const auto& metadata = seen.at("metadata");
+    REQUIRE(metadata.size() == file.metadata().size());
+    for (std::size_t i = 0; i < metadata.size(); ++i) {
+      const auto& kv = file.metadata()[i];
+      CAPTURE(kv.key);
+      CHECK(metadata[i].at("key") == kv.key);
+      CHECK(metadata[i].at("type") == static_cast<std::uint32_t>(kv.value.type()));
+      if (kv.value.is_array())
+        CHECK(metadata[i].at("element_type") == static_cast<std::uint32_t>(kv.value.element_type()));
+      CHECK(same_as_recorded(kv.value, metadata[i].at("value")));
+    }
+    const auto& tensors = seen.at("tensors");
+    REQUIRE(tensors.size() == file.tensors().size());
+    for (std::size_t i = 0; i < tensors.size(); ++i) {
+      const auto& t = file.tensors()[i];
+      CAPTURE(t.name);
+      CHECK(tensors[i].at("name") == t.name);
+      CHECK(tensors[i].at("n_dims") == t.ne.size());
+      REQUIRE(tensors[i].at("ne").size() == t.ne.size());
+      for (std::size_t d = 0; d < t.ne.size(); ++d) CHECK(tensors[i].at("ne")[d] == std::to_string(t.ne[d]));
+      CHECK(tensors[i].at("type") == static_cast<std::uint32_t>(t.type));
+      CHECK(tensors[i].at("offset") == std::to_string(t.offset));
+      CHECK(tensors[i].at("data_offset") == std::to_string(file.data_offset() + t.offset));
+    }
+  }
+  CHECK(files == 10);  // 3 here, 7 in adapters/
 }
 
 }  // namespace unit_gguf
