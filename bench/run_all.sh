@@ -7,7 +7,10 @@
 #   bench/run_all.sh --smoke    tiny shapes and a few iterations: proves it all still runs (CI)
 #
 # Environment: BACKENDS (default "eigen blas"), THREADS ("1 2"), OUT (build-bench/results),
-# JOBS (build parallelism, 2), PYTHON (/usr/bin/python3, which has Debian's python3-torch).
+# JOBS (build parallelism, 2), PYTHON (/usr/bin/python3, which has Debian's python3-torch), EIGEN_BUILD (an
+# existing build folder whose bench/ programs serve as the Eigen backend instead of building build-bench/eigen;
+# .ci/run passes the README build it made moments before, which has no OpenMP, so its Eigen products run on one
+# thread in the 2-thread rows too: fine for --smoke, which judges no number, not for measuring).
 # OPENBLAS_CORETYPE is left as the caller has it; every program prints the kernel that ran.
 # bench/RESULTS.md was made with: env -u OPENBLAS_CORETYPE bench/run_all.sh
 set -euo pipefail
@@ -33,6 +36,7 @@ rm -f "$out"/compute-*.json "$out"/pytorch-*.json "$out"/memory.txt
 section() { printf '\n===== %s\n' "$*"; }
 
 # Eigen's products use threads only under OpenMP; OpenBLAS has its own.
+declare -A bench_dir
 for backend in "${backends[@]}"; do
   case "$backend" in
     eigen) flags=(-DLORA_USE_OPENMP=ON) ;;
@@ -42,12 +46,19 @@ for backend in "${backends[@]}"; do
       exit 2
       ;;
   esac
+  if [ "$backend" = eigen ] && [ -n "${EIGEN_BUILD:-}" ]; then
+    section "build: eigen backend from EIGEN_BUILD=$EIGEN_BUILD (built already)"
+    cmake --build "$EIGEN_BUILD" -j"$jobs" --target bench_params bench_compute bench_memory
+    bench_dir[$backend]="$EIGEN_BUILD/bench"
+    continue
+  fi
   section "build: $backend backend in build-bench/$backend"
   cmake -S . -B "build-bench/$backend" -DCMAKE_BUILD_TYPE=Release -DLORA_BUILD_TESTS=OFF \
     -DLORA_BUILD_EXAMPLES=OFF -DLORA_INSTALL=OFF "${flags[@]}" >/dev/null
   cmake --build "build-bench/$backend" -j"$jobs" --target bench_params bench_compute bench_memory
+  bench_dir[$backend]="build-bench/$backend/bench"
 done
-first="build-bench/${backends[0]}/bench"
+first="${bench_dir[${backends[0]}]}"
 
 smoke_flag=()
 [ "$smoke" = 1 ] && smoke_flag=(--smoke)
@@ -67,7 +78,7 @@ peer_flags=(--min-time 0.2)
 for backend in "${backends[@]}"; do
   for threads in "${threads_list[@]}"; do
     section "bench_compute: $backend, $threads thread(s)"
-    "build-bench/$backend/bench/bench_compute" --threads="$threads" "${compute_flags[@]}" --benchmark_color=false \
+    "${bench_dir[$backend]}/bench_compute" --threads="$threads" "${compute_flags[@]}" --benchmark_color=false \
       --benchmark_out="$out/compute-$backend-t$threads.json" --benchmark_out_format=json
   done
 done
