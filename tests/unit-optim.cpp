@@ -7,6 +7,7 @@
 #include <cmath>
 #include <initializer_list>
 #include <limits>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -537,6 +538,118 @@ TEST_CASE("SGD: nesterov with dampening throws config_error naming dampening and
                     lora::config_error);
   REQUIRE_THROWS_WITH(lora::SGD<double>(scalar_parameter(p, g), sgd_options<double>(0.1, 0.9, 0.5, 0, true)),
                       Contains("dampening") && Contains("0.5"));
+}
+
+// ---- LoRA+ -----------------------------------------------------------------------
+
+TEMPLATE_TEST_CASE("LoRA+: four AdamW and SGD steps in PEFT's parameter groups match PyTorch",
+                   "[optim][loraplus][golden]", float, double) {
+  using S = TestType;
+  // The linear layer (A, B and its bias train) and the embedding layer of make_golden.py, one optimizer; PEFT's
+  // groups: lora_A at lr, lora_B and the bias at 4 lr (the bias without decay), the embedding at 1e-3. The
+  // optimizer's own weight_decay (0.3) must not be used: LoRA+'s (0.1) replaces it.
+  for (const char* kind : {"adamw", "sgd"}) {
+    CAPTURE(kind);
+    auto layer = golden_layer<S>(lora::BiasMode::all);
+    Mat<S> E = tensor<S>("embedding.E");
+    lora::LoraConfig ecfg;
+    ecfg.r = 2;
+    ecfg.lora_alpha = 4;
+    lora::LoRAEmbedding<S> emb(
+        lora::FrozenWeight<S>::mutable_view(E.data(), E.cols(), E.rows(), lora::WeightLayout::in_out), ecfg, 0);
+    emb.lora_A() = tensor<S>("embedding.A");
+    emb.lora_B() = tensor<S>("embedding.B");
+    auto params = layer.parameters();
+    for (auto& p : emb.parameters()) params.push_back(p);
+    lora::LoraPlusOptions plus;
+    plus.lr_ratio = 4;
+    plus.lr_embedding = 1e-3;
+    plus.weight_decay = 0.1;
+    params = lora::loraplus_groups(params, 0.05, plus);
+    const bool adamw = std::string(kind) == "adamw";
+    lora::AdamW<S> adam(params, adamw_options<S>(0.05, 0.9, 0.99, 1e-8, 0.3));
+    lora::SGD<S> sgd(params, sgd_options<S>(0.05, 0.9, 0.0, 0.3, true));
+
+    const auto x = tensor<S>("linear.x");
+    const auto target = tensor<S>("adamw.target");
+    const auto emb_target = tensor<S>("loraplus.emb_target");
+    const auto ids_matrix = tensor("embedding.ids");
+    std::vector<Index> ids;
+    for (Index i = 0; i < ids_matrix.size(); ++i) ids.push_back(static_cast<Index>(ids_matrix(0, i)));
+    Mat<S> y(x.rows(), layer.out_features()), dy(x.rows(), layer.out_features());
+    Mat<S> ye(static_cast<Index>(ids.size()), E.cols()), dye(ye.rows(), ye.cols());
+    for (int step = 0; step < 4; ++step) {
+      layer.zero_grad();
+      emb.zero_grad();
+      layer.forward(x, y);
+      lora::mse_loss<S>(y, target, dy);
+      layer.backward(x, dy);
+      emb.forward(ids, ye);
+      lora::mse_loss<S>(ye, emb_target, dye);
+      emb.backward(ids, dye);
+      if (adamw)
+        adam.step();
+      else
+        sgd.step();
+    }
+    // Four chained float steps with large gradients (as the SGD golden test above): 2e-5.
+    const double tol = sizeof(S) == 4 ? 2e-5 : 1e-10;
+    const std::string at = std::string("loraplus.") + kind + ".";
+    CHECK(max_rel_diff(layer.lora_A(), tensor(at + "A")) < tol);
+    CHECK(max_rel_diff(layer.lora_B(), tensor(at + "B")) < tol);
+    CHECK(max_rel_diff(layer.bias(), tensor(at + "b")) < tol);
+    CHECK(max_rel_diff(emb.lora_A(), tensor(at + "emb_A")) < tol);
+    CHECK(max_rel_diff(emb.lora_B(), tensor(at + "emb_B")) < tol);
+  }
+}
+
+TEST_CASE("LoRA+: groups by name, hand-computed SGD steps, a schedule scales every group", "[optim][loraplus]") {
+  double a = 1, b = 1, bias = 1, ea = 1, ga = 0.5, gb = 0.5, gbias = 0.5, gea = 0.5;
+  lora::ParameterList<double> params = {{"0.lora_A", &a, &ga, 1, 1},
+                                        {"0.lora_B", &b, &gb, 1, 1},
+                                        {"0.bias", &bias, &gbias, 1, 1},
+                                        {"wte.lora_embedding_A", &ea, &gea, 1, 1}};
+  lora::LoraPlusOptions plus;
+  plus.lr_ratio = 8;
+  plus.lr_embedding = 0.02;
+  plus.weight_decay = 0.5;
+  const auto grouped = lora::loraplus_groups(params, 0.1, plus);
+  CHECK(grouped[0].lr_scale == 1);
+  CHECK(grouped[0].weight_decay == 0.5);
+  CHECK(grouped[1].lr_scale == 8);
+  CHECK(grouped[1].weight_decay == 0.5);
+  CHECK(grouped[2].lr_scale == 8);
+  CHECK(grouped[2].weight_decay == 0.0);
+  CHECK(grouped[3].lr_scale == Approx(0.2));
+  CHECK(grouped[3].weight_decay == 0.5);
+  CHECK(params[1].lr_scale == 1);  // the list given is not changed
+
+  // Plain SGD, lr 0.1, p <- p - lr_g (g + wd_g p): by hand.
+  lora::SGD<double>::Options o;
+  o.lr = 0.1;
+  o.weight_decay = 7;  // replaced by every group's own
+  lora::SGD<double> sgd(grouped, o);
+  sgd.step();
+  CHECK(a == Approx(1 - 0.1 * (0.5 + 0.5)));    // 0.9
+  CHECK(b == Approx(1 - 0.8 * (0.5 + 0.5)));    // 0.2
+  CHECK(bias == Approx(1 - 0.8 * 0.5));         // 0.6, no decay
+  CHECK(ea == Approx(1 - 0.02 * (0.5 + 0.5)));  // 0.98
+  sgd.set_lr(0.05);                             // a schedule halves every group's lr
+  sgd.step();
+  CHECK(a == Approx(0.9 - 0.05 * (0.5 + 0.5 * 0.9)));
+  CHECK(b == Approx(0.2 - 0.4 * (0.5 + 0.5 * 0.2)));
+  CHECK(bias == Approx(0.6 - 0.4 * 0.5));
+  CHECK(ea == Approx(0.98 - 0.01 * (0.5 + 0.5 * 0.98)));
+
+  CHECK_THROWS_WITH(lora::loraplus_groups(params, 0.0, plus), Contains("lr must be > 0, got 0"));
+  plus.lr_ratio = -1;
+  CHECK_THROWS_WITH(lora::loraplus_groups(params, 0.1, plus), Contains("lr_ratio must be > 0, got -1"));
+  plus.lr_ratio = 8;
+  plus.lr_embedding = std::nan("");
+  CHECK_THROWS_WITH(lora::loraplus_groups(params, 0.1, plus), Contains("lr_embedding must be > 0, got nan"));
+  plus.lr_embedding = 1e-6;
+  plus.weight_decay = -0.1;
+  CHECK_THROWS_WITH(lora::loraplus_groups(params, 0.1, plus), Contains("weight_decay must be >= 0, got -0.1"));
 }
 
 }  // namespace unit_optim

@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
@@ -90,10 +91,12 @@ class SGD {
 
   void step() {
     const Options& opt = state_.options;
-    const Scalar lr = static_cast<Scalar>(opt.lr), mu = static_cast<Scalar>(opt.momentum);
-    const Scalar damp = static_cast<Scalar>(1 - opt.dampening), wd = static_cast<Scalar>(opt.weight_decay);
+    const Scalar mu = static_cast<Scalar>(opt.momentum), damp = static_cast<Scalar>(1 - opt.dampening);
     for (std::size_t k = 0; k < params_.size(); ++k) {
       auto& p = params_[k];
+      // The parameter's group (Parameter::lr_scale, weight_decay; 1 and the optimizer's unless LoRA+ set them).
+      const Scalar lr = static_cast<Scalar>(opt.lr * p.lr_scale);
+      const Scalar wd = static_cast<Scalar>(p.weight_decay.value_or(opt.weight_decay));
       Eigen::Map<Vector<Scalar>> value(p.value, p.size());
       Eigen::Map<const Vector<Scalar>> grad(p.grad, p.size());
       if (mu == 0) {
@@ -205,13 +208,15 @@ class AdamW {
     // Computed in double as PyTorch does for its Python-float hyperparameters.
     const double bias_correction1 = 1 - std::pow(opt.beta1, static_cast<double>(t));
     const double bias_correction2 = 1 - std::pow(opt.beta2, static_cast<double>(t));
-    const Scalar step_size = static_cast<Scalar>(opt.lr / bias_correction1);
     const Scalar bc2_sqrt = static_cast<Scalar>(std::sqrt(bias_correction2));
-    const Scalar decay = static_cast<Scalar>(1 - opt.lr * opt.weight_decay);
     const Scalar b1 = static_cast<Scalar>(opt.beta1), b2 = static_cast<Scalar>(opt.beta2);
     const Scalar eps = static_cast<Scalar>(opt.eps);
     for (std::size_t k = 0; k < params_.size(); ++k) {
       auto& p = params_[k];
+      // The parameter's group (Parameter::lr_scale, weight_decay; 1 and the optimizer's unless LoRA+ set them).
+      const double lr = opt.lr * p.lr_scale;
+      const Scalar step_size = static_cast<Scalar>(lr / bias_correction1);
+      const Scalar decay = static_cast<Scalar>(1 - lr * p.weight_decay.value_or(opt.weight_decay));
       Eigen::Map<Vector<Scalar>> value(p.value, p.size());
       Eigen::Map<const Vector<Scalar>> grad(p.grad, p.size());
       auto m = state_.exp_avg[k].array();
@@ -260,6 +265,57 @@ class AdamW {
   ParameterList<Scalar> params_;
   State state_;
 };
+
+/// LoRA+ (Hayou et al. 2024), as PEFT's create_loraplus_optimizer groups the parameters.
+struct LoraPlusOptions {
+  /// ηB / ηA: lora_B (and every 1-D parameter, a bias) trains at lr · lr_ratio. PEFT requires it; the paper
+  /// suggests 2^4.
+  double lr_ratio = 16;
+  /// The learning rate of embedding adapters (lora_embedding_A / _B), absolute: PEFT's loraplus_lr_embedding.
+  double lr_embedding = 1e-6;
+  /// Every group's weight decay but the biases' (0): PEFT's loraplus_weight_decay, which replaces the optimizer's.
+  double weight_decay = 0;
+};
+
+/// Puts `params` into LoRA+'s four groups, for an optimizer whose lr is `lr`
+/// (the embedding group's lr is absolute, so it is stored as a multiple of
+/// this one; a schedule scales all four together):
+///   embedding   lora_embedding_A / _B                  lr_embedding   weight_decay
+///   B           lora_B                                 lr · lr_ratio  weight_decay
+///   B, no decay 1-D parameters (biases)                lr · lr_ratio  0
+///   A           everything else (lora_A)               lr             weight_decay
+/// Parameters are recognised by name (prefixed names too: "3.lora_B", "q.lora_A"). Throws config_error for an lr
+/// or lr_embedding that is not > 0, a ratio that is not > 0, a weight decay < 0.
+template <class Scalar>
+ParameterList<Scalar> loraplus_groups(ParameterList<Scalar> params, double lr, const LoraPlusOptions& options = {}) {
+  const char* where = "loraplus_groups";
+  detail::check_option(lr > 0 && std::isfinite(lr), where, "lr must be > 0", lr);
+  detail::check_option(options.lr_ratio > 0 && std::isfinite(options.lr_ratio), where, "lr_ratio must be > 0",
+                       options.lr_ratio);
+  detail::check_option(options.lr_embedding > 0 && std::isfinite(options.lr_embedding), where,
+                       "lr_embedding must be > 0", options.lr_embedding);
+  detail::check_option(options.weight_decay >= 0, where, "weight_decay must be >= 0", options.weight_decay);
+  auto ends_with = [](const std::string& s, const char* suffix) {
+    const std::size_t n = std::strlen(suffix);
+    return s.size() >= n && s.compare(s.size() - n, n, suffix) == 0;
+  };
+  for (auto& p : params) {
+    if (p.name.find("lora_embedding_") != std::string::npos) {
+      p.lr_scale = options.lr_embedding / lr;
+      p.weight_decay = options.weight_decay;
+    } else if (ends_with(p.name, "bias")) {  // PEFT: 1-D, and "bias" in the name keeps it out of decay
+      p.lr_scale = options.lr_ratio;
+      p.weight_decay = 0.0;
+    } else if (p.name.find("lora_B") != std::string::npos) {
+      p.lr_scale = options.lr_ratio;
+      p.weight_decay = options.weight_decay;
+    } else {
+      p.lr_scale = 1;
+      p.weight_decay = options.weight_decay;
+    }
+  }
+  return params;
+}
 
 /// torch.nn.utils.clip_grad_norm_: the norm of all gradients together (p = norm_type,
 /// infinity for the max norm); if it exceeds max_norm, every gradient is scaled by

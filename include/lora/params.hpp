@@ -9,18 +9,30 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace lora {
 
 template <class Scalar>
 struct Parameter {
+  // Built as {name, value, grad, rows, cols}; the group fields start at their defaults.
+  Parameter(std::string name_, Scalar* value_, Scalar* grad_, Index rows_, Index cols_)
+      : name(std::move(name_)), value(value_), grad(grad_), rows(rows_), cols(cols_) {}
+
   std::string name;  ///< "lora_A", "lora_B" or "bias" (a model prefixes the layer's path)
   Scalar* value;     ///< row-major (rows, cols), contiguous
   Scalar* grad;      ///< same layout as value; backward adds into it
   Index rows;
   Index cols;
+  /// Its parameter group (PyTorch's param_groups, as LoRA+ makes them: lora::loraplus_groups): its learning rate
+  /// is the optimizer's lr times lr_scale, and its weight decay this value instead of the optimizer's when set.
+  /// Optimizer schedules set the optimizer's lr, so every group keeps its ratio to it, as LambdaLR keeps each
+  /// group's ratio to its initial lr.
+  double lr_scale = 1;
+  std::optional<double> weight_decay;
   Index size() const { return rows * cols; }
   MatrixMap<Scalar> value_matrix() const { return MatrixMap<Scalar>(value, rows, cols); }
   MatrixMap<Scalar> grad_matrix() const { return MatrixMap<Scalar>(grad, rows, cols); }

@@ -215,6 +215,47 @@ put("embedding.dA", A.grad)
 put("embedding.dB", B.grad)
 put("embedding.merged_E", E + (B @ A).T * scaling)
 
+# ---- LoRA+: PEFT's create_loraplus_optimizer groups, torch.optim.AdamW and SGD -------------------------------
+# The grouping is PEFT's (peft/optimizers/loraplus.py), written out here because importing it needs transformers:
+# embedding adapters at loraplus_lr_embedding, lora_B and 1-D parameters at lr * loraplus_lr_ratio (without weight
+# decay when "bias" is in the name), everything else at lr; loraplus_weight_decay replaces the optimizer's own
+# weight_decay. The linear layer of "linear.*" (A, B, b) with the MSE loss of "adamw.*", and the embedding layer of
+# "embedding.*" (A, B) with an MSE loss on its output, trained together by one optimizer for 4 steps.
+def recorded(name):
+    return dict(records)[name].clone()
+
+
+lr, ratio, lr_embedding, loraplus_wd = 0.05, 4.0, 1e-3, 0.1
+emb_target = torch.randn(len(ids), d)
+put("loraplus.emb_target", emb_target)
+for kind in ("adamw", "sgd"):
+    lA = recorded("linear.A").requires_grad_()
+    lB = recorded("linear.B").requires_grad_()
+    lb = recorded("linear.b").reshape(-1).requires_grad_()
+    eA = recorded("embedding.A").requires_grad_()
+    eB = recorded("embedding.B").requires_grad_()
+    groups = [
+        {"params": [lA], "weight_decay": loraplus_wd, "lr": lr},                    # groupA
+        {"params": [eA, eB], "weight_decay": loraplus_wd, "lr": lr_embedding},       # embedding
+        {"params": [lB], "weight_decay": loraplus_wd, "lr": lr * ratio},            # groupB
+        {"params": [lb], "weight_decay": 0.0, "lr": lr * ratio},                    # groupB_no_decay
+    ]
+    if kind == "adamw":
+        opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), eps=1e-8)
+    else:
+        opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+    lx, lW = recorded("linear.x"), recorded("linear.W")
+    E0 = recorded("embedding.E")
+    for step in range(4):
+        opt.zero_grad()
+        loss = F.mse_loss(lora_forward(lx, lW, lb, lA, lB, 6.0 / 3), target)
+        ye = F.embedding(ids, E0, padding_idx=0) + F.embedding(ids, eA.T, padding_idx=0) @ eB.T * (4.0 / 2)
+        loss = loss + F.mse_loss(ye, emb_target)
+        loss.backward()
+        opt.step()
+    for name, t in [("A", lA), ("B", lB), ("b", lb), ("emb_A", eA), ("emb_B", eB)]:
+        put("loraplus.%s.%s" % (kind, name), t)
+
 out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data", "golden.txt")
 with open(out, "w") as f:
     f.write("# PyTorch %s reference values; written by tests/golden/make_golden.py\n" % torch.__version__)
