@@ -36,6 +36,7 @@
 // shapes, for CI). The first lines of the output name the backend, the GEMM
 // kernel, the threads and the CPU.
 #include <benchmark/benchmark.h>
+#include <lora/init.hpp>
 #include <lora/lora.hpp>
 
 #include "bench_common.hpp"
@@ -420,6 +421,32 @@ void embedding_backward_paired(benchmark::State& state) {
       state, [&] { return backward_seconds(large); }, [&] { return backward_seconds(small); });
 }
 
+// Issue 16: PiSSA's start on a D x D weight from a full SVD (init_lora_weights = "pissa") and from the randomised
+// one ("pissa_niter_4"), and OLoRA's QR; each once per iteration (a full SVD of 4096 x 4096 takes a while).
+void init_times(benchmark::State& state) {
+  const lora::Index D = state.range(0);
+  const lora::LoraConfig cfg = Problem::config(static_cast<int>(state.range(1)));
+  const Mat W = Mat::Random(D, D);
+  using clock = std::chrono::steady_clock;
+  auto seconds = [&](auto&& init) {
+    lora::LoRALinear<float> layer(W, cfg);
+    const auto t0 = clock::now();
+    init(layer);
+    benchmark::DoNotOptimize(layer.lora_A().data());
+    return std::chrono::duration<double>(clock::now() - t0).count();
+  };
+  double full = 0, niter4 = 0, olora = 0;
+  for (auto _ : state) {
+    full = seconds([](auto& layer) { lora::pissa_init(layer); });
+    niter4 = seconds([](auto& layer) { lora::pissa_init(layer, 4); });
+    olora = seconds([](auto& layer) { lora::olora_init(layer); });
+  }
+  state.counters["pissa s"] = full;
+  state.counters["pissa_niter_4 s"] = niter4;
+  state.counters["olora s"] = olora;
+  state.counters["pissa/niter_4"] = full / niter4;
+}
+
 // What a server without grouped low-rank products would do: merge each adapter into W, run its rows, unmerge.
 void naive_merge_per_adapter(benchmark::State& state) {
   MultiProblem p(state);
@@ -533,6 +560,13 @@ void register_all(bool smoke) {
       ->Args(smoke ? std::vector<int64_t>{16, 500, 32, 4, 100} : std::vector<int64_t>{512, 50257, 768, 8, 1000})
       ->Iterations(smoke ? 2 : 201)
       ->Unit(benchmark::kMillisecond)
+      ->UseRealTime();
+  // Issue 16: PiSSA (full and randomised SVD) and OLoRA initialisation of a 4096 x 4096 weight at r = 8.
+  benchmark::RegisterBenchmark("init_times", init_times)
+      ->ArgNames({"D", "R"})
+      ->Args({smoke ? 64 : 4096, 8})
+      ->Iterations(1)
+      ->Unit(benchmark::kSecond)
       ->UseRealTime();
 }
 

@@ -112,6 +112,14 @@ class LoRALinear {
   void unmerge();
   bool is_merged() const { return merged_; }
 
+  /// Makes A (R, I) and B (O, R) the adapter and W its residual W − s·B A, so the output does not change: the
+  /// start of PiSSA and OLoRA (lora::pissa_init, lora::olora_init in <lora/init.hpp>). Checks everything first
+  /// (check_init_with_residual, the shapes, a finite residual) and changes nothing when it throws.
+  void init_with_residual(const ConstRef<Scalar>& A, const ConstRef<Scalar>& B);
+  /// Throws, naming `where`, unless init_with_residual can run: state_error for a merged layer or a read-only
+  /// weight, config_error unless 0 < r <= min(I, O).
+  void check_init_with_residual(const char* where) const;
+
   /// Restarts the dropout mask sequence (masks are drawn per training forward).
   void set_dropout_seed(std::uint64_t seed) { dropout_rng_.reseed(seed); }
 

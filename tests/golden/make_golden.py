@@ -256,6 +256,29 @@ for kind in ("adamw", "sgd"):
     for name, t in [("A", lA), ("B", lB), ("b", lb), ("emb_A", eA), ("emb_B", eB)]:
         put("loraplus.%s.%s" % (kind, name), t)
 
+# ---- PiSSA and OLoRA initialisation (PEFT's pissa_init / olora_init, in float64 here) ---------------------
+# pissa: V, S, Uh = svd(W); Sr = S[:r] / scaling; A = diag(sqrt(Sr)) Uh[:r]; B = V[:, :r] diag(sqrt(Sr)).
+# olora: Q, R = qr(W); B = Q[:, :r]; A = R[:r]. Both then set W to W - scaling * B @ A.
+# Singular vectors are unique only up to sign (the test compares each rank-1 term); Householder QR's signs
+# (LAPACK geqrf) are fixed.
+for tag, (O_, I_) in [("tall", (7, 5)), ("wide", (4, 9))]:
+    R_, alpha_ = 3, 6.0
+    s_ = alpha_ / R_
+    W_ = torch.randn(O_, I_)
+    put("init.%s.W" % tag, W_)
+    V, S, Uh = torch.linalg.svd(W_, full_matrices=False)
+    Sr = S[:R_] / s_
+    A_ = torch.diag(torch.sqrt(Sr)) @ Uh[:R_]
+    B_ = V[:, :R_] @ torch.diag(torch.sqrt(Sr))
+    put("init.%s.pissa_A" % tag, A_)
+    put("init.%s.pissa_B" % tag, B_)
+    put("init.%s.pissa_W" % tag, W_ - s_ * B_ @ A_)
+    Q, Rq = torch.linalg.qr(W_)
+    B_, A_ = Q[:, :R_], Rq[:R_]
+    put("init.%s.olora_A" % tag, A_)
+    put("init.%s.olora_B" % tag, B_)
+    put("init.%s.olora_W" % tag, W_ - s_ * B_ @ A_)
+
 out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data", "golden.txt")
 with open(out, "w") as f:
     f.write("# PyTorch %s reference values; written by tests/golden/make_golden.py\n" % torch.__version__)

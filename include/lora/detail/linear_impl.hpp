@@ -355,6 +355,31 @@ void LoRALinear<Scalar>::merge(bool safe_merge) {
 }
 
 template <class Scalar>
+void LoRALinear<Scalar>::check_init_with_residual(const char* where) const {
+  if (merged_)
+    throw state_error(std::string(where) + ": the layer is merged; unmerge() first, so that W is the base weight");
+  weight_.require_writable(where);
+  if (rank_ <= 0 || rank_ > std::min(in_, out_))
+    throw config_error(std::string(where) + ": r " + std::to_string(rank_) + " is more than min(in " +
+                       std::to_string(in_) + ", out " + std::to_string(out_) + "), or not > 0");
+}
+
+template <class Scalar>
+void LoRALinear<Scalar>::init_with_residual(const ConstRef<Scalar>& A, const ConstRef<Scalar>& B) {
+  const char* where = "LoRALinear::init_with_residual";
+  check_init_with_residual(where);
+  if (A.rows() != rank_ || A.cols() != in_ || B.rows() != out_ || B.cols() != rank_)
+    throw shape_error(std::string(where) + ": expected A " + shape_string(rank_, in_) + " and B " +
+                      shape_string(out_, rank_) + ", got A " + shape_string(A.rows(), A.cols()) + ", B " +
+                      shape_string(B.rows(), B.cols()));
+  if (!A.allFinite() || !B.allFinite()) throw numeric_error(std::string(where) + ": A or B holds a non-finite value");
+  // W − s·B A, checked finite before anything is written.
+  weight_.add_low_rank(where, -scaling_, B, A, 0, true);
+  lora_A() = A;
+  lora_B() = B;
+}
+
+template <class Scalar>
 void LoRALinear<Scalar>::unmerge() {
   if (!merged_) return;
   weight_.add_low_rank("LoRALinear::unmerge", -merged_scaling_, merged_B_, merged_A_);

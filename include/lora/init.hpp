@@ -1,0 +1,165 @@
+// PiSSA and OLoRA: adapters that start from the principal directions of W
+// instead of zero, as PEFT initialises them (init_lora_weights = "pissa",
+// "pissa_niter_K", "olora"), and PEFT's conversion of such an adapter, after
+// training, into a plain LoRA for the original W.
+//
+//   PiSSA (Meng et al. 2024):  W = U S Vᵀ;  A = sqrt(S_r / s) V_rᵀ,  B = U_r sqrt(S_r / s)
+//                              (PEFT's pissa_init: the top r singular triplets, S divided by the scaling s);
+//                              "pissa_niter_K" takes them from torch.svd_lowrank(W, q = r, niter = K), a randomised
+//                              range finder (Halko et al. 2011, algorithm 4.4 with K power iterations)
+//   OLoRA (Büyükakyüz 2024):   W = Q R (Householder QR);  B = Q[:, :r],  A = R[:r, :]
+//
+// and in both W becomes the residual W − s·B A, so the layer's output does
+// not change. Everything is computed on W as (out, in), whatever its storage
+// layout (PEFT's olora_init skips the transpose it does for PiSSA, so on a
+// Conv1D weight it factors the stored (in, out) matrix and gives A and B the
+// wrong shapes unless in == out; this one does not).
+//
+// Include <lora/init.hpp> directly; <lora/lora.hpp> does not include it.
+#pragma once
+
+#ifndef LORA_INSIDE_LIBRARY
+#define LORA_INSIDE_LIBRARY
+#endif
+
+#include <lora/errors.hpp>
+#include <lora/linear.hpp>
+#include <lora/types.hpp>
+
+#include <Eigen/QR>
+#include <Eigen/SVD>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <type_traits>
+
+namespace lora {
+
+namespace detail {
+
+/// The thin Q (m, k) of a Householder QR of x (m, k), m >= k: LAPACK's geqrf + orgqr, as torch.linalg.qr.
+template <class Mat>
+Mat thin_q(const Mat& x) {
+  Eigen::HouseholderQR<Mat> qr(x);
+  return qr.householderQ() * Mat::Identity(x.rows(), x.cols());
+}
+
+/// torch's get_approximate_basis(A, q, niter): an orthonormal basis Q (m, q) of A's range from a Gaussian sketch
+/// and `niter` power iterations, each re-orthonormalised.
+template <class Mat>
+Mat approximate_basis(const Mat& a, Index q, int niter, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> normal;
+  Mat r(a.cols(), q);
+  for (Index i = 0; i < r.size(); ++i) r.data()[i] = static_cast<typename Mat::Scalar>(normal(rng));
+  Mat basis = thin_q<Mat>(a * r);
+  for (int i = 0; i < niter; ++i) {
+    basis = thin_q<Mat>(a.transpose() * basis);
+    basis = thin_q<Mat>(a * basis);
+  }
+  return basis;
+}
+
+}  // namespace detail
+
+/// The top-r singular triplets of w (O, I): u (O, r), s (r), v (I, r).
+template <class Scalar>
+struct TopSingular {
+  Matrix<Scalar> u;
+  Vector<Scalar> s;
+  Matrix<Scalar> v;
+};
+
+/// The top r singular triplets of `w`: with niter < 0 from a full SVD (Eigen's
+/// BDCSVD, as torch.linalg.svd), otherwise as torch.svd_lowrank(w, q = r,
+/// niter) computes them (the sketch drawn from `seed`).
+template <class Scalar>
+TopSingular<Scalar> top_singular(const Matrix<Scalar>& w, Index r, int niter, std::uint64_t seed) {
+  using Mat = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;  // column-major: what Eigen's solvers prefer
+  const Mat a = w;
+  TopSingular<Scalar> out;
+  if (niter < 0) {
+    Eigen::BDCSVD<Mat> svd(a, Eigen::ComputeThinU | Eigen::ComputeThinV);
+    out.u = svd.matrixU().leftCols(r);
+    out.s = svd.singularValues().head(r);
+    out.v = svd.matrixV().leftCols(r);
+    return out;
+  }
+  // torch's _svd_lowrank for m < n or n > q (every LoRA shape): the basis of Aᵀ's range, then the SVD of A Q.
+  const Mat q = detail::approximate_basis<Mat>(a.transpose(), r, niter, seed);  // (I, r)
+  Eigen::JacobiSVD<Mat> svd(a * q, Eigen::ComputeThinU | Eigen::ComputeThinV);  // (O, r): small
+  out.u = svd.matrixU();
+  out.s = svd.singularValues();
+  out.v = q * svd.matrixV();
+  return out;
+}
+
+/// PEFT's pissa_init on `layer`: A and B from W's top r singular triplets,
+/// W replaced by the residual W − s·B A (niter < 0: "pissa", a full SVD;
+/// niter = K: "pissa_niter_K", the randomised one, seeded by the layer's
+/// seed). The layer's output is unchanged up to rounding. Needs an unmerged
+/// layer with r <= min(in, out) over a writable weight (owned or
+/// mutable_view); throws state_error or config_error otherwise, and then
+/// changes nothing.
+template <class Scalar>
+void pissa_init(LoRALinear<Scalar>& layer, int niter = -1) {
+  const char* where = niter < 0 ? "pissa_init" : "pissa_init (niter)";
+  layer.check_init_with_residual(where);
+  const Index r = layer.rank();
+  const auto svd = top_singular<Scalar>(layer.frozen_weight().to_dense(), r, niter, *layer.config().seed);
+  const Vector<Scalar> root = (svd.s.array() / static_cast<Scalar>(layer.scaling())).sqrt().matrix();
+  const Matrix<Scalar> A = root.asDiagonal() * svd.v.transpose();  // (r, I)
+  const Matrix<Scalar> B = svd.u * root.asDiagonal();              // (O, r)
+  layer.init_with_residual(A, B);
+}
+
+/// PEFT's olora_init on `layer`: W = Q R, B = Q[:, :r], A = R[:r, :], W
+/// replaced by W − s·B A. Same requirements as pissa_init.
+template <class Scalar>
+void olora_init(LoRALinear<Scalar>& layer) {
+  layer.check_init_with_residual("olora_init");
+  using Mat = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+  const Mat w = layer.frozen_weight().to_dense();
+  Eigen::HouseholderQR<Mat> qr(w);
+  const Index r = layer.rank(), k = std::min(w.rows(), w.cols());
+  const Mat q = qr.householderQ() * Mat::Identity(w.rows(), k);
+  const Matrix<Scalar> B = q.leftCols(r);
+  const Matrix<Scalar> A = qr.matrixQR().topRows(r).template triangularView<Eigen::Upper>();
+  layer.init_with_residual(A, B);
+}
+
+/// A plain LoRA: A (R, I), B (O, R) and the config that gives its scaling.
+template <class Scalar>
+struct PlainLora {
+  Matrix<Scalar> A;
+  Matrix<Scalar> B;
+  LoraConfig config;
+};
+
+/// PEFT's subtract_mutated_init (save_pretrained with path_initial_model_for_weight_conversion): a layer trained
+/// from a PiSSA / OLoRA start (A0, B0) over the residual W − s·B0 A0 applies to the original W as the plain LoRA
+///   A' = [A; A0] (2r, I),  B' = [B, −B0] (O, 2r),
+/// since s·B' A' = s·(B A − B0 A0). Rank 2r at the same scaling: lora_alpha doubled, or times √2 with rsLoRA.
+template <class Scalar>
+PlainLora<Scalar> residual_to_lora(const LoRALinear<Scalar>& trained, const ConstRef<std::common_type_t<Scalar>>& A0,
+                                   const ConstRef<std::common_type_t<Scalar>>& B0) {  // Scalar from the layer only
+  const Index r = trained.rank();
+  if (A0.rows() != r || A0.cols() != trained.in_features() || B0.rows() != trained.out_features() || B0.cols() != r)
+    throw shape_error("residual_to_lora: the initial adapter must be A0 " + shape_string(r, trained.in_features()) +
+                      " and B0 " + shape_string(trained.out_features(), r) + ", got A0 " +
+                      shape_string(A0.rows(), A0.cols()) + ", B0 " + shape_string(B0.rows(), B0.cols()));
+  PlainLora<Scalar> out;
+  out.A.resize(2 * r, trained.in_features());
+  out.A << trained.lora_A(), A0;
+  out.B.resize(trained.out_features(), 2 * r);
+  out.B << trained.lora_B(), -B0;
+  out.config = trained.config();
+  out.config.r = 2 * r;
+  out.config.lora_alpha *= trained.config().use_rslora ? std::sqrt(2.0) : 2.0;
+  return out;
+}
+
+}  // namespace lora
