@@ -10,7 +10,7 @@
 #    to tests/data/gguf/adapters/<case>.<type>.gguf. The unit test exports again and compares the bytes, so the
 #    check below holds for what the library writes today.
 # 3. ggml's ggml-base library (gguf.cpp and its to_float conversions), built from GGML_SOURCE_DIR or from a clone
-#    of github.com/ggml-org/ggml at the commit below, reads each file, and this script's C++ side does what
+#    of github.com/ggml-org/ggml at the commit ggml_base.sh pins, reads each file, and this script's C++ side does what
 #    llama.cpp's llama_adapter_lora_init_impl (src/llama-adapter.cpp) does with it:
 #      general.type "adapter", adapter.type "lora", general.architecture the model's, adapter.lora.alpha;
 #      every tensor "<base>.lora_a" or "<base>.lora_b", each pair whole, each <base> a tensor of the model
@@ -24,7 +24,6 @@
 #    accumulation on both sides. The report is tests/data/gguf/adapters/read_by_ggml.txt.
 set -euo pipefail
 
-readonly GGML_COMMIT=d99724f2b141fed9e1a9f402213506c081433465
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out="$root/tests/data/gguf/adapters"
 exporter=${1:-"$root/build/tools/lora-export-gguf"}
@@ -33,15 +32,9 @@ trap '[ -n "${KEEP_WORK:-}" ] || rm -rf "$work"' EXIT
 
 /usr/bin/python3 "$root/tests/golden/make_gguf_adapter_golden.py" "$work/expected"
 
-ggml=${2:-}
-if [ -z "$ggml" ]; then
-  git clone --quiet https://github.com/ggml-org/ggml "$work/ggml"
-  git -C "$work/ggml" checkout --quiet "$GGML_COMMIT"
-  ggml="$work/ggml"
-fi
-cmake -S "$ggml" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_CPU=OFF \
-  -DGGML_OPENMP=OFF -DGGML_BUILD_TESTS=OFF -DGGML_BUILD_EXAMPLES=OFF >"$work/cmake.log"
-cmake --build "$work/build" --target ggml-base >"$work/build.log"
+# shellcheck source=ggml_base.sh
+source "$root/tests/golden/ggml_base.sh"
+build_ggml_base "${2:-}" "$work"
 
 cat >"$work/loader_check.cpp" <<'EOF'
 // loader_check FILE ARCH BASE_TXT EXPECTED_DIR: llama.cpp's adapter checks and update, through ggml's reader.

@@ -4,7 +4,7 @@
 #   tests/golden/make_gguf_golden.sh [GGML_SOURCE_DIR]
 #
 # Builds ggml's ggml-base library (gguf.cpp, ggml.c, ggml-quants.c) in a temporary folder, from GGML_SOURCE_DIR
-# or from a clone of github.com/ggml-org/ggml at the commit below, then
+# or from a clone of github.com/ggml-org/ggml at the commit tests/golden/ggml_base.sh pins, then
 #   (a) writes reference files with ggml's gguf writer into tests/data/gguf/:
 #       ggml_all_types.gguf  a value of every GGUF type and an array of each; f32, f16, bf16, q8_0 tensors whose
 #                            values are exact in their type (so the test knows them without rounding), and a 1-D
@@ -21,22 +21,15 @@
 # again from its own copy, never from what a reader returned.
 set -euo pipefail
 
-readonly GGML_COMMIT=d99724f2b141fed9e1a9f402213506c081433465
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out="$root/tests/data/gguf"
 work=$(mktemp -d /tmp/gguf-golden.XXXXXX)
 trap '[ -n "${KEEP_WORK:-}" ] || rm -rf "$work"' EXIT
 mkdir -p "$out"
 
-ggml=${1:-}
-if [ -z "$ggml" ]; then
-  git clone --quiet https://github.com/ggml-org/ggml "$work/ggml"
-  git -C "$work/ggml" checkout --quiet "$GGML_COMMIT"
-  ggml="$work/ggml"
-fi
-cmake -S "$ggml" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_CPU=OFF \
-  -DGGML_OPENMP=OFF -DGGML_BUILD_TESTS=OFF -DGGML_BUILD_EXAMPLES=OFF >"$work/cmake.log"
-cmake --build "$work/build" --target ggml-base >"$work/build.log"
+# shellcheck source=ggml_base.sh
+source "$root/tests/golden/ggml_base.sh"
+build_ggml_base "${1:-}" "$work"
 
 cat >"$work/ggml_side.cpp" <<'EOF'
 // write: the reference files; check FILE: ggml's reader on our writer's ours_adapter.gguf.
