@@ -9,8 +9,8 @@
 # Environment: BACKENDS (default "eigen blas"), THREADS ("1 2"), OUT (build-bench/results),
 # JOBS (build parallelism, 2), PYTHON (/usr/bin/python3, which has Debian's python3-torch), EIGEN_BUILD (an
 # existing build folder whose bench/ programs serve as the Eigen backend instead of building build-bench/eigen;
-# .ci/run passes the README build it made moments before, which has no OpenMP, so its Eigen products run on one
-# thread in the 2-thread rows too: fine for --smoke, which judges no number, not for measuring).
+# .ci/run passes the README build it made moments before; it has no OpenMP, so the Eigen backend then runs at one
+# thread only: fine for --smoke, which judges no number, not for measuring).
 # OPENBLAS_CORETYPE is left as the caller has it; every program prints the kernel that ran.
 # bench/RESULTS.md was made with: env -u OPENBLAS_CORETYPE bench/run_all.sh
 set -euo pipefail
@@ -77,6 +77,11 @@ peer_flags=(--min-time 0.2)
 [ "$smoke" = 1 ] && peer_flags=(--smoke)
 for backend in "${backends[@]}"; do
   for threads in "${threads_list[@]}"; do
+    if [ "$backend" = eigen ] && [ -n "${EIGEN_BUILD:-}" ] && [ "$threads" != 1 ]; then
+      # bench_compute refuses --threads > 1 without OpenMP, which EIGEN_BUILD (the README build) does not have.
+      section "bench_compute: eigen, $threads thread(s): skipped, EIGEN_BUILD has no OpenMP"
+      continue
+    fi
     section "bench_compute: $backend, $threads thread(s)"
     "${bench_dir[$backend]}/bench_compute" --threads="$threads" "${compute_flags[@]}" --benchmark_color=false \
       --benchmark_out="$out/compute-$backend-t$threads.json" --benchmark_out_format=json
