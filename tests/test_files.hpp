@@ -2,6 +2,8 @@
 // limit that makes the kernel fail writes part-way, as a full disk would.
 #pragma once
 
+#include <lora/errors.hpp>
+
 #include <csignal>
 #include <cstdint>
 #include <filesystem>
@@ -14,6 +16,17 @@
 #include <unistd.h>
 
 namespace lora_test {
+
+/// What f() throws as a lora::error, or "accepted" when it returns: for tests of refusals and their messages.
+template <class F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const lora::error& e) {
+    return e.what();
+  }
+  return "accepted";
+}
 
 /// An empty folder of its own under the system's temporary folder.
 inline std::filesystem::path scratch_dir(const std::string& name) {

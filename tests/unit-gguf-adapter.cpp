@@ -63,16 +63,6 @@ std::vector<std::uint8_t> export_bytes(const std::string& adapter_dir, const ggu
   return writer.serialize();
 }
 
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const lora::error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
-
 /// The update llama.cpp applies for the pair under `base` (PyTorch orientation of the base tensor), and the
 /// rounding bound of the stored values per element (their type's unit roundoff, as the golden script bounds it).
 void update_of(const gguf::File& file, const std::string& base, MatD& update, MatD& bound, double unit_a,

@@ -28,20 +28,11 @@ namespace gguf = lora::gguf;
 namespace fs = std::filesystem;
 using Bytes = std::vector<std::uint8_t>;
 using Mat = lora::Matrix<float>;
+using lora_test::error_of;
 
 namespace {
 
 const std::string gguf_dir = std::string(LORA_TEST_DATA_DIR) + "/gguf";
-
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const lora::error& e) {
-    return e.what();
-  }
-  return "accepted";
-}
 
 std::string refused(const Bytes& b) {
   try {

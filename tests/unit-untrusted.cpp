@@ -38,19 +38,10 @@ namespace {
 const std::string data_dir = LORA_TEST_DATA_DIR;
 const std::string golden_dir = data_dir + "/peft/golden";
 
+using lora_test::error_of;
 using lora_test::write_text;
 
 fs::path scratch(const std::string& name) { return lora_test::scratch_dir("untrusted-" + name); }
-
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const lora::error& e) {
-    return e.what();
-  }
-  return "accepted";
-}
 
 const char* small_config = R"({"peft_type": "LORA", "r": 2, "lora_alpha": 4})";
 
