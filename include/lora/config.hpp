@@ -77,6 +77,9 @@ struct LoraConfig {
   /// numbers whatever else the program builds; the layer's config() shows the
   /// seed it used either way.
   std::optional<std::uint64_t> seed;
+  /// DoRA (Liu et al. 2024; PEFT's use_dora): a trainable magnitude m (O) rescales each output of the adapted
+  /// weight, y = b + (m / ‖W + s·B A‖) ⊙ (x Wᵀ + s·x Aᵀ Bᵀ). LoRALinear only; the other layers refuse it.
+  bool use_dora = false;
 
   /// This config with `seed` set: its own, or the next of the sequence.
   LoraConfig with_seed() const {

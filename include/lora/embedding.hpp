@@ -152,6 +152,8 @@ LoRAEmbedding<Scalar>::LoRAEmbedding(FrozenWeight<Scalar> table, const LoraConfi
                       ": the table must be stored (num_embeddings, embedding_dim), as FrozenWeight's "
                       "WeightLayout::in_out with out_features = embedding_dim");
   config.validate();
+  if (config.use_dora)
+    throw config_error(std::string(where) + ": use_dora is not supported by LoRAEmbedding yet (LoRALinear has DoRA)");
   config_ = config.with_seed();
   vocab_ = table_.in_features();
   dim_ = table_.out_features();

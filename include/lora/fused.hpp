@@ -271,6 +271,9 @@ FusedLoRALinear<Scalar>::FusedLoRALinear(FrozenWeight<Scalar> weight, std::vecto
       throw shape_error(std::string(where) + ": " + name + " must have outputs, got " +
                         std::to_string(slice.out_features));
     slice.config.validate();
+    if (slice.config.use_dora)
+      throw config_error(std::string(where) + ": " + name +
+                         ": use_dora is not supported on fused slices yet (LoRALinear has DoRA)");
     if (slice.config.bias != BiasMode::none)
       throw config_error(std::string(where) + ": " + name +
                          ": bias must be none (the fused bias is shared by the slices and stays frozen)");

@@ -81,10 +81,11 @@ GradCheckResult check_gradient(LossFn&& loss, double* values, const double* anal
 
 /// Results of check_layer_gradients: one per tensor (empty when it has no entries).
 struct LayerGradCheck {
-  GradCheckResult dA, dB, db, dx;
-  bool ok() const { return dA.ok() && dB.ok() && db.ok() && dx.ok(); }
+  GradCheckResult dA, dB, db, dm, dx;  ///< dm: DoRA's magnitude
+  bool ok() const { return dA.ok() && dB.ok() && db.ok() && dm.ok() && dx.ok(); }
   std::string describe() const {
-    return dA.describe("dA") + "; " + dB.describe("dB") + "; " + db.describe("db") + "; " + dx.describe("dx");
+    return dA.describe("dA") + "; " + dB.describe("dB") + "; " + db.describe("db") + "; " + dm.describe("dm") + "; " +
+           dx.describe("dx");
   }
 };
 
@@ -92,6 +93,10 @@ struct LayerGradCheck {
 /// fixed random P (so dy = P). Dropout masks are held fixed by reseeding before
 /// every forward. The layer is put in training mode, its gradients are zeroed and
 /// left holding the analytic values.
+///
+/// With DoRA, dm and dx are exact derivatives and check as any other; dA and dB are not: they are PEFT's
+/// gradients with n = ‖W + s·B A‖ held constant (the paper's section 4.3), while central differences of the
+/// layer move n with A and B, so those two results show the difference and fail by design.
 ///
 /// A template (Scalar deduced from the layer, double only) rather than a plain
 /// function, so that including this header costs nothing until it is called:
@@ -125,6 +130,7 @@ LayerGradCheck check_layer_gradients(LoRALinear<Scalar>& layer, const detail::id
     if (p.name == "lora_A") out.dA = r;
     if (p.name == "lora_B") out.dB = r;
     if (p.name == "bias") out.db = r;
+    if (p.name == "lora_magnitude_vector") out.dm = r;
   }
   out.dx = check_gradient(loss, x.data(), dx.data(), dx.size(), opt);
   return out;

@@ -14,6 +14,23 @@
 // backward. W never gets a gradient buffer. Gradients add up across backward
 // calls until zero_grad(), so micro-batch accumulation works.
 //
+// DoRA (config.use_dora; Liu et al. 2024, in PEFT's exact form): a trainable magnitude m (O), initialised to
+// n = ‖W + s·B A‖ per output row, and with c = m / n (n recomputed at every forward and treated as a constant in
+// backward, as PEFT detaches it, the paper's section 4.3):
+//
+//   forward:   Z = x Wᵀ + s · H Bᵀ                   (N, O)
+//              y = b + c ⊙ Z                         (c broadcast over rows)
+//   backward:  dm += Σ_rows (dy ⊙ Z) / n             (O)
+//              D  = dy ⊙ c, then as above with D in place of dy:
+//              dB += s · Dᵀ H,  dA += s · (D B)ᵀ x,  dx = D W + s · (D B) A
+//
+// With dropout in training, PEFT keeps the undropped base product and rescales the dropped one:
+// y = x Wᵀ + b + (c − 1) ⊙ (drop(x) Wᵀ) + c ⊙ s · drop(x) Aᵀ Bᵀ, so Z = drop(x) Wᵀ + s·H Bᵀ and
+// dx = dy W + mask ⊙ ((D − dy) W + s · (D B) A) (a second product with W each way, as in PEFT).
+// n comes from small products, never from an O × I temporary:
+// n_o² = ‖W_o‖² + 2s · B_o · (W Aᵀ)_o + s² · B_o (A Aᵀ) B_oᵀ, with ‖W_o‖² kept from construction.
+// Merging writes W ← c ⊙ (W + s·B A) per output row; unmerge writes W ← W / c − s·B A.
+//
 // W is a FrozenWeight (<lora/weight.hpp>): owned or a view of the caller's
 // buffer, stored (O, I) or, for a transformers Conv1D checkpoint (GPT-2),
 // (I, O) as it is, without a copy; A and B have the same shapes either way.
@@ -93,7 +110,7 @@ class LoRALinear {
   /// As above without dx (a first layer, whose input needs no gradient).
   void backward(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy);
 
-  /// Sets dA, dB and db to zero.
+  /// Sets dA, dB, db (and DoRA's dm) to zero.
   void zero_grad() { grads_.setZero(); }
 
   // ---- modes ----------------------------------------------------------------
@@ -102,13 +119,15 @@ class LoRALinear {
   void eval() { training_ = false; }
   bool is_training() const { return training_; }
 
-  /// W += s · B A, once (a second call does nothing). With safe_merge the sum is
+  /// W += s · B A, once (a second call does nothing); with DoRA W ← (m / n) ⊙ (W + s · B A) per output row,
+  /// refused (numeric_error) when a magnitude is zero, as unmerge could not divide by it. With safe_merge the sum is
   /// checked finite first and W is left untouched if it is not (numeric_error).
   /// Throws state_error for a read-only view. A, B and s are remembered, so
   /// unmerge() restores W even if A or B changed in between.
   void merge(bool safe_merge = true);
 
-  /// W -= s · B A with the A, B, s of the merge; does nothing when not merged.
+  /// W -= s · B A with the A, B, s of the merge (DoRA: W ← W / c − s · B A with the c of the merge); does
+  /// nothing when not merged.
   void unmerge();
   bool is_merged() const { return merged_; }
 
@@ -119,6 +138,26 @@ class LoRALinear {
   /// Throws, naming `where`, unless init_with_residual can run: state_error for a merged layer or a read-only
   /// weight, config_error unless 0 < r <= min(I, O).
   void check_init_with_residual(const char* where) const;
+
+  // ---- DoRA -------------------------------------------------------------------
+
+  bool use_dora() const { return dora_; }
+  /// DoRA's magnitude m (1, O); empty without DoRA. Trainable, like A and B.
+  MatrixMap<Scalar> magnitude() { return MatrixMap<Scalar>(params_.data() + magnitude_offset(), 1, dora_ ? out_ : 0); }
+  ConstMatrixMap<Scalar> magnitude() const {
+    return ConstMatrixMap<Scalar>(params_.data() + magnitude_offset(), 1, dora_ ? out_ : 0);
+  }
+  /// dm (1, O); empty without DoRA.
+  ConstMatrixMap<Scalar> dmagnitude() const {
+    return ConstMatrixMap<Scalar>(grads_.data() + magnitude_offset(), 1, dora_ ? out_ : 0);
+  }
+  /// n = ‖W + s·B A‖ per output row (1, O), from the current W, A and B (DoRA or not), without forming the sum.
+  /// Throws numeric_error naming the first row whose norm is zero or not finite (PEFT would divide by it and
+  /// give NaN outputs) and state_error when merged (W then holds the adapter).
+  Row weight_norm() const;
+  /// m ← n, so that the layer's output is the plain LoRA output again: what construction does (with B = 0, m is
+  /// ‖W‖ per row and the layer starts at the base model), and what PEFT does when it adds a DoRA adapter.
+  void reset_magnitude();
 
   /// Restarts the dropout mask sequence (masks are drawn per training forward).
   void set_dropout_seed(std::uint64_t seed) { dropout_rng_.reseed(seed); }
@@ -166,7 +205,7 @@ class LoRALinear {
     return ConstMatrixMap<Scalar>(grads_.data() + rank_ * (in_ + out_), bias_trainable_ ? 1 : 0, out_);
   }
 
-  /// The trainable tensors (lora_A, lora_B, and bias when it trains) with their gradients.
+  /// The trainable tensors (lora_A, lora_B, bias when it trains, lora_magnitude_vector with DoRA) with their gradients.
   ParameterList<Scalar> parameters();
 
   // ---- shape and accounting ----------------------------------------------------
@@ -191,8 +230,15 @@ class LoRALinear {
   void init_common(const LoraConfig& config, bool bias);
   void init_adapter();
   Scalar* bias_data() { return bias_trainable_ ? params_.data() + rank_ * (in_ + out_) : bias_frozen_.data(); }
+  Index magnitude_offset() const { return rank_ * (in_ + out_) + (bias_trainable_ ? out_ : 0); }
+  void init_dora();
+  // n (1, O) from w_sq_norms_, A, B and s; throws numeric_error naming `where` and a row whose norm is zero.
+  Row dora_norm(const char* where) const;
+  // y = b + c ⊙ y (y holding Z) for eval.
+  void dora_eval_forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) const;
   void check_forward_args(const char* where, const ConstRef<Scalar>& x, const MutRef<Scalar>& y) const;
   void backward_impl(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy, MutRef<Scalar>* dx);
+  void dora_backward(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy, MutRef<Scalar>* dx);
 
   Index in_ = 0, out_ = 0, rank_ = 0;
   LoraConfig config_;
@@ -212,6 +258,10 @@ class LoRALinear {
   bool merged_ = false;
   Mat merged_A_, merged_B_;  // the adapter as merged, so unmerge() subtracts exactly what merge() added
   Scalar merged_scaling_ = 0;
+  Row merged_dora_scale_;  // DoRA: c = m / n of the merge, so unmerge() divides by what merge() multiplied
+
+  bool dora_ = false;
+  Eigen::Matrix<double, Eigen::Dynamic, 1> w_sq_norms_;  // DoRA: ‖W_o‖² per output, recomputed when W changes
 
   detail::Rng dropout_rng_;
 
@@ -222,6 +272,9 @@ class LoRALinear {
   Mat mask_;                // (N, I)  dropout mask, only when dropout > 0
   Mat x_dropped_;           // (N, I)  x ⊙ mask, only when dropout > 0
   Mat dx_lora_;             // (N, I)  (dy B) A before masking, only when dropout > 0
+  Mat Z_;                   // (N, O)  DoRA: Z of the last training forward; backward turns it into dy ⊙ c
+  Row dora_norm_;           // (1, O)  DoRA: n of the last training forward
+  Row dora_scale_;          // (1, O)  DoRA: c = m / n of the last training forward
 };
 
 }  // namespace lora

@@ -281,7 +281,7 @@ struct LoraPlusOptions {
 /// (the embedding group's lr is absolute, so it is stored as a multiple of
 /// this one; a schedule scales all four together):
 ///   embedding   lora_embedding_A / _B                  lr_embedding   weight_decay
-///   B           lora_B                                 lr · lr_ratio  weight_decay
+///   B           lora_B, lora_magnitude_vector (DoRA)   lr · lr_ratio  weight_decay
 ///   B, no decay 1-D parameters (biases)                lr · lr_ratio  0
 ///   A           everything else (lora_A)               lr             weight_decay
 /// Parameters are recognised by name (prefixed names too: "3.lora_B", "q.lora_A"). Throws config_error for an lr
@@ -306,7 +306,9 @@ ParameterList<Scalar> loraplus_groups(ParameterList<Scalar> params, double lr, c
     } else if (ends_with(p.name, "bias")) {  // PEFT: 1-D, and "bias" in the name keeps it out of decay
       p.lr_scale = options.lr_ratio;
       p.weight_decay = 0.0;
-    } else if (p.name.find("lora_B") != std::string::npos) {
+    } else if (p.name.find("lora_B") != std::string::npos ||
+               p.name.find("lora_magnitude_vector") != std::string::npos) {
+      // PEFT: lora_B, and every other 1-D parameter (DoRA's magnitude), train at lr · lr_ratio with decay
       p.lr_scale = options.lr_ratio;
       p.weight_decay = options.weight_decay;
     } else {

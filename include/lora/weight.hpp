@@ -159,6 +159,30 @@ class FrozenWeight {
     low_rank_pass(where, s, B, A, out_begin, true);
   }
 
+  /// Per output o: W_o ← (W_o / divide_first_o + s · (B A)_o) · multiply_after_o, either vector (B.rows()
+  /// entries, one per output of the slice at out_begin) null for all ones: DoRA's merge (multiply_after = m / n)
+  /// and unmerge (divide_first = m / n, then s negative), one pass in the same blocks as add_low_rank, with the
+  /// same optional finiteness check before anything is written.
+  void add_low_rank_scaled(const char* where, Scalar s, const ConstRef<Scalar>& B, const ConstRef<Scalar>& A,
+                           const Scalar* divide_first, const Scalar* multiply_after, bool check_finite = false) {
+    require_writable(where);
+    check_low_rank_shapes(where, B, A, 0);
+    if (check_finite) low_rank_pass(where, s, B, A, 0, false, divide_first, multiply_after);
+    low_rank_pass(where, s, B, A, 0, true, divide_first, multiply_after);
+  }
+
+  /// ‖W_o‖² for every output o (the squared norm of W's row o as (O, I)), accumulated in double: one pass over W.
+  Eigen::Matrix<double, Eigen::Dynamic, 1> output_squared_norms() const {
+    Eigen::Matrix<double, Eigen::Dynamic, 1> out(out_);
+    if (layout_ == WeightLayout::out_in) {
+      for (Index o = 0; o < out_; ++o) out(o) = stored().row(o).template cast<double>().squaredNorm();
+    } else {
+      out.setZero();
+      for (Index i = 0; i < in_; ++i) out += stored().row(i).transpose().template cast<double>().cwiseAbs2();
+    }
+    return out;
+  }
+
   /// Throws state_error, naming `where`, unless merging may write the buffer.
   void require_writable(const char* where) const {
     if (!is_writable())
@@ -207,7 +231,7 @@ class FrozenWeight {
   // One pass over W's slice in blocks of stored rows (outputs for out_in, inputs for in_out) of about 64 Ki
   // scalars: adds s·B·A when `write`, else only checks that every sum is finite (and writes nothing).
   void low_rank_pass(const char* where, Scalar s, const ConstRef<Scalar>& B, const ConstRef<Scalar>& A, Index out_begin,
-                     bool write) {
+                     bool write, const Scalar* divide_first = nullptr, const Scalar* multiply_after = nullptr) {
     MatrixMap<Scalar> W(data_, stored_rows(), stored_cols());
     const Index outs = B.rows();
     const Index rows = layout_ == WeightLayout::out_in ? outs : in_;
@@ -223,6 +247,36 @@ class FrozenWeight {
         d.noalias() = s * A.middleCols(i, k).transpose() * B.transpose();  // rows i.. of W (I, O), our columns
       auto target =
           layout_ == WeightLayout::out_in ? W.block(out_begin + i, 0, k, cols) : W.block(i, out_begin, k, cols);
+      if (divide_first != nullptr || multiply_after != nullptr) {
+        // The block's outputs: its rows for (O, I), its columns for (I, O). d becomes the new value of the block.
+        const Index first_out = layout_ == WeightLayout::out_in ? i : 0;
+        const Index n_out = layout_ == WeightLayout::out_in ? k : cols;
+        using Col = Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>>;
+        using RowA = Eigen::Map<const Eigen::Array<Scalar, 1, Eigen::Dynamic>>;
+        if (layout_ == WeightLayout::out_in) {
+          if (divide_first != nullptr)
+            d.array() += target.array().colwise() / Col(divide_first + first_out, n_out);
+          else
+            d += target;
+          if (multiply_after != nullptr) d.array().colwise() *= Col(multiply_after + first_out, n_out);
+        } else {
+          if (divide_first != nullptr)
+            d.array() += target.array().rowwise() / RowA(divide_first + first_out, n_out);
+          else
+            d += target;
+          if (multiply_after != nullptr) d.array().rowwise() *= RowA(multiply_after + first_out, n_out);
+        }
+        if (write) {
+          target = d;
+          continue;
+        }
+        if (!d.allFinite())
+          throw numeric_error(std::string(where) + ": the merged weight has non-finite entries in the block of " +
+                              (layout_ == WeightLayout::out_in ? "rows " : "stored (in, out) rows ") +
+                              std::to_string(i) + ".." + std::to_string(i + k - 1) +
+                              " (A, B, W or the magnitude hold inf/NaN, or a product overflows); W is left unchanged");
+        continue;
+      }
       if (write) {
         target += d;
       } else if (!(target + d).allFinite()) {

@@ -279,6 +279,38 @@ for tag, (O_, I_) in [("tall", (7, 5)), ("wide", (4, 9))]:
     put("init.%s.olora_B" % tag, B_)
     put("init.%s.olora_W" % tag, W_ - s_ * B_ @ A_)
 
+# ---- DoRA (PEFT's DoraLinearLayer / DoraLinearVariant, written out: importing PEFT needs transformers) ------
+# get_weight_norm: norm(W + scaling * B @ A, dim=1), detached; magnitude m starts as that norm.
+# forward without dropout (base_result = x W^T): result + (m/n - 1) * base_result + (m/n) * (x A^T B^T) * scaling,
+# where result = x W^T + b. merge_safe: W' = (m/n)[:, None] * (W + scaling * B @ A); unmerge: W' / (m/n) - s B A.
+# m is moved away from its initial value so that dm and the rescaling are exercised.
+N_, I_, O_, R_, alpha_ = 6, 5, 4, 3, 6.0
+s_ = alpha_ / R_
+x = torch.randn(N_, I_, requires_grad=True)
+W_ = torch.randn(O_, I_)
+b_ = torch.randn(O_, requires_grad=True)
+A_ = torch.randn(R_, I_, requires_grad=True)
+B_ = torch.randn(O_, R_, requires_grad=True)
+m0 = torch.linalg.norm(W_ + s_ * (B_ @ A_).detach(), dim=1)
+m_ = (m0 * (1 + 0.3 * torch.randn(O_))).detach().requires_grad_()
+dy = torch.randn(N_, O_)
+for name, t in [("x", x), ("W", W_), ("b", b_), ("A", A_), ("B", B_), ("m0", m0), ("m", m_), ("dy", dy)]:
+    put("dora." + name, t)
+n_ = torch.linalg.norm(W_ + s_ * (B_ @ A_).detach(), dim=1).detach()
+c_ = (m_ / n_).view(1, -1)
+base = F.linear(x, W_)
+y = base + b_ + (c_ - 1) * base + c_ * F.linear(F.linear(x, A_), B_) * s_
+y.backward(dy)
+put("dora.y", y)
+put("dora.dx", x.grad)
+put("dora.dA", A_.grad)
+put("dora.dB", B_.grad)
+put("dora.dm", m_.grad)
+put("dora.db", b_.grad)
+with torch.no_grad():
+    c_ = (m_ / n_).view(-1, 1)
+    put("dora.merged_W", c_ * (W_ + s_ * B_ @ A_))
+
 out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data", "golden.txt")
 with open(out, "w") as f:
     f.write("# PyTorch %s reference values; written by tests/golden/make_golden.py\n" % torch.__version__)

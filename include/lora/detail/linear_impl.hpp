@@ -58,12 +58,22 @@ void LoRALinear<Scalar>::init_common(const LoraConfig& config, bool bias) {
   dropout_ = static_cast<Scalar>(config.lora_dropout);
   has_bias_ = bias;
   bias_trainable_ = bias && (config.bias == BiasMode::all || (config.bias == BiasMode::lora_only && rank_ > 0));
-  const Index n = rank_ * (in_ + out_) + (bias_trainable_ ? out_ : 0);
+  dora_ = config.use_dora;
+  if (dora_ && rank_ == 0)
+    throw config_error("LoRALinear: use_dora needs r > 0 (DoRA rescales the adapted weight; with r = 0 there is none)");
+  const Index n = rank_ * (in_ + out_) + (bias_trainable_ ? out_ : 0) + (dora_ ? out_ : 0);
   params_.setZero(n);
   grads_.setZero(n);
   if (has_bias_ && !bias_trainable_) bias_frozen_.setZero(out_);
   dropout_rng_.reseed(detail::stream_seed(*config_.seed, detail::stream_dropout));
   init_adapter();
+  if (dora_ && weight_.out_features() > 0) init_dora();  // else the constructor calls it once W is there
+}
+
+template <class Scalar>
+void LoRALinear<Scalar>::init_dora() {
+  w_sq_norms_ = weight_.output_squared_norms();
+  magnitude() = dora_norm("LoRALinear (use_dora)");
 }
 
 namespace detail {
@@ -112,6 +122,7 @@ LoRALinear<Scalar>::LoRALinear(Index in_features, Index out_features, const Lora
   Mat W(out_, in_);
   for (Index i = 0; i < W.size(); ++i) W.data()[i] = static_cast<Scalar>(rng.uniform(-bound, bound));
   weight_ = FrozenWeight<Scalar>::owned(std::move(W));
+  if (dora_) init_dora();
   if (has_bias_) {
     auto b = this->bias();
     for (Index i = 0; i < out_; ++i) b(0, i) = static_cast<Scalar>(rng.uniform(-bound, bound));
@@ -195,7 +206,8 @@ ParameterCount LoRALinear<Scalar>::parameter_count_for(Index in_features, Index 
   const bool bias_trains =
       bias && (config.bias == BiasMode::all || (config.bias == BiasMode::lora_only && config.r > 0));
   ParameterCount c;
-  c.trainable = static_cast<Index>(config.r) * (in_features + out_features) + (bias_trains ? out_features : 0);
+  c.trainable = static_cast<Index>(config.r) * (in_features + out_features) + (bias_trains ? out_features : 0) +
+                (config.use_dora ? out_features : 0);
   c.frozen = out_features * in_features + (bias && !bias_trains ? out_features : 0);
   return c;
 }
@@ -210,6 +222,10 @@ ParameterList<Scalar> LoRALinear<Scalar>::parameters() {
   if (bias_trainable_) {
     const Index off = rank_ * (in_ + out_);
     list.push_back({"bias", params_.data() + off, grads_.data() + off, 1, out_});
+  }
+  if (dora_) {
+    const Index off = magnitude_offset();
+    list.push_back({"lora_magnitude_vector", params_.data() + off, grads_.data() + off, 1, out_});
   }
   return list;
 }
@@ -231,6 +247,10 @@ void LoRALinear<Scalar>::forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) co
                       " on a const layer runs in eval mode only, but the layer is in training mode: call eval() first "
                       "(a training forward keeps activations for backward and needs a non-const layer)");
   check_forward_args(where, x, y);
+  if (dora_ && !merged_) {
+    dora_eval_forward(x, y);
+    return;
+  }
   weight_.forward(x, y);
   if (has_bias_) y.rowwise() += bias().row(0);
   if (rank_ > 0 && !merged_) {
@@ -254,6 +274,35 @@ void LoRALinear<Scalar>::forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) {
   check_forward_args(where, x, y);
   const Index N = x.rows();
   cached_rows_ = -1;  // invalid until this forward completes
+  if (dora_) {
+    // n first: a zero norm throws before anything is kept.
+    dora_norm_ = dora_norm(where);
+    dora_scale_ = magnitude().row(0).cwiseQuotient(dora_norm_);
+    Z_.resize(N, out_);
+    H_.resize(N, rank_);
+    if (dropout_ > 0) {
+      // y = x Wᵀ + b + (c − 1) ⊙ (drop(x) Wᵀ) + c ⊙ s·H Bᵀ = x Wᵀ − drop(x) Wᵀ + b + c ⊙ Z
+      mask_.resize(N, in_);
+      x_dropped_.resize(N, in_);
+      detail::draw_dropout_mask(dropout_rng_, dropout_, mask_);
+      x_dropped_ = x.cwiseProduct(mask_);
+      H_.noalias() = x_dropped_ * lora_A().transpose();
+      weight_.forward(x_dropped_, Z_);
+      weight_.forward(x, y);
+      y -= Z_;
+      Z_.noalias() += scaling_ * H_ * lora_B().transpose();
+      y.array() += Z_.array().rowwise() * dora_scale_.array();
+    } else {
+      // y = b + c ⊙ Z, Z = x Wᵀ + s·H Bᵀ
+      H_.noalias() = x * lora_A().transpose();
+      weight_.forward(x, Z_);
+      Z_.noalias() += scaling_ * H_ * lora_B().transpose();
+      y.array() = Z_.array().rowwise() * dora_scale_.array();
+    }
+    if (has_bias_) y.rowwise() += bias().row(0);
+    cached_rows_ = N;
+    return;
+  }
   weight_.forward(x, y);
   if (has_bias_) y.rowwise() += bias().row(0);
   if (rank_ > 0) {
@@ -315,6 +364,10 @@ void LoRALinear<Scalar>::backward_impl(const ConstRef<Scalar>& x, const ConstRef
     // forward: y = ... + b (broadcast over rows), so db += Σ_rows dy
     MatrixMap<Scalar>(grads_.data() + rank_ * (in_ + out_), 1, out_) += dy.colwise().sum();
   }
+  if (dora_) {
+    dora_backward(x, dy, dx);
+    return;
+  }
   if (rank_ > 0) {
     MatrixMap<Scalar> dA(grads_.data(), rank_, in_);
     MatrixMap<Scalar> dB(grads_.data() + rank_ * in_, out_, rank_);
@@ -343,9 +396,115 @@ void LoRALinear<Scalar>::backward_impl(const ConstRef<Scalar>& x, const ConstRef
   }
 }
 
+// DoRA: dy (N, O) with Z (N, O) and c, n of the forward -> dm, dA, dB +=, dx
+template <class Scalar>
+void LoRALinear<Scalar>::dora_backward(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy, MutRef<Scalar>* dx) {
+  MatrixMap<Scalar> dA(grads_.data(), rank_, in_);
+  MatrixMap<Scalar> dB(grads_.data() + rank_ * in_, out_, rank_);
+  MatrixMap<Scalar> dm(grads_.data() + magnitude_offset(), 1, out_);
+  // forward: y = b + (m / n) ⊙ Z with n constant, so dm += Σ_rows dy ⊙ Z / n
+  dm.array() += (dy.array() * Z_.array()).colwise().sum() / dora_norm_.array();
+  // and dZ = dy ⊙ c =: D, kept in Z's buffer (Z is spent: a second backward needs a new forward)
+  Z_.array() = dy.array().rowwise() * dora_scale_.array();
+  cached_rows_ = -1;
+  // Z = (drop(x)) Wᵀ + s·H Bᵀ: dB += s·Dᵀ H, dH = s·D B (G unscaled), dA += s·Gᵀ drop(x)
+  G_.resize(x.rows(), rank_);
+  G_.noalias() = Z_ * lora_B();
+  dB.noalias() += scaling_ * Z_.transpose() * H_;
+  if (dropout_ > 0)
+    dA.noalias() += scaling_ * G_.transpose() * x_dropped_;
+  else
+    dA.noalias() += scaling_ * G_.transpose() * x;
+  if (dx == nullptr) return;
+  if (dropout_ > 0) {
+    // y = x Wᵀ − drop(x) Wᵀ + b + c ⊙ Z: dx = dy W + mask ⊙ (D W − dy W + s·G A)
+    weight_.backward(dy, *dx);
+    dx_lora_.resize(x.rows(), in_);
+    weight_.backward(Z_, dx_lora_);
+    dx_lora_.noalias() += scaling_ * G_ * lora_A();
+    dx_lora_ -= *dx;
+    *dx += dx_lora_.cwiseProduct(mask_);
+  } else {
+    // dx = D W + s·G A
+    weight_.backward(Z_, *dx);
+    dx->noalias() += scaling_ * G_ * lora_A();
+  }
+}
+
+// n_o = ‖W_o + s·(B A)_o‖ = sqrt(‖W_o‖² + 2s·B_o·(A Wᵀ)ᵀ_o + s²·B_o (A Aᵀ) B_oᵀ): products of R rows, no O × I sum.
+template <class Scalar>
+typename LoRALinear<Scalar>::Row LoRALinear<Scalar>::dora_norm(const char* where) const {
+  const Eigen::Matrix<double, Eigen::Dynamic, 1> w2 = dora_ ? w_sq_norms_ : weight_.output_squared_norms();
+  Mat P(rank_, out_);  // A Wᵀ (R, O)
+  weight_.forward(lora_A(), P);
+  const Mat AAt = lora_A() * lora_A().transpose();  // (R, R)
+  const Mat BAAt = lora_B() * AAt;                  // (O, R)
+  const auto B = lora_B();
+  const double s = static_cast<double>(scaling_);
+  Row n(out_);
+  for (Index o = 0; o < out_; ++o) {
+    double cross = 0, quad = 0;
+    for (Index k = 0; k < rank_; ++k) {
+      cross += static_cast<double>(B(o, k)) * static_cast<double>(P(k, o));
+      quad += static_cast<double>(B(o, k)) * static_cast<double>(BAAt(o, k));
+    }
+    const double sq = w2(o) + 2 * s * cross + s * s * quad;
+    n(o) = static_cast<Scalar>(std::sqrt(std::max(sq, 0.0)));
+    if (!(n(o) > 0) || !std::isfinite(static_cast<double>(n(o))))
+      throw numeric_error(std::string(where) + ": DoRA's norm ‖W + s·B A‖ of output row " + std::to_string(o) + " is " +
+                          value_string(static_cast<double>(n(o))) +
+                          ", so m / n is undefined there (PEFT divides by it and gives NaN outputs); a zero row of "
+                          "W with B = 0 cannot take DoRA");
+  }
+  return n;
+}
+
+template <class Scalar>
+typename LoRALinear<Scalar>::Row LoRALinear<Scalar>::weight_norm() const {
+  if (merged_) throw state_error("LoRALinear::weight_norm: the layer is merged (W holds the adapter); unmerge() first");
+  return dora_norm("LoRALinear::weight_norm");
+}
+
+template <class Scalar>
+void LoRALinear<Scalar>::reset_magnitude() {
+  const char* where = "LoRALinear::reset_magnitude";
+  if (!dora_) throw state_error(std::string(where) + ": the layer has no magnitude (use_dora is off)");
+  if (merged_) throw state_error(std::string(where) + ": the layer is merged; unmerge() first");
+  magnitude() = dora_norm(where);
+}
+
+// Eval: y = b + (m / n) ⊙ (x Wᵀ + s·x Aᵀ Bᵀ), with locals only (const, thread-safe).
+template <class Scalar>
+void LoRALinear<Scalar>::dora_eval_forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) const {
+  const Row c = magnitude().row(0).cwiseQuotient(dora_norm("LoRALinear::forward"));
+  weight_.forward(x, y);
+  const Mat H = x * lora_A().transpose();
+  y.noalias() += scaling_ * H * lora_B().transpose();
+  y.array().rowwise() *= c.array();
+  if (has_bias_) y.rowwise() += bias().row(0);
+}
+
 template <class Scalar>
 void LoRALinear<Scalar>::merge(bool safe_merge) {
   if (merged_ || rank_ == 0) return;
+  if (dora_) {
+    // W ← c ⊙ (W + s·B A) per output row, c = m / n (PEFT's DoraLinearVariant.merge_safe)
+    const char* where = "LoRALinear::merge";
+    weight_.require_writable(where);
+    const Row c = magnitude().row(0).cwiseQuotient(dora_norm(where));
+    for (Index o = 0; o < out_; ++o)
+      if (!(c(o) != 0) || !std::isfinite(static_cast<double>(c(o))))
+        throw numeric_error(std::string(where) + ": DoRA's scale m / n of output row " + std::to_string(o) + " is " +
+                            value_string(static_cast<double>(c(o))) +
+                            "; merging would make that row impossible to unmerge; W is left unchanged");
+    weight_.add_low_rank_scaled(where, scaling_, lora_B(), lora_A(), nullptr, c.data(), safe_merge);
+    merged_dora_scale_ = c;
+    merged_A_ = lora_A();
+    merged_B_ = lora_B();
+    merged_scaling_ = scaling_;
+    merged_ = true;
+    return;
+  }
   // W is untouched unless every entry of W + s·B·A is finite (safe_merge), and no temporary the size of W is made.
   weight_.add_low_rank("LoRALinear::merge", scaling_, lora_B(), lora_A(), 0, safe_merge);
   merged_A_ = lora_A();
@@ -377,12 +536,21 @@ void LoRALinear<Scalar>::init_with_residual(const ConstRef<Scalar>& A, const Con
   weight_.add_low_rank(where, -scaling_, B, A, 0, true);
   lora_A() = A;
   lora_B() = B;
+  if (dora_) init_dora();  // PEFT adds DoRA after PiSSA / OLoRA: m = ‖W_res + s·B A‖ = ‖W‖ per row
 }
 
 template <class Scalar>
 void LoRALinear<Scalar>::unmerge() {
   if (!merged_) return;
-  weight_.add_low_rank("LoRALinear::unmerge", -merged_scaling_, merged_B_, merged_A_);
+  if (dora_) {
+    // W ← W / c − s·B A (PEFT's DoraLinearVariant.unmerge); ‖W_o‖² again, as rounding moved W by a few ulps
+    weight_.add_low_rank_scaled("LoRALinear::unmerge", -merged_scaling_, merged_B_, merged_A_,
+                                merged_dora_scale_.data(), nullptr);
+    w_sq_norms_ = weight_.output_squared_norms();
+    merged_dora_scale_.resize(0);
+  } else {
+    weight_.add_low_rank("LoRALinear::unmerge", -merged_scaling_, merged_B_, merged_A_);
+  }
   merged_A_.resize(0, 0);
   merged_B_.resize(0, 0);
   merged_ = false;

@@ -112,6 +112,8 @@ typename MultiLoRALinear<Scalar>::AdapterPtr MultiLoRALinear<Scalar>::make_adapt
     throw config_error(who + ": " + e.what());
   }
   if (config.r <= 0) throw config_error(who + ": r must be >= 1, got " + std::to_string(config.r));
+  if (config.use_dora)
+    throw config_error(who + ": use_dora is not supported by MultiLoRALinear yet (LoRALinear has DoRA)");
   if (config.bias != BiasMode::none)
     throw config_error(who +
                        ": bias must be none; the base bias is shared by every adapter of the layer and stays frozen");
