@@ -4,13 +4,19 @@
 // gradients against central differences of that formula; the norm without an O × I temporary against the dense
 // one; and the refusals, which change nothing.
 #include <catch2/catch.hpp>
+#include <lora/gguf_adapter.hpp>
 #include <lora/init.hpp>
 #include <lora/lora.hpp>
 
 #include <cmath>
+#include <filesystem>
+#include <map>
+#include <memory>
 #include <string>
+#include <vector>
 
 #include "golden.hpp"
+#include "test_files.hpp"
 
 // Everything below is in a namespace of its own, so the test files can be compiled together (CMake's
 // UNITY_BUILD, tests/CMakeLists.txt) without their helpers clashing.
@@ -301,6 +307,162 @@ TEST_CASE("LoRA+ puts DoRA's magnitude with lora_B, as PEFT's create_loraplus_op
       CHECK(*p.weight_decay == Approx(0.1));
     }
   }
+}
+
+namespace {
+
+namespace st = lora::safetensors;
+const std::string dora_dir = std::string(LORA_TEST_DATA_DIR) + "/peft/dora";
+
+/// Largest |a - b| / max(1, |b|) between two float matrices.
+double max_diff(const Mat<float>& a, const Mat<float>& b) { return max_rel_diff(a, b); }
+
+/// The layers of one golden model (tests/golden/make_dora_golden.py) over its base weights, viewed in place in
+/// the mmap'd base file ((in, out) for the Conv1D case), each with the config's layer_config.
+struct DoraModel {
+  std::vector<std::unique_ptr<lora::LoRALinear<float>>> layers;
+  std::map<std::string, lora::LoRALinear<float>*> by_path;
+};
+DoraModel dora_model(const st::File& base, const std::string& which, bool writable_copy = false) {
+  const auto config = lora::peft::AdapterConfig::read(dora_dir + "/" + which + "/adapter_config.json");
+  DoraModel model;
+  const std::vector<std::string> paths =
+      which == "linear" ? std::vector<std::string>{"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"}
+                        : std::vector<std::string>{"transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj"};
+  for (const auto& path : paths) {
+    const std::string name = path.rfind("transformer.", 0) == 0 ? path.substr(12) : path;
+    const auto w = base.view<float>(name + ".weight");
+    const auto layout = config.fan_in_fan_out ? lora::WeightLayout::in_out : lora::WeightLayout::out_in;
+    const Index out = config.fan_in_fan_out ? w.cols() : w.rows(), in = config.fan_in_fan_out ? w.rows() : w.cols();
+    auto weight = writable_copy ? lora::FrozenWeight<float>::owned(w, layout)
+                                : lora::FrozenWeight<float>::view(w.data(), out, in, layout);
+    model.layers.push_back(std::make_unique<lora::LoRALinear<float>>(
+        std::move(weight), base.matrix<float>(name + ".bias"), config.layer_config(path)));
+    model.by_path[path] = model.layers.back().get();
+  }
+  return model;
+}
+
+}  // namespace
+
+TEST_CASE("DoRA adapters as PEFT saves them load, give PEFT's outputs and save back byte for byte",
+          "[dora][peft][golden]") {
+  const std::string which = GENERATE(std::string("linear"), std::string("conv1d"));
+  CAPTURE(which);
+  const auto base = st::File::open(dora_dir + "/base.safetensors");
+  const auto forward = st::File::open(dora_dir + "/forward.safetensors");
+  const auto adapter = lora::peft::read_adapter<float>(dora_dir + "/" + which);
+  REQUIRE(adapter.config.use_dora);
+  REQUIRE(adapter.modules.size() == 2);
+  for (const auto& m : adapter.modules) CHECK(m.magnitude.cols() == m.B.rows());
+
+  auto model = dora_model(base, which);
+  const auto report = lora::peft::load_adapter(dora_dir + "/" + which, model.by_path);
+  CHECK(report.loaded.size() == 2);
+  CHECK(report.layout_differs.empty());
+  for (const auto& [path, layer] : model.by_path) {
+    CAPTURE(path);
+    CHECK_FALSE(layer->is_training());
+    CHECK(layer->magnitude() == adapter.find(path)->magnitude);
+    const Mat<float> x = forward.matrix<float>(path + ".x");
+    CHECK(max_diff(std::as_const(*layer).forward(x), forward.matrix<float>(path + ".y")) < 1e-5);
+  }
+  const auto dir = lora_test::scratch_dir("dora-peft-" + which);
+  lora::peft::save_adapter((dir / "out").string(), model.by_path, adapter.config);
+  lora::peft::save_adapter((dir / "held").string(), adapter);
+  for (const char* name : {"adapter_model.safetensors", "adapter_config.json"}) {
+    CAPTURE(name);
+    const auto want = lora_test::read_bytes(dora_dir + "/" + which + "/" + name);
+    CHECK(lora_test::read_bytes((dir / "out" / name).string()) == want);
+    CHECK(lora_test::read_bytes((dir / "held" / name).string()) == want);
+  }
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("DoRA merges as PEFT's merge_safe does: lora-merge's file and the layer's own merge",
+          "[dora][peft][golden]") {
+  const std::string which = GENERATE(std::string("linear"), std::string("conv1d"));
+  CAPTURE(which);
+  const auto dir = lora_test::scratch_dir("dora-merge-" + which);
+  const std::string out = (dir / "merged.safetensors").string();
+  const auto report = lora::peft::merge_adapter_file(dora_dir + "/base.safetensors", dora_dir + "/" + which, out);
+  CHECK(report.merged.size() == 2);
+  const auto got = st::File::open(out);
+  const auto want = st::File::open(dora_dir + "/merged_" + which + ".safetensors");
+  REQUIRE(got.tensors().size() == want.tensors().size());
+  for (const auto& t : want.tensors()) {
+    CAPTURE(t.name);
+    CHECK(max_diff(got.matrix<float>(t.name), want.matrix<float>(t.name)) < 2e-6);
+  }
+
+  const auto base = st::File::open(dora_dir + "/base.safetensors");
+  auto model = dora_model(base, which, true);
+  lora::peft::load_adapter(dora_dir + "/" + which, model.by_path);
+  for (const auto& [path, layer] : model.by_path) {
+    CAPTURE(path);
+    const Mat<float> before = layer->frozen_weight().stored();
+    layer->merge();
+    const std::string name = path.rfind("transformer.", 0) == 0 ? path.substr(12) : path;
+    CHECK(max_diff(layer->frozen_weight().stored(), want.matrix<float>(name + ".weight")) < 2e-6);
+    layer->unmerge();
+    CHECK(max_diff(layer->frozen_weight().stored(), before) < 1e-6);
+  }
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("DoRA files that do not fit are refused with what was expected, and nothing loads", "[dora][peft][errors]") {
+  const auto dir = lora_test::scratch_dir("dora-bad");
+  const auto source = st::File::open(dora_dir + "/linear/adapter_model.safetensors");
+  const std::string q = "base_model.model.model.layers.0.self_attn.q_proj";
+  auto write = [&](const std::string& config_from, const std::map<std::string, Mat<float>>& replace) {
+    std::filesystem::create_directories(dir / "a");
+    std::filesystem::copy_file(dora_dir + "/" + config_from + "/adapter_config.json", dir / "a" / "adapter_config.json",
+                               std::filesystem::copy_options::overwrite_existing);
+    st::Writer w;
+    for (const auto& t : source.tensors()) {
+      auto it = replace.find(t.name);
+      if (it == replace.end())
+        w.add(t.name, source.matrix<float>(t.name), st::Dtype::F32, t.shape);
+      else if (it->second.size() > 0)
+        w.add(t.name, it->second, st::Dtype::F32, {static_cast<std::uint64_t>(it->second.size())});
+    }
+    w.save((dir / "a" / "adapter_model.safetensors").string());
+  };
+  auto error = [&] { return lora_test::error_of([&] { lora::peft::read_adapter<float>((dir / "a").string()); }); };
+
+  write("linear", {{q + ".lora_magnitude_vector", Mat<float>::Ones(1, 5)}});
+  CHECK_THAT(error(), Contains("q_proj.lora_magnitude_vector: expected [6] (out_features), got F32 [5]"));
+  write("linear", {{q + ".lora_magnitude_vector", Mat<float>()}});
+  CHECK_THAT(error(), Contains("the config says use_dora (DoRA) but the file has no") && Contains("q_proj"));
+
+  // A DoRA file into layers built without DoRA (and the reverse) is refused before any layer changes.
+  const auto base = st::File::open(dora_dir + "/base.safetensors");
+  auto model = dora_model(base, "linear");
+  lora::LoraConfig plain_config = model.by_path.begin()->second->config();
+  plain_config.use_dora = false;
+  const Mat<float> w = model.by_path.begin()->second->frozen_weight().to_dense();
+  lora::LoRALinear<float> plain(w, plain_config);
+  const Mat<float> A_before = plain.lora_A();
+  std::map<std::string, lora::LoRALinear<float>*> mixed = model.by_path;
+  mixed.begin()->second = &plain;
+  const std::string message = lora_test::error_of([&] { lora::peft::load_adapter(dora_dir + "/linear", mixed); });
+  CHECK_THAT(message,
+             Contains("the file's adapter is DoRA (lora_magnitude_vector), the layer was built without use_dora"));
+  CHECK(plain.lora_A() == A_before);
+
+  // MultiLoRALinear has no DoRA: refused with the reason.
+  lora::MultiLoRALinear<float> multi{Mat<float>(w)};
+  std::map<std::string, lora::MultiLoRALinear<float>*> multis{{model.by_path.begin()->first, &multi}};
+  const auto adapter = lora::peft::read_adapter<float>(dora_dir + "/linear");
+  CHECK_THAT(lora_test::error_of([&] { lora::peft::load_adapter(adapter, "d", multis); }),
+             Contains("MultiLoRALinear has no DoRA yet"));
+  CHECK(multi.adapter_names().empty());
+
+  // GGUF has no place for a magnitude: the exporter says why and writes nothing.
+  lora::gguf::Writer writer;
+  CHECK_THAT(lora_test::error_of([&] { lora::gguf::export_adapter(adapter, lora::gguf::ExportOptions{}, writer); }),
+             Contains("a DoRA adapter") && Contains("merge it into the base model"));
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace unit_dora

@@ -299,7 +299,8 @@ TEST_CASE("peft config: defaults assumed are reported, bad values refused", "[pe
   CHECK_THAT(bad(R"({"peft_type": "LORA", "r": "8"})"), Contains("\"r\" must be a positive integer"));
   CHECK_THAT(bad(R"({"peft_type": "LORA", "lora_dropout": 1.5})"), Contains("a number in [0, 1)"));
   CHECK_THAT(bad(R"({"peft_type": "LORA", "bias": "some"})"), Contains("\"bias\" must be \"none\""));
-  CHECK_THAT(bad(R"({"peft_type": "LORA", "use_dora": true})"), Contains("DoRA adapters are not supported yet"));
+  CHECK(peft::AdapterConfig::parse(R"({"peft_type": "LORA", "use_dora": true})").use_dora);
+  CHECK_THAT(bad(R"({"peft_type": "LORA", "use_dora": 1})"), Contains("\"use_dora\" must be true or false"));
   CHECK_THAT(bad(R"({"peft_type": "LORA", "rank_pattern": {"q": -1}})"), Contains("must be a non-negative integer"));
   CHECK_THAT(bad(R"({"peft_type": "LORA", "rank_pattern": {"(": 2}})"),
              Contains("cfg.json: rank_pattern: pattern key \"(\" is not a valid Python regular expression"));
@@ -331,7 +332,7 @@ TEST_CASE("peft refuses DoRA tensors, broken embedding adapters, pickles, and ha
   save({{"base_model.model.fc.lora_A.weight", A},
         {"base_model.model.fc.lora_B.weight", B},
         {"base_model.model.fc.lora_magnitude_vector", m}});
-  CHECK_THAT(message(), Contains("DoRA magnitude vectors are not supported yet"));
+  CHECK_THAT(message(), Contains("fc.lora_magnitude_vector: a DoRA magnitude, but the config's use_dora is false"));
   // An embedding adapter reads (lora_embedding_A (r, V), lora_embedding_B (d, r)); broken ones are named.
   save({{"base_model.model.emb.lora_embedding_A", A}, {"base_model.model.emb.lora_embedding_B", B}});
   CHECK(message() == "accepted");

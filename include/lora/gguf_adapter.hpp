@@ -267,6 +267,11 @@ inline std::uint32_t file_type_of(TensorType type) {
   }
 }
 
+inline constexpr const char* dora_refusal =
+    "a DoRA adapter (use_dora, lora_magnitude_vector) cannot be a GGUF LoRA adapter: DoRA rescales each output row "
+    "of W + s B A by m / |W + s B A|, which depends on W and is not a low-rank update B A that llama.cpp could add; "
+    "merge it into the base model instead (lora-merge)";
+
 /// Adds `adapter` to `writer` as a GGUF LoRA adapter (metadata and tensors).
 /// Checks everything first and throws format_error listing every problem:
 /// modules with no GGUF name for the architecture (all of them, with the
@@ -280,6 +285,9 @@ ExportReport export_adapter(const peft::Adapter<Scalar>& adapter, const ExportOp
     throw config_error(std::string("gguf::export_adapter: type must be f32, f16, bf16 or q8_0, got ") +
                        tensor_type_name(options.type));
   const std::string arch = architecture_name(options.architecture);
+  bool dora = adapter.config.use_dora;
+  for (const auto& m : adapter.modules) dora = dora || m.magnitude.size() > 0;
+  if (dora) throw format_error(adapter.source + ": " + dora_refusal);
   std::vector<std::string> problems, unmapped;
   std::map<std::string, std::string> claimed;  // GGUF tensor -> module
   struct Planned {
@@ -398,11 +406,7 @@ inline ExportReport export_adapter_file(const std::string& adapter_dir, const st
     adapter = peft::read_adapter<double>(adapter_dir);
   } catch (const format_error& e) {
     if (std::string(e.what()).find("DoRA") == std::string::npos) throw;
-    throw format_error(adapter_dir +
-                       ": a DoRA adapter (use_dora, lora_magnitude_vector) cannot be a GGUF LoRA adapter: DoRA "
-                       "rescales each output row of W + s B A by m / |W + s B A|, which depends on W and is not a "
-                       "low-rank update B A that llama.cpp could add; merge it into the base model instead. (" +
-                       e.what() + ")");
+    throw format_error(adapter_dir + ": " + dora_refusal + " (" + e.what() + ")");
   }
   Writer writer;
   ExportReport report = export_adapter(adapter, options, writer);

@@ -68,6 +68,8 @@ struct AdapterConfig {
   bool fan_in_fan_out = false;
   BiasMode bias = BiasMode::none;
   bool use_rslora = false;
+  /// DoRA: every module also has "<path>.lora_magnitude_vector" (O), PEFT's one flag for the whole adapter.
+  bool use_dora = false;
   /// Per-module rank and alpha, in file order (the first matching key wins, as in PEFT).
   std::vector<std::pair<std::string, int>> rank_pattern;
   std::vector<std::pair<std::string, double>> alpha_pattern;
@@ -107,6 +109,7 @@ struct AdapterConfig {
     c.lora_alpha = alpha_for(module);
     c.lora_dropout = lora_dropout;
     c.use_rslora = use_rslora;
+    c.use_dora = use_dora;
     c.bias = bias;
     return c;
   }
@@ -265,9 +268,7 @@ inline AdapterConfig AdapterConfig::parse_object(const nlohmann::ordered_json& j
   get_bool("fan_in_fan_out", c.fan_in_fan_out);
   get_bool("use_rslora", c.use_rslora);
   get_bool("inference_mode", c.inference_mode);
-  bool use_dora = false;
-  get_bool("use_dora", use_dora);
-  if (use_dora) fail("use_dora is true: DoRA adapters are not supported yet");
+  get_bool("use_dora", c.use_dora);
   if (j.contains("bias") && !j["bias"].is_null()) {
     const auto& v = j["bias"];
     if (v == "none")
@@ -373,7 +374,7 @@ inline std::string AdapterConfig::to_json() const {
   else
     j["target_modules"] = target_modules;
   j["task_type"] = task_type ? nlohmann::json(*task_type) : nullptr;
-  j["use_dora"] = false;
+  j["use_dora"] = use_dora;
   j["use_rslora"] = use_rslora;
   return j.dump(2, ' ', true);
 }
@@ -387,6 +388,8 @@ struct ModuleAdapter {
   Matrix<Scalar> A;     ///< (R, I)
   Matrix<Scalar> B;     ///< (O, R)
   Matrix<Scalar> bias;  ///< (1, O) when the file holds the module's bias, else empty
+  /// DoRA's lora_magnitude_vector (1, O) when the adapter is DoRA (config use_dora), else empty.
+  Matrix<Scalar> magnitude;
   int r = 0;
   double lora_alpha = 0;
   double scaling = 0;
@@ -414,17 +417,17 @@ struct Adapter {
       if (m.path == path) return &m;
     return nullptr;
   }
-  /// LoRA matrices only, as PEFT's "trainable params" counts an adapter.
+  /// LoRA matrices (and DoRA magnitudes) only, as PEFT's "trainable params" counts an adapter.
   std::uint64_t parameter_count() const {
     std::uint64_t n = 0;
-    for (const auto& m : modules) n += static_cast<std::uint64_t>(m.A.size() + m.B.size());
+    for (const auto& m : modules) n += static_cast<std::uint64_t>(m.A.size() + m.B.size() + m.magnitude.size());
     return n;
   }
 };
 
 namespace detail {
 
-enum class KeyKind { lora_A, lora_B, embedding_A, embedding_B, bias, unsupported_dora, no_module_path, other };
+enum class KeyKind { lora_A, lora_B, embedding_A, embedding_B, bias, magnitude, no_module_path, other };
 
 /// Splits a saved key into (module path, kind).
 inline std::pair<std::string, KeyKind> classify_key(const std::string& key) {
@@ -432,7 +435,6 @@ inline std::pair<std::string, KeyKind> classify_key(const std::string& key) {
     return key.size() > suffix.size() && key.compare(key.size() - suffix.size(), suffix.size(), suffix) == 0;
   };
   const std::string prefix = key_prefix;
-  if (key.find("lora_magnitude_vector") != std::string::npos) return {key, KeyKind::unsupported_dora};
   const bool embedding =
       key.find("lora_embedding_A") != std::string::npos || key.find("lora_embedding_B") != std::string::npos;
   if (key.compare(0, prefix.size(), prefix) != 0) return {key, embedding ? KeyKind::no_module_path : KeyKind::other};
@@ -442,12 +444,15 @@ inline std::pair<std::string, KeyKind> classify_key(const std::string& key) {
                               {".lora_B.weight", KeyKind::lora_B},
                               {".lora_embedding_A", KeyKind::embedding_A},
                               {".lora_embedding_B", KeyKind::embedding_B},
+                              {".lora_magnitude_vector", KeyKind::magnitude},
                               {".bias", KeyKind::bias}}) {
     const std::size_t n = std::strlen(suffix);
     if (ends_with(suffix) && key.size() > prefix.size() + n)
       return {key.substr(prefix.size(), key.size() - prefix.size() - n), kind};
   }
-  if (ends_with("lora_A.weight") || ends_with("lora_B.weight") || embedding) return {key, KeyKind::no_module_path};
+  if (ends_with("lora_A.weight") || ends_with("lora_B.weight") || embedding ||
+      key.find("lora_magnitude_vector") != std::string::npos)
+    return {key, KeyKind::no_module_path};
   return {key, KeyKind::other};
 }
 
@@ -494,7 +499,7 @@ void add_unexpected_modules(const Adapter<Scalar>& adapter, const std::map<std::
 /// Reads a PEFT adapter (a folder, or its adapter_model.safetensors with
 /// adapter_config.json beside it). Checks every module at once and throws
 /// format_error listing all problems: an A without its B, 2-D shapes, ranks
-/// that disagree with the config, unsupported DoRA / embedding tensors.
+/// that disagree with the config, DoRA magnitudes missing, misshapen or present without use_dora.
 template <class Scalar>
 Adapter<Scalar> read_adapter(const std::string& dir_or_file) {
   auto [weights_path, config_path] = detail::adapter_paths(dir_or_file);
@@ -508,6 +513,7 @@ Adapter<Scalar> read_adapter(const std::string& dir_or_file) {
   std::map<std::string, std::pair<const safetensors::TensorInfo*, const safetensors::TensorInfo*>> found;
   std::map<std::string, std::pair<const safetensors::TensorInfo*, const safetensors::TensorInfo*>> embeddings;
   std::map<std::string, const safetensors::TensorInfo*> biases;
+  std::map<std::string, const safetensors::TensorInfo*> magnitudes;
   std::vector<std::string> problems;
   for (const auto& t : file.tensors()) {
     auto [path, kind] = detail::classify_key(t.name);
@@ -527,12 +533,13 @@ Adapter<Scalar> read_adapter(const std::string& dir_or_file) {
       case detail::KeyKind::embedding_B:
         embeddings[path].second = &t;
         break;
-      case detail::KeyKind::unsupported_dora:
-        problems.push_back(printable(t.name) + ": DoRA magnitude vectors are not supported yet");
+      case detail::KeyKind::magnitude:
+        magnitudes[path] = &t;
         break;
       case detail::KeyKind::no_module_path:
-        problems.push_back(printable(t.name) + ": a LoRA matrix with no module path (expected " + key_prefix +
-                           "<module path>.lora_A.weight / .lora_B.weight, or .lora_embedding_A / _B)");
+        problems.push_back(printable(t.name) + ": a LoRA tensor with no module path (expected " + key_prefix +
+                           "<module path>.lora_A.weight / .lora_B.weight, .lora_embedding_A / _B, or "
+                           ".lora_magnitude_vector)");
         break;
       default:
         adapter.other_tensors.push_back(t);
@@ -601,8 +608,26 @@ Adapter<Scalar> read_adapter(const std::string& dir_or_file) {
         m.bias = file.matrix<Scalar>(t->name);
       biases.erase(it);
     }
+    if (auto it = magnitudes.find(path); it != magnitudes.end()) {
+      const auto* t = it->second;
+      if (!adapter.config.use_dora)
+        problems.push_back(path + ".lora_magnitude_vector: a DoRA magnitude, but the config's use_dora is false");
+      else if (embedding)
+        problems.push_back(path + ".lora_magnitude_vector: DoRA on an embedding is not supported yet");
+      else if (!safetensors::is_float(t->dtype) || t->shape.size() != 1 || t->shape[0] != b->shape[0])
+        problems.push_back(path + ".lora_magnitude_vector: expected " + safetensors::shape_text({b->shape[0]}) +
+                           " (out_features), got " + safetensors::dtype_name(t->dtype) + " " + detail::shape_of(*t));
+      else
+        m.magnitude = file.matrix<Scalar>(t->name);
+      magnitudes.erase(it);
+    } else if (adapter.config.use_dora) {
+      problems.push_back(path + ": the config says use_dora (DoRA) but the file has no " + key_prefix + path +
+                         ".lora_magnitude_vector");
+    }
     adapter.modules.push_back(std::move(m));
   }
+  for (const auto& [path, t] : magnitudes)
+    problems.push_back(printable(t->name) + ": a DoRA magnitude for a module with no lora_A / lora_B");
   for (const auto& [path, t] : biases) adapter.other_tensors.push_back(*t);  // biases of unadapted layers
   if (problems.empty() && adapter.modules.empty())
     problems.push_back(std::string("no LoRA module: no ") + key_prefix +
@@ -693,6 +718,15 @@ LoadReport load_adapter(const std::string& dir_or_file, const std::map<std::stri
                          std::string(bias_name(adapter.config.bias)) + ")");
     if ((layer->weight_layout() == WeightLayout::in_out) != adapter.config.fan_in_fan_out)
       report.layout_differs.push_back(path);
+    if (layer->use_dora() != (m->magnitude.size() > 0))
+      problems.push_back(path + (layer->use_dora() ? ": the layer is DoRA (use_dora), the file's adapter is not"
+                                                   : ": the file's adapter is DoRA (lora_magnitude_vector), the layer "
+                                                     "was built without use_dora; build it with "
+                                                     "AdapterConfig::layer_config(\"" +
+                                                         path + "\")"));
+    else if (layer->use_dora() && m->magnitude.size() != layer->out_features())
+      problems.push_back(path + ".lora_magnitude_vector: expected " + std::to_string(layer->out_features()) +
+                         " entries (out_features), got " + std::to_string(m->magnitude.size()));
   }
   for (const auto& [path, layer] : embeddings) {
     if (model.count(path) != 0) problems.push_back(path + ": given both as a LoRALinear and as a LoRAEmbedding");
@@ -714,6 +748,7 @@ LoadReport load_adapter(const std::string& dir_or_file, const std::map<std::stri
     if (m == nullptr) continue;  // non-strict: listed in report.missing
     layer->lora_A() = m->A;
     layer->lora_B() = m->B;
+    if (m->magnitude.size() > 0) layer->magnitude() = m->magnitude;
     if (m->bias.size() > 0) layer->bias() = m->bias;
     layer->train(options.is_trainable);
     report.loaded.push_back(path);
@@ -773,9 +808,13 @@ AdapterConfig config_for(const std::map<std::string, LoRALinear<Scalar>*>& model
     alpha_votes[c.lora_alpha]++;
     if (first) {
       base.use_rslora = c.use_rslora;
+      base.use_dora = c.use_dora;
       base.lora_dropout = c.lora_dropout;
       base.bias = c.bias;
       first = false;
+    } else if (c.use_dora != base.use_dora) {
+      throw config_error("peft::save_adapter: layer \"" + path +
+                         "\" disagrees with the others on use_dora; one PEFT adapter has one setting");
     } else if (c.use_rslora != base.use_rslora) {
       throw config_error("peft::save_adapter: layer \"" + path +
                          "\" disagrees with the others on use_rslora; one PEFT adapter has one setting");
@@ -862,6 +901,9 @@ void save_adapter(const std::string& dir, const std::map<std::string, LoRALinear
       writer.add(key + ".lora_A.weight", layer->lora_A(), dtype);
       writer.add(key + ".lora_B.weight", layer->lora_B(), dtype);
     }
+    if (layer->use_dora())
+      writer.add(key + ".lora_magnitude_vector", layer->magnitude(), dtype,
+                 {static_cast<std::uint64_t>(layer->out_features())});
     if (layer->bias_trainable())
       writer.add(key + ".bias", layer->bias(), dtype, {static_cast<std::uint64_t>(layer->out_features())});
   }
@@ -909,6 +951,10 @@ LoadReport load_adapter(const Adapter<Scalar>& adapter, const std::string& name,
     if (m->B.rows() != layer->out_features())
       problems.push_back(path + ".lora_B.weight: expected " + shape_string(layer->out_features(), m->r) + ", got " +
                          shape_string(m->B.rows(), m->B.cols()));
+    if (m->magnitude.size() > 0)
+      problems.push_back(path +
+                         ": a DoRA adapter (lora_magnitude_vector); MultiLoRALinear has no DoRA yet (load it "
+                         "into LoRALinear layers, or merge it with lora-merge)");
     if (m->bias.size() > 0)
       problems.push_back(path + ".bias: the adapter trained the bias (bias mode " +
                          std::string(bias_name(adapter.config.bias)) +
@@ -960,6 +1006,8 @@ void save_adapter(const std::string& dir, const Adapter<Scalar>& adapter,
     writer.add(key + (m.embedding ? ".lora_embedding_A" : ".lora_A.weight"), m.A, dtype);
     writer.add(key + (m.embedding ? ".lora_embedding_B" : ".lora_B.weight"), m.B, dtype);
     if (m.bias.size() > 0) writer.add(key + ".bias", m.bias, dtype, {static_cast<std::uint64_t>(m.bias.size())});
+    if (m.magnitude.size() > 0)
+      writer.add(key + ".lora_magnitude_vector", m.magnitude, dtype, {static_cast<std::uint64_t>(m.magnitude.size())});
   }
   if (!adapter.other_tensors.empty() && !adapter.file)
     throw state_error("peft::save_adapter: the adapter lists other tensors but holds no file to copy them from");
@@ -999,7 +1047,9 @@ void save_adapter(const std::string& dir, const std::string& name,
 // ---- merging into a base weight ------------------------------------------------------
 
 /// W += scale · s · B A for a weight stored (O, I), or W += scale · s · (B A)ᵀ
-/// for one stored (I, O) (fan_in_fan_out). Shapes are checked first.
+/// for one stored (I, O) (fan_in_fan_out). Shapes are checked first. A DoRA module (m.magnitude) then
+/// rescales every output o by magnitude_o / ‖W_o + scale · s · (B A)_o‖, as PEFT's merge does; a zero norm
+/// throws numeric_error naming the output and leaves `weight` as it was.
 template <class Scalar, class AccScalar = Scalar>
 void merge_into(MutRef<Scalar> weight, const ModuleAdapter<AccScalar>& m, double scale, bool fan_in_fan_out) {
   const Index O = m.out_features(), I = m.in_features();
@@ -1011,10 +1061,37 @@ void merge_into(MutRef<Scalar> weight, const ModuleAdapter<AccScalar>& m, double
   const AccScalar s = static_cast<AccScalar>(scale * m.scaling);
   Matrix<AccScalar> delta(O, I);
   delta.noalias() = m.B * m.A;
+  if (m.magnitude.size() == 0) {
+    if (fan_in_fan_out)
+      weight += (s * delta.transpose()).template cast<Scalar>();
+    else
+      weight += (s * delta).template cast<Scalar>();
+    return;
+  }
+  if (m.magnitude.size() != O)
+    throw shape_error("peft::merge_into(\"" + m.path + "\"): lora_magnitude_vector expected " + std::to_string(O) +
+                      " entries, got " + std::to_string(m.magnitude.size()));
+  // delta ← W + s·B A as (O, I) in Scalar (what the plain merge stores), then each row scaled by m / ‖row‖.
+  Matrix<Scalar> sum(O, I);
   if (fan_in_fan_out)
-    weight += (s * delta.transpose()).template cast<Scalar>();
+    sum = weight.transpose() + (s * delta).template cast<Scalar>();
   else
-    weight += (s * delta).template cast<Scalar>();
+    sum = weight + (s * delta).template cast<Scalar>();
+  Eigen::Matrix<double, Eigen::Dynamic, 1> factor(O);
+  for (Index o = 0; o < O; ++o) {
+    const double norm = std::sqrt(sum.row(o).template cast<double>().squaredNorm());
+    factor(o) = static_cast<double>(m.magnitude(0, o)) / norm;
+    if (!(norm > 0) || !std::isfinite(factor(o)))
+      throw numeric_error("peft::merge_into(\"" + m.path + "\"): DoRA's norm ‖W + s·B A‖ of output " +
+                          std::to_string(o) + " is " + value_string(norm) + " and its magnitude " +
+                          value_string(static_cast<double>(m.magnitude(0, o))) +
+                          ", so the merged row is not finite (PEFT gives NaN there); nothing was changed");
+  }
+  for (Index o = 0; o < O; ++o) sum.row(o) *= static_cast<Scalar>(factor(o));
+  if (fan_in_fan_out)
+    weight = sum.transpose();
+  else
+    weight = sum;
 }
 
 }  // namespace lora::peft
@@ -1225,6 +1302,7 @@ MergeReport merge_adapter_file(const std::string& base_path, const std::string& 
       m32.path = m.path;
       m32.A = m.A.template cast<float>();
       m32.B = m.B.template cast<float>();
+      m32.magnitude = m.magnitude.template cast<float>();
       m32.scaling = m.scaling;
       merge_into<float, float>(w32, m32, scale, fan_in_fan_out || m.embedding);
       merged = w32.cast<double>();
