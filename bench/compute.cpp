@@ -30,6 +30,8 @@
 //                    training step ("step fused/dense": x Wᵀ and dy W)
 //   embedding_backward_paired  LoRAEmbedding's backward over a V-row table against the same layer over 1000 rows,
 //                    the same N token ids (all below 1000) and d, r: "bwd V/1000", which must not grow with V
+//   dora_paired      LoRALinear with use_dora against the same layer without it (same W, A, B): "fwd dora/lora" and
+//                    "step dora/lora" (issue 16)
 // After the runs a table gives each variant's median time over its baseline's.
 //
 // Flags besides google benchmark's: --threads=T (default 1) and --smoke (small
@@ -395,6 +397,31 @@ void fused_qv_paired(benchmark::State& state) {
   state.counters[step ? "step fused/dense" : "fwd fused/base"] = paired_median(state, run_fused, run_dense);
 }
 
+// DoRA against LoRA on the same frozen W, A and B (issue 16): forward, or forward + backward with dx.
+void dora_paired(benchmark::State& state) {
+  const lora::Index N = state.range(0), I = state.range(1), O = state.range(2);
+  const int R = static_cast<int>(state.range(3));
+  const Mat W = Mat::Random(O, I) / std::sqrt(static_cast<float>(I));
+  const Mat x = Mat::Random(N, I), dy = Mat::Random(N, O);
+  Mat y(N, O), dx(N, I);
+  lora::LoraConfig cfg = Problem::config(R);
+  lora::LoRALinear<float> lora_layer(lora::FrozenWeight<float>::view(W.data(), O, I), cfg);
+  cfg.use_dora = true;
+  lora::LoRALinear<float> dora_layer(lora::FrozenWeight<float>::view(W.data(), O, I), cfg);
+  lora_layer.lora_B().setRandom();
+  dora_layer.lora_A() = lora_layer.lora_A();
+  dora_layer.lora_B() = lora_layer.lora_B();
+  const bool step = state.range(4) != 0;
+  auto run = [&](lora::LoRALinear<float>& layer) {
+    layer.forward(x, y);
+    if (step) layer.backward(x, dy, dx);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::DoNotOptimize(dx.data());
+  };
+  state.counters[step ? "step dora/lora" : "fwd dora/lora"] = paired_median(
+      state, [&] { run(dora_layer); }, [&] { run(lora_layer); });
+}
+
 void embedding_backward_paired(benchmark::State& state) {
   const lora::Index N = state.range(0), V = state.range(1), d = state.range(2), small_vocab = state.range(4);
   lora::LoraConfig cfg = Problem::config(static_cast<int>(state.range(3)));
@@ -561,6 +588,14 @@ void register_all(bool smoke) {
       ->Iterations(smoke ? 2 : 201)
       ->Unit(benchmark::kMillisecond)
       ->UseRealTime();
+  // Issue 16: DoRA's forward and training step against LoRA's, N = 512, I = O = 4096, r = 8.
+  for (int step = 0; step < 2; ++step)
+    benchmark::RegisterBenchmark("dora_paired", dora_paired)
+        ->ArgNames({"N", "I", "O", "R", "step"})
+        ->Args(smoke ? std::vector<int64_t>{16, 64, 64, 4, step} : std::vector<int64_t>{512, 4096, 4096, 8, step})
+        ->Iterations(smoke ? 2 : 15)
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
   // Issue 16: PiSSA (full and randomised SVD) and OLoRA initialisation of a 4096 x 4096 weight at r = 8.
   benchmark::RegisterBenchmark("init_times", init_times)
       ->ArgNames({"D", "R"})

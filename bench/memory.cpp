@@ -5,6 +5,8 @@
 //   x (N, D) -> layer 0 -> ... -> layer L-1 -> y (N, D); loss = mse(y, target)
 //
 //   lora   LoRALinear<float> (r = 8): W frozen, no dW; AdamW state for A, B only
+//   dora   the same with use_dora: a magnitude per output; backward takes each layer's output (kept anyway as
+//          the next layer's input) instead of a copy of Z (set_dora_output_backward), as Sequential does
 //   full   the same stack trained in full: W, dW (O, I) and AdamW's two moments of W
 //
 // Both keep the same activations: every layer's input (L + 1 buffers of N x D),
@@ -50,7 +52,7 @@ struct DenseLayer {
   // x (N, I), W (O, I) -> y (N, O)
   void forward(const Mat& x, Mat& y) const { y.noalias() = x * W.transpose(); }
   // forward: y = x Wᵀ, so dW += dyᵀ x and dx = dy W
-  void backward(const Mat& x, const Mat& dy, Mat* dx) {
+  void backward(const Mat& x, const Mat& /*y*/, const Mat& dy, Mat* dx) {
     dW.noalias() += dy.transpose() * x;
     if (dx) dx->noalias() = dy * W;
   }
@@ -85,10 +87,10 @@ Report train(std::vector<Layer>& layers, lora::ParameterList<float> params, cons
     Mat* d_in = &grad_b;
     for (int l = s.layers - 1; l >= 0; --l) {
       if (l > 0) {
-        layers[l].backward(acts[l], *d_out, d_in);
+        layers[l].backward(acts[l], acts[l + 1], *d_out, d_in);
         std::swap(d_out, d_in);
       } else {
-        layers[l].backward(acts[l], *d_out, nullptr);  // the input needs no gradient
+        layers[l].backward(acts[l], acts[l + 1], *d_out, nullptr);  // the input needs no gradient
       }
     }
     opt.step();
@@ -99,15 +101,16 @@ Report train(std::vector<Layer>& layers, lora::ParameterList<float> params, cons
   return r;
 }
 
-// LoRALinear's backward takes its dx by MutRef; this adapter gives the two layer kinds one call shape.
+// LoRALinear's backward takes its dx by MutRef; this adapter gives the two layer kinds one call shape. The
+// forward's output y is still there at backward (the next layer's input), so DoRA layers take it.
 struct LoraLayer {
   lora::LoRALinear<float> layer;
   void forward(const Mat& x, Mat& y) { layer.forward(x, y); }
-  void backward(const Mat& x, const Mat& dy, Mat* dx) {
+  void backward(const Mat& x, const Mat& y, const Mat& dy, Mat* dx) {
     if (dx)
-      layer.backward(x, dy, *dx);
+      layer.backward_with_output(x, y, dy, *dx);
     else
-      layer.backward(x, dy);
+      layer.backward_with_output(x, y, dy);
   }
 };
 
@@ -115,15 +118,17 @@ Report run_variant(const std::string& variant, const Shape& s) {
   const long start_rss = lora_bench::status_kib("VmRSS");
   const double weight_bytes = static_cast<double>(s.layers) * static_cast<double>(s.d * s.d) * sizeof(float);
   Report r;
-  if (variant == "lora") {
+  if (variant == "lora" || variant == "dora") {
     lora::LoraConfig cfg;
     cfg.r = s.rank;
     cfg.lora_alpha = 2 * s.rank;
+    cfg.use_dora = variant == "dora";
     std::vector<LoraLayer> layers;
     layers.reserve(static_cast<std::size_t>(s.layers));
     for (int l = 0; l < s.layers; ++l) {
       cfg.seed = static_cast<std::uint64_t>(l);
       layers.push_back({lora::LoRALinear<float>(s.d, s.d, cfg, false)});
+      if (cfg.use_dora) layers.back().layer.set_dora_output_backward(true);
     }
     lora::ParameterList<float> params;
     for (auto& l : layers)
@@ -233,8 +238,8 @@ int main(int argc, char** argv) {
     const char* a = argv[i];
     if (std::strncmp(a, "--variant=", 10) == 0) {
       variant = a + 10;
-      if (variant != "lora" && variant != "full") {
-        std::fprintf(stderr, "bench_memory: --variant is lora or full, got '%s'\n", variant.c_str());
+      if (variant != "lora" && variant != "dora" && variant != "full") {
+        std::fprintf(stderr, "bench_memory: --variant is lora, dora or full, got '%s'\n", variant.c_str());
         return 2;
       }
       continue;
@@ -275,19 +280,22 @@ int main(int argc, char** argv) {
               s.rank);
   const ChildResult lora_run = run_child(argv[0], "lora", forward_args);
   const ChildResult full_run = run_child(argv[0], "full", forward_args);
+  const ChildResult dora_run = run_child(argv[0], "dora", forward_args);
 
   std::puts("");
   std::puts(
       "| variant | peak RSS (OS) | VmHWM | weights | activations | gradients | AdamW state | "
       "peak / (weights + activations) | s / step |");
   std::puts("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-  for (const auto* c : {&lora_run, &full_run}) {
+  for (const auto* c : {&lora_run, &dora_run, &full_run}) {
     const Report& r = c->report;
     const double peak = static_cast<double>(c->maxrss_kib) * 1024.0;
     std::printf("| %s | %.1f MiB | %.1f MiB | %.1f MiB | %.1f MiB | %.2f MiB | %.2f MiB | %.3f | %.3f |\n",
-                c == &lora_run ? "LoRA" : "full fine-tuning", mib(peak),
-                mib(static_cast<double>(c->vmhwm_kib) * 1024.0), mib(r.weights), mib(r.activations), mib(r.gradients),
-                mib(r.optimizer), peak / (r.weights + r.activations), r.seconds_per_step);
+                c == &lora_run   ? "LoRA"
+                : c == &dora_run ? "DoRA"
+                                 : "full fine-tuning",
+                mib(peak), mib(static_cast<double>(c->vmhwm_kib) * 1024.0), mib(r.weights), mib(r.activations),
+                mib(r.gradients), mib(r.optimizer), peak / (r.weights + r.activations), r.seconds_per_step);
   }
   const double lora_peak = static_cast<double>(lora_run.maxrss_kib);
   const double full_peak = static_cast<double>(full_run.maxrss_kib);
@@ -296,5 +304,6 @@ int main(int argc, char** argv) {
   std::printf("memory.lora_peak_over_weights_and_activations %.3f\n",
               lora_peak * 1024.0 / (lora_run.report.weights + lora_run.report.activations));
   std::printf("memory.full_peak_over_lora_peak %.3f\n", full_peak / lora_peak);
+  std::printf("memory.dora_peak_over_lora_peak %.3f\n", static_cast<double>(dora_run.maxrss_kib) / lora_peak);
   return 0;
 }

@@ -147,6 +147,7 @@ def main(out_dir):
         print("| LoRA peak RSS / (frozen weights + activations) | <= 1.15 | %s |" %
               values.get("lora_peak_over_weights_and_activations", "-"))
         print("| full fine-tuning peak RSS / LoRA peak RSS | >= 3 | %s |" % values.get("full_peak_over_lora_peak", "-"))
+        print("| DoRA peak RSS / LoRA peak RSS | <= 1.05 | %s |" % values.get("dora_peak_over_lora_peak", "-"))
 
     print("\n## Library against PyTorch, median ms (PyTorch / library: above 1 means the library is faster)\n")
     pairs = [("dense_forward", "dense_forward"), ("lora_forward", "lora_forward"),

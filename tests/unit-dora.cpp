@@ -231,6 +231,80 @@ TEST_CASE("DoRA with dropout is PEFT's formula, with the layer's mask, and its g
   CHECK(lora::check_gradient(loss, xv.data(), dx_got.data(), xv.size()).ok());
 }
 
+TEST_CASE("DoRA without a copy of Z: backward from the forward's output gives PEFT's gradients", "[dora][golden]") {
+  using S = double;
+  const bool conv1d = GENERATE(false, true);
+  CAPTURE(conv1d);
+  Mat<S> store;
+  auto layer = golden_layer<S>(conv1d, store);
+  layer.magnitude() = tensor<S>("dora.m");
+  layer.set_dora_output_backward(true);
+  const Mat<S> x = tensor<S>("dora.x"), dy = tensor<S>("dora.dy");
+  Mat<S> y(x.rows(), layer.out_features()), dx(x.rows(), layer.in_features());
+  layer.zero_grad();
+  layer.forward(x, y);
+  CHECK(max_rel_diff(y, tensor("dora.y")) < tolerance<S>);
+  // Without y there is nothing to recover Z from, and nothing changes.
+  CHECK_THROWS_WITH(layer.backward(x, dy, dx), Contains("backward_with_output"));
+  CHECK(layer.dmagnitude().isZero());
+  CHECK(layer.db().isZero());
+  CHECK(layer.dA().isZero());
+  layer.backward_with_output(x, y, dy, dx);
+  CHECK(max_rel_diff(dx, tensor("dora.dx")) < tolerance<S>);
+  CHECK(max_rel_diff(layer.dA(), tensor("dora.dA")) < tolerance<S>);
+  CHECK(max_rel_diff(layer.dB(), tensor("dora.dB")) < tolerance<S>);
+  CHECK(max_rel_diff(layer.dmagnitude(), tensor("dora.dm")) < tolerance<S>);
+  CHECK(max_rel_diff(layer.db(), tensor("dora.db")) < tolerance<S>);
+
+  // With dropout the copy is kept anyway (y − b is not c ⊙ Z there), so plain backward works.
+  Mat<S> store2;
+  auto dropped = golden_layer<S>(conv1d, store2, 0.3);
+  dropped.set_dora_output_backward(true);
+  dropped.forward(x, y);
+  CHECK_NOTHROW(dropped.backward(x, dy, dx));
+}
+
+TEST_CASE("Sequential trains DoRA layers from their outputs, with the gradients of the layers alone",
+          "[dora][sequential]") {
+  lora::LoraConfig c = dora_config();
+  c.init_lora_weights = lora::InitLoraWeights::random;
+  const Mat<double> W1 = Mat<double>::Random(6, 5), W2 = Mat<double>::Random(3, 6);
+  const lora::RowVector<double> b1 = lora::RowVector<double>::Random(6), b2 = lora::RowVector<double>::Random(3);
+  lora::Sequential<double> model;
+  model.add(lora::LoRALinear<double>(W1, b1, c));
+  model.add(lora::GELU{});
+  c.seed = 6;
+  model.add(lora::LoRALinear<double>(W2, b2, c));
+  // The same layers, driven by hand with the default copy of Z.
+  lora::LoRALinear<double> l1 = model.linear(0), l2 = model.linear(2);
+  l1.set_dora_output_backward(false);
+  l2.set_dora_output_backward(false);
+  const Mat<double> x = Mat<double>::Random(4, 5), dy = Mat<double>::Random(4, 3);
+  model.train();
+  model.zero_grad();
+  const Mat<double> out = model.forward(x);
+  Mat<double> dx_model(4, 5);
+  model.backward(dy, dx_model);
+  CHECK(model.linear(0).dora_output_backward());
+
+  Mat<double> h(4, 6), g(4, 6), y(4, 3), dh(4, 6), dg(4, 6), dx(4, 5);
+  l1.zero_grad();
+  l2.zero_grad();
+  l1.forward(x, h);
+  lora::GELU::forward<double>(h, g);
+  l2.forward(g, y);
+  CHECK(max_rel_diff(out, y) < 1e-14);
+  l2.backward(g, dy, dg);
+  lora::GELU::backward<double>(h, dg, dh);
+  l1.backward(x, dh, dx);
+  CHECK(max_rel_diff(dx_model, dx) < 1e-12);
+  CHECK(max_rel_diff(model.linear(0).dmagnitude(), l1.dmagnitude()) < 1e-12);
+  CHECK(max_rel_diff(model.linear(2).dmagnitude(), l2.dmagnitude()) < 1e-12);
+  CHECK(max_rel_diff(model.linear(0).dA(), l1.dA()) < 1e-12);
+  CHECK(max_rel_diff(model.linear(2).dB(), l2.dB()) < 1e-12);
+  CHECK(max_rel_diff(model.linear(0).db(), l1.db()) < 1e-12);
+}
+
 TEST_CASE("DoRA needs one forward per backward, as its cache becomes the scaled gradient", "[dora]") {
   Mat<double> store;
   auto layer = golden_layer<double>(false, store);

@@ -312,7 +312,8 @@ TEST_CASE("peft config: defaults assumed are reported, bad values refused", "[pe
   CHECK_THAT(bad("{"), Contains("cfg.json: not valid JSON"));
 }
 
-TEST_CASE("peft refuses DoRA tensors, broken embedding adapters, pickles, and half adapters", "[peft]") {
+TEST_CASE("peft refuses a DoRA magnitude without use_dora, broken embedding adapters, pickles, half adapters",
+          "[peft]") {
   fs::path dir = scratch_dir("unsupported");
   write_text((dir / "adapter_config.json").string(), R"({"peft_type": "LORA", "r": 2, "lora_alpha": 2})");
   Mat A = Mat::Ones(2, 3), B = Mat::Ones(4, 2), m = Mat::Ones(1, 4);

@@ -2,7 +2,8 @@
 //
 // Pretrains a 784-512-512-10 GELU MLP on task A (classes 0-4), then adapts it to task B (classes 5-9,
 // which the base never saw) with the frozen base, the classifier head only, LoRA on every layer at
-// several ranks, and full fine-tuning, all with the same AdamW, schedule, batches and steps. Prints one
+// several ranks, LoRA's variants at r = 8 (DoRA also at r = 4, PiSSA, LoRA+), and full fine-tuning, all with the
+// same AdamW, schedule, batches and steps. Prints one
 // table (trainable parameters, optimizer state, time, task B accuracy, task A accuracy after adapting),
 // writes CSVs of the curves and the rank sweep, a PNG plot when gnuplot is installed, and the best LoRA
 // adapter in PEFT's format.
@@ -33,7 +34,9 @@ using finetune::Mat;
 
 struct Method {
   std::string name;
-  int rank = -1;  // LoRA rank, -1 for the others
+  int rank = -1;         // LoRA rank, -1 for the others
+  bool variant = false;  // DoRA, PiSSA or LoRA+ rather than plain LoRA (not in the rank sweep)
+  bool pissa = false;    // W holds PiSSA's residual: "adapter off" adds the initial adapter back
   finetune::TrainResult train;
   double acc_b = 0;
   double acc_a = 0;                 // after adapting (LoRA: adapter switched off)
@@ -77,7 +80,7 @@ int main(int argc, char** argv) {
   double lr = 1e-3;
   std::uint64_t seed = 1;
   std::string output = "out/finetune", data_dir = mnist::kDefaultDir;
-  bool plot = true;
+  bool plot = true, variants = true;
   app.add_option("--steps", steps, "Adaptation steps, the same for every method")
       ->check(CLI::Range(1L, 100000000L))
       ->capture_default_str();
@@ -110,6 +113,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--data", data_dir, "Folder with the gzip'd IDX files")->capture_default_str();
   app.add_flag("!--no-plot", plot, "Do not run gnuplot");
+  app.add_flag("!--no-variants", variants, "Leave out the DoRA (r = 4, 8), PiSSA and LoRA+ (r = 8) rows");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -189,33 +193,60 @@ int main(int argc, char** argv) {
     m.acc_a = finetune::accuracy(model.predict(x_test_a), 0, test_a.labels);
     methods.push_back(m);
   }
-  for (int r : ranks) {
+  // One LoRA row: a rank, and optionally one of the variants (DoRA, PiSSA, LoRA+ with ratio `loraplus`).
+  auto adapt_lora = [&](const std::string& name, int r, const finetune::LoraVariant& variant, double loraplus) {
     Method m;
-    m.name = "LoRA r=" + std::to_string(r);
+    m.name = name;
     m.rank = r;
-    auto model = finetune::lora_model(base, r, seed);
-    m.train = finetune::train(model, train_b, adapt, m.name, stdout);
+    m.variant = variant.dora || variant.pissa || loraplus > 0;
+    m.pissa = variant.pissa;
+    auto model = finetune::lora_model(base, r, seed, variant);
+    // PiSSA's initial adapter: W_res + s·B0 A0 is the pretrained W again (to float rounding).
+    std::vector<Mat> pissa_start;
+    for (std::size_t k = 0; variant.pissa && k < base.layers.size(); ++k) {
+      const auto& l = model.linear(2 * k);
+      pissa_start.push_back(l.weight() + l.scaling() * l.lora_B() * l.lora_A());
+    }
+    finetune::TrainOptions options = adapt;
+    options.loraplus_ratio = loraplus;
+    m.train = finetune::train(model, train_b, options, m.name, stdout);
     model.eval();
     m.acc_b = finetune::accuracy(finetune::predict(model, x_test_b), 5, test_b.labels);
 
-    // Adapter off: the frozen W and b the adapted model holds, without s·B·A.
-    const Mat off_a = finetune::predict(finetune::adapter_off(model), x_test_a);
+    // Adapter off: the frozen W and b the adapted model holds, without the adapter. With PiSSA W is the
+    // residual, so the initial adapter goes back in (a copy): the pretrained model to float rounding, not bit for bit.
+    auto adapter_off_logits = [&] {
+      if (!variant.pissa) return finetune::predict(finetune::adapter_off(model), x_test_a);
+      lora::Sequential<float> off;
+      for (std::size_t k = 0; k < base.layers.size(); ++k) {
+        lora::LoraConfig none;
+        none.r = 0;
+        off.add(lora::LoRALinear<float>(Mat(pissa_start[k]), base.layers[k].b, none));
+        if (k + 1 < base.layers.size()) off.add(lora::GELU{});
+      }
+      off.eval();
+      return finetune::predict(off, x_test_a);
+    };
+    const Mat off_a = adapter_off_logits();
     m.acc_a = finetune::accuracy(off_a, 0, test_a.labels);
-    m.a_bitwise_off = same_bits(off_a, base_logits_a);
+    m.a_bitwise_off = variant.pissa || same_bits(off_a, base_logits_a);
 
-    // Served merged (W += s·B·A), then unmerged (W -= s·B·A) and switched off again.
+    // Served merged (W += s·B·A; DoRA: W ← (m/n) ⊙ (W + s·B·A)), then unmerged and switched off again.
+    std::vector<Mat> before;
+    for (std::size_t k = 0; k < base.layers.size(); ++k) before.push_back(model.linear(2 * k).weight());
     model.merge();
     m.acc_b_merged = finetune::accuracy(finetune::predict(model, x_test_b), 5, test_b.labels);
     model.unmerge();
-    const Mat roundtrip_a = finetune::predict(finetune::adapter_off(model), x_test_a);
+    const Mat roundtrip_a = adapter_off_logits();
     m.acc_a_roundtrip = finetune::accuracy(roundtrip_a, 0, test_a.labels);
-    m.a_bitwise_roundtrip = same_bits(roundtrip_a, base_logits_a);
+    m.a_bitwise_roundtrip = !variant.pissa && same_bits(roundtrip_a, base_logits_a);
     for (std::size_t k = 0; k < base.layers.size(); ++k)
-      m.max_w_change = std::max(
-          m.max_w_change, static_cast<double>((model.linear(2 * k).weight() - base.layers[k].W).cwiseAbs().maxCoeff()));
+      m.max_w_change = std::max(m.max_w_change,
+                                static_cast<double>((model.linear(2 * k).weight() - before[k]).cwiseAbs().maxCoeff()));
 
-    // The best adapter so far, in PEFT's format: module paths as torch.nn.Sequential names its layers.
-    if (m.acc_b > best_lora_acc) {
+    // The best adapter so far, in PEFT's format: module paths as torch.nn.Sequential names its layers. (A PiSSA
+    // adapter applies to the residual, not to the pretrained W, so it is not a candidate.)
+    if (!variant.pissa && m.acc_b > best_lora_acc) {
       std::map<std::string, lora::LoRALinear<float>*> modules;
       for (std::size_t k = 0; k < base.layers.size(); ++k)
         modules["layers." + std::to_string(2 * k)] = &model.linear(2 * k);
@@ -226,6 +257,13 @@ int main(int argc, char** argv) {
       best_lora_name = m.name;
     }
     methods.push_back(m);
+  };
+  for (int r : ranks) adapt_lora("LoRA r=" + std::to_string(r), r, {}, 0);
+  if (variants) {
+    adapt_lora("DoRA r=4", 4, {true, false}, 0);
+    adapt_lora("DoRA r=8", 8, {true, false}, 0);
+    adapt_lora("PiSSA r=8", 8, {false, true}, 0);
+    adapt_lora("LoRA+ r=8", 8, {}, 16);  // PEFT's and the paper's ratio 2^4
   }
   {
     Method m;
@@ -277,8 +315,10 @@ int main(int argc, char** argv) {
       std::printf("note: %s served merged: task B accuracy %.2f%% (unmerged %.2f%%)\n", m.name.c_str(),
                   100 * m.acc_b_merged, 100 * m.acc_b);
   }
-  std::printf("LoRA, adapter off: task A logits bit for bit those of the pretrained model at every rank: %s\n",
-              ok ? "yes" : "NO");
+  std::printf(
+      "LoRA, adapter off: task A logits bit for bit those of the pretrained model at every rank (DoRA, LoRA+ too; "
+      "PiSSA's W is the residual, so its row adds the initial adapter back, to float rounding): %s\n",
+      ok ? "yes" : "NO");
   // unmerge() subtracts s·B·A from W + s·B·A in float, which need not give W back to the last bit.
   std::printf(
       "LoRA, merged then unmerged: task A accuracy equal to the pretrained at every rank: %s; logits bit for "
@@ -299,7 +339,7 @@ int main(int argc, char** argv) {
     }
   }
   for (const auto& m : methods)
-    if (m.rank == 8)
+    if (m.rank == 8 && !m.variant)
       std::printf(
           "LoRA r=8 vs full fine-tuning on task B: %+.2f points with %.2f%% of its trainable parameters; "
           "task A: %.2f%% with the adapter off (pretrained %.2f%%), %.2f%% after full fine-tuning\n",
@@ -319,6 +359,7 @@ int main(int argc, char** argv) {
     f << "method,rank,trainable_params,optimizer_state_bytes,train_seconds,task_b_acc,task_a_acc,"
          "task_a_acc_merged_unmerged\n";
     for (const auto& m : methods) {
+      if (m.variant) continue;  // variants.csv
       f << m.name << ',' << std::max(0, m.rank) << ',' << m.train.params.trainable << ','
         << m.train.optimizer_state_bytes << ',' << m.train.seconds << ',' << m.acc_b << ',' << m.acc_a << ',';
       if (m.rank > 0) f << m.acc_a_roundtrip;
@@ -354,7 +395,15 @@ int main(int argc, char** argv) {
     p << "step,loss\n";
     for (std::size_t s = 0; s < pretrain.losses.size(); ++s) p << s + 1 << ',' << pretrain.losses[s] << '\n';
   }
-  std::printf("wrote %s/sweep.csv, curves.csv, curves_smoothed.csv, pretrain.csv\n", output.c_str());
+  {
+    std::ofstream f(output + "/variants.csv");  // DoRA, PiSSA, LoRA+ beside plain LoRA of the same rank
+    f << "method,rank,trainable_params,optimizer_state_bytes,train_seconds,task_b_acc,task_a_acc\n";
+    for (const auto& m : methods)
+      if (m.variant || (m.rank == 4 || m.rank == 8))
+        f << m.name << ',' << m.rank << ',' << m.train.params.trainable << ',' << m.train.optimizer_state_bytes << ','
+          << m.train.seconds << ',' << m.acc_b << ',' << m.acc_a << '\n';
+  }
+  std::printf("wrote %s/sweep.csv, variants.csv, curves.csv, curves_smoothed.csv, pretrain.csv\n", output.c_str());
   if (best_lora_acc >= 0)
     std::printf(
         "wrote %s/best_adapter/ (PEFT format: adapter_model.safetensors, adapter_config.json): %s, task B "

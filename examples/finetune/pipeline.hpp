@@ -11,6 +11,7 @@
 // instead of trivially at 0, and task A accuracy after adapting measures what became of the features.
 #pragma once
 
+#include <lora/init.hpp>
 #include <lora/lora.hpp>
 
 #include <unistd.h>
@@ -243,17 +244,27 @@ using DenseMLP = BasicDenseMLP<float>;
 
 // ---- the same network with LoRA ------------------------------------------------------------------
 
+/// What a LoRA row of the demo varies besides the rank: the variants people train today.
+struct LoraVariant {
+  bool dora = false;   ///< DoRA (LoraConfig::use_dora)
+  bool pissa = false;  ///< PiSSA initialisation (full SVD): A, B from W's top r singular triplets, W the residual
+};
+
 /// The base's layers as LoRALinear layers that own a copy of W and b, with rank r on every layer
 /// (r = 0: the plain frozen network). lora_alpha = 2 r, so the scaling s = alpha / r is 2 at every rank,
 /// the common PEFT choice (r 8, alpha 16), and the ranks differ only in rank.
-inline lora::Sequential<float> lora_model(const DenseMLP& base, int r, std::uint64_t seed) {
+inline lora::Sequential<float> lora_model(const DenseMLP& base, int r, std::uint64_t seed,
+                                          const LoraVariant& variant = {}) {
   lora::Sequential<float> m;
   for (std::size_t k = 0; k < base.layers.size(); ++k) {
     lora::LoraConfig cfg;
     cfg.r = r;
     cfg.lora_alpha = 2.0 * r;
     cfg.seed = seed * 1000 + 100 + k;
-    m.add(lora::LoRALinear<float>(base.layers[k].W, base.layers[k].b, cfg));
+    cfg.use_dora = variant.dora;
+    lora::LoRALinear<float> layer(base.layers[k].W, base.layers[k].b, cfg);
+    if (variant.pissa) lora::pissa_init(layer);
+    m.add(std::move(layer));
     if (k + 1 < base.layers.size()) m.add(lora::GELU{});
   }
   return m;
@@ -348,7 +359,8 @@ struct TrainOptions {
   double weight_decay = 0.01;
   double warmup_fraction = 0.05;
   double clip_norm = 1.0;
-  std::uint64_t seed = 0;  // the batch order
+  std::uint64_t seed = 0;     // the batch order
+  double loraplus_ratio = 0;  // LoRA+ (PEFT's create_loraplus_optimizer): lora_B at lr · ratio; 0: off
 };
 
 struct TrainResult {
@@ -365,7 +377,10 @@ TrainResult train(Model& model, const Task& task, const TrainOptions& o, const s
   TrainResult r;
   r.params = model.parameter_count();
   model.train();
-  lora::AdamW<float> opt(model.parameters(), {o.lr, 0.9, 0.999, 1e-8, o.weight_decay});
+  auto groups = model.parameters();
+  if (o.loraplus_ratio > 0)
+    groups = lora::loraplus_groups(std::move(groups), o.lr, {o.loraplus_ratio, o.lr, o.weight_decay});
+  lora::AdamW<float> opt(groups, {o.lr, 0.9, 0.999, 1e-8, o.weight_decay});
   r.optimizer_state_bytes = opt.state_bytes();
   const auto params = model.parameters();
   Batches batches(task.size(), o.batch, o.seed);

@@ -110,6 +110,12 @@ class LoRALinear {
   /// As above without dx (a first layer, whose input needs no gradient).
   void backward(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy);
 
+  /// backward(x, dy[, dx]) for a caller that still holds the forward's output y, unchanged: what a DoRA layer
+  /// with set_dora_output_backward(true) needs (any other layer ignores y but its shape).
+  void backward_with_output(const ConstRef<Scalar>& x, const ConstRef<Scalar>& y, const ConstRef<Scalar>& dy,
+                            MutRef<Scalar> dx);
+  void backward_with_output(const ConstRef<Scalar>& x, const ConstRef<Scalar>& y, const ConstRef<Scalar>& dy);
+
   /// Sets dA, dB, db (and DoRA's dm) to zero.
   void zero_grad() { grads_.setZero(); }
 
@@ -155,6 +161,14 @@ class LoRALinear {
   /// Throws numeric_error naming the first row whose norm is zero or not finite (PEFT would divide by it and
   /// give NaN outputs) and state_error when merged (W then holds the adapter).
   Row weight_norm() const;
+  /// DoRA's backward needs Z (N, O). By default a training forward keeps a copy. With `on`, it keeps none
+  /// (N·O scalars less per layer, so a DoRA step's memory is a LoRA step's) and backward_with_output recovers
+  /// Z ⊙ m / n as y − b from the forward's y, which the caller must keep unchanged; backward without y then
+  /// throws state_error. dm is then Σ_rows dy ⊙ (y − b) / m, which rounds as y − b does (a bias far larger than
+  /// the outputs costs digits there). A forward with dropout, or with a zero magnitude, keeps the copy anyway.
+  /// Sequential turns this on for its DoRA layers.
+  void set_dora_output_backward(bool on = true) { dora_output_backward_ = on; }
+  bool dora_output_backward() const { return dora_output_backward_; }
   /// m ← n, so that the layer's output is the plain LoRA output again: what construction does (with B = 0, m is
   /// ‖W‖ per row and the layer starts at the base model), and what PEFT does when it adds a DoRA adapter.
   void reset_magnitude();
@@ -237,8 +251,10 @@ class LoRALinear {
   // y = b + c ⊙ y (y holding Z) for eval.
   void dora_eval_forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) const;
   void check_forward_args(const char* where, const ConstRef<Scalar>& x, const MutRef<Scalar>& y) const;
-  void backward_impl(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy, MutRef<Scalar>* dx);
-  void dora_backward(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy, MutRef<Scalar>* dx);
+  void dora_backward(const ConstRef<Scalar>& x, const ConstRef<Scalar>* y, const ConstRef<Scalar>& dy,
+                     MutRef<Scalar>* dx);
+  void backward_impl(const ConstRef<Scalar>& x, const ConstRef<Scalar>* y, const ConstRef<Scalar>& dy,
+                     MutRef<Scalar>* dx);
 
   Index in_ = 0, out_ = 0, rank_ = 0;
   LoraConfig config_;
@@ -261,6 +277,8 @@ class LoRALinear {
   Row merged_dora_scale_;  // DoRA: c = m / n of the merge, so unmerge() divides by what merge() multiplied
 
   bool dora_ = false;
+  bool dora_output_backward_ = false;
+  bool dora_z_kept_ = false;  // the last training forward kept Z in Z_ (else backward recovers it from y)
   Eigen::Matrix<double, Eigen::Dynamic, 1> w_sq_norms_;  // DoRA: ‖W_o‖² per output, recomputed when W changes
 
   detail::Rng dropout_rng_;
@@ -275,6 +293,7 @@ class LoRALinear {
   Mat Z_;                   // (N, O)  DoRA: Z of the last training forward; backward turns it into dy ⊙ c
   Row dora_norm_;           // (1, O)  DoRA: n of the last training forward
   Row dora_scale_;          // (1, O)  DoRA: c = m / n of the last training forward
+  Row dora_m_;              // (1, O)  DoRA: m of the last training forward, when Z is recovered from y
 };
 
 }  // namespace lora

@@ -537,7 +537,7 @@ Adapter<Scalar> read_adapter(const std::string& dir_or_file) {
         magnitudes[path] = &t;
         break;
       case detail::KeyKind::no_module_path:
-        problems.push_back(printable(t.name) + ": a LoRA tensor with no module path (expected " + key_prefix +
+        problems.push_back(printable(t.name) + ": a LoRA matrix with no module path (expected " + key_prefix +
                            "<module path>.lora_A.weight / .lora_B.weight, .lora_embedding_A / _B, or "
                            ".lora_magnitude_vector)");
         break;

@@ -116,6 +116,8 @@ class Sequential {
             using L = std::decay_t<decltype(layer)>;
             if constexpr (std::is_same_v<L, LoRALinear<Scalar>>) {
               out.resize(N, layer.out_features());
+              // A DoRA layer's backward takes its output, which stays here as the next input: no copy of Z.
+              if (layer.use_dora()) layer.set_dora_output_backward(true);
               layer.forward(in, out);
             } else {
               out.resize(N, in.cols());
@@ -241,9 +243,9 @@ class Sequential {
             if constexpr (std::is_same_v<L, LoRALinear<Scalar>>) {
               if (need_dx) {
                 d_in.resize(in.rows(), in.cols());
-                layer.backward(in, d_out, d_in);
+                layer.backward_with_output(in, acts_[k + 1], d_out, d_in);
               } else {
-                layer.backward(in, d_out);
+                layer.backward_with_output(in, acts_[k + 1], d_out);
               }
             } else if (need_dx) {
               d_in.resize(in.rows(), in.cols());

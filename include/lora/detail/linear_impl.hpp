@@ -278,7 +278,8 @@ void LoRALinear<Scalar>::forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) {
     // n first: a zero norm throws before anything is kept.
     dora_norm_ = dora_norm(where);
     dora_scale_ = magnitude().row(0).cwiseQuotient(dora_norm_);
-    Z_.resize(N, out_);
+    const bool from_output = dora_output_backward_ && dropout_ == 0 && (magnitude().array() != 0).all();
+    Z_.resize(from_output ? 0 : N, from_output ? 0 : out_);
     H_.resize(N, rank_);
     if (dropout_ > 0) {
       // y = x Wᵀ + b + (c − 1) ⊙ (drop(x) Wᵀ) + c ⊙ s·H Bᵀ = x Wᵀ − drop(x) Wᵀ + b + c ⊙ Z
@@ -292,6 +293,14 @@ void LoRALinear<Scalar>::forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) {
       y -= Z_;
       Z_.noalias() += scaling_ * H_ * lora_B().transpose();
       y.array() += Z_.array().rowwise() * dora_scale_.array();
+    } else if (dora_output_backward_ && (magnitude().array() != 0).all()) {
+      // y = b + c ⊙ Z computed in y; backward recovers c ⊙ Z as y − b, so no copy of Z is kept.
+      Z_.resize(0, 0);
+      dora_m_ = magnitude();
+      H_.noalias() = x * lora_A().transpose();
+      weight_.forward(x, y);
+      y.noalias() += scaling_ * H_ * lora_B().transpose();
+      y.array().rowwise() *= dora_scale_.array();
     } else {
       // y = b + c ⊙ Z, Z = x Wᵀ + s·H Bᵀ
       H_.noalias() = x * lora_A().transpose();
@@ -299,6 +308,7 @@ void LoRALinear<Scalar>::forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) {
       Z_.noalias() += scaling_ * H_ * lora_B().transpose();
       y.array() = Z_.array().rowwise() * dora_scale_.array();
     }
+    dora_z_kept_ = Z_.rows() == N;
     if (has_bias_) y.rowwise() += bias().row(0);
     cached_rows_ = N;
     return;
@@ -341,17 +351,36 @@ template <class Scalar>
 void LoRALinear<Scalar>::backward(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy, MutRef<Scalar> dx) {
   detail::check_shape("LoRALinear::backward", "dx", dx, x.rows(), in_);
   detail::check_no_overlap("LoRALinear::backward", "dx", dx, "dy", dy);
-  backward_impl(x, dy, &dx);
+  backward_impl(x, nullptr, dy, &dx);
 }
 
 template <class Scalar>
 void LoRALinear<Scalar>::backward(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy) {
-  backward_impl(x, dy, nullptr);
+  backward_impl(x, nullptr, dy, nullptr);
+}
+
+template <class Scalar>
+void LoRALinear<Scalar>::backward_with_output(const ConstRef<Scalar>& x, const ConstRef<Scalar>& y,
+                                              const ConstRef<Scalar>& dy, MutRef<Scalar> dx) {
+  const char* where = "LoRALinear::backward_with_output";
+  detail::check_shape(where, "y", y, x.rows(), out_);
+  detail::check_shape(where, "dx", dx, x.rows(), in_);
+  detail::check_no_overlap(where, "dx", dx, "dy", dy);
+  detail::check_no_overlap(where, "dx", dx, "y", y);
+  backward_impl(x, &y, dy, &dx);
+}
+
+template <class Scalar>
+void LoRALinear<Scalar>::backward_with_output(const ConstRef<Scalar>& x, const ConstRef<Scalar>& y,
+                                              const ConstRef<Scalar>& dy) {
+  detail::check_shape("LoRALinear::backward_with_output", "y", y, x.rows(), out_);
+  backward_impl(x, &y, dy, nullptr);
 }
 
 // x (N, I), dy (N, O) -> dx (N, I); dA (R, I) +=, dB (O, R) +=, db (O) +=
 template <class Scalar>
-void LoRALinear<Scalar>::backward_impl(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy, MutRef<Scalar>* dx) {
+void LoRALinear<Scalar>::backward_impl(const ConstRef<Scalar>& x, const ConstRef<Scalar>* y, const ConstRef<Scalar>& dy,
+                                       MutRef<Scalar>* dx) {
   const char* where = "LoRALinear::backward";
   if (!training_)
     throw state_error(std::string(where) + ": the layer is in eval mode; call train() and run forward again");
@@ -359,13 +388,17 @@ void LoRALinear<Scalar>::backward_impl(const ConstRef<Scalar>& x, const ConstRef
   detail::check_shape(where, "x", x, -1, in_);
   detail::check_shape(where, "dy", dy, x.rows(), out_);
   detail::check_cached_forward(where, cached_rows_, x.rows());
+  if (dora_ && !dora_z_kept_ && y == nullptr)
+    throw state_error(
+        "LoRALinear::backward: this DoRA layer keeps no copy of Z (set_dora_output_backward): call "
+        "backward_with_output(x, y, dy[, dx]) with the forward's output y");
 
   if (bias_trainable_) {
     // forward: y = ... + b (broadcast over rows), so db += Σ_rows dy
     MatrixMap<Scalar>(grads_.data() + rank_ * (in_ + out_), 1, out_) += dy.colwise().sum();
   }
   if (dora_) {
-    dora_backward(x, dy, dx);
+    dora_backward(x, y, dy, dx);
     return;
   }
   if (rank_ > 0) {
@@ -398,10 +431,40 @@ void LoRALinear<Scalar>::backward_impl(const ConstRef<Scalar>& x, const ConstRef
 
 // DoRA: dy (N, O) with Z (N, O) and c, n of the forward -> dm, dA, dB +=, dx
 template <class Scalar>
-void LoRALinear<Scalar>::dora_backward(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy, MutRef<Scalar>* dx) {
+void LoRALinear<Scalar>::dora_backward(const ConstRef<Scalar>& x, const ConstRef<Scalar>* y, const ConstRef<Scalar>& dy,
+                                       MutRef<Scalar>* dx) {
   MatrixMap<Scalar> dA(grads_.data(), rank_, in_);
   MatrixMap<Scalar> dB(grads_.data() + rank_ * in_, out_, rank_);
   MatrixMap<Scalar> dm(grads_.data() + magnitude_offset(), 1, out_);
+  if (!dora_z_kept_) {
+    // Z ⊙ c = y − b (y: the forward's output): dm += Σ_rows dy ⊙ Z / n = Σ_rows dy ⊙ (y − b) / m
+    if (has_bias_)
+      dm.array() += (dy.array() * (y->array().rowwise() - bias().row(0).array())).colwise().sum() / dora_m_.array();
+    else
+      dm.array() += (dy.array() * y->array()).colwise().sum() / dora_m_.array();
+    cached_rows_ = -1;
+    // D = dy ⊙ c without an (N, O) buffer: G = D B = dy (c ⊙ B), dB += s·Dᵀ H = s·c ⊙ (dyᵀ H), dx in row blocks.
+    const Mat Bc = dora_scale_.transpose().asDiagonal() * lora_B();  // (O, R)
+    G_.resize(x.rows(), rank_);
+    G_.noalias() = dy * Bc;
+    Mat dyH(out_, rank_);
+    dyH.noalias() = dy.transpose() * H_;
+    dB.noalias() += scaling_ * (dora_scale_.transpose().asDiagonal() * dyH);
+    dA.noalias() += scaling_ * G_.transpose() * x;
+    if (dx == nullptr) return;
+    // Blocks of at least 256 rows: Eigen's GEMM packs W again for every call and runs slower on short panels
+    // (64-row blocks made a 4096² step 1.7 times slower); 256 rows of a 4096-wide D are 4 MiB, once per backward.
+    const Index block = std::min<Index>(x.rows(), std::max<Index>(256, Index(1 << 18) / std::max<Index>(1, out_)));
+    Mat D(std::min(block, x.rows()), out_);
+    for (Index i = 0; i < x.rows(); i += block) {
+      const Index k = std::min(block, x.rows() - i);
+      auto d = D.topRows(k);
+      d.array() = dy.middleRows(i, k).array().rowwise() * dora_scale_.array();
+      weight_.backward(d, dx->middleRows(i, k));
+    }
+    dx->noalias() += scaling_ * G_ * lora_A();
+    return;
+  }
   // forward: y = b + (m / n) ⊙ Z with n constant, so dm += Σ_rows dy ⊙ Z / n
   dm.array() += (dy.array() * Z_.array()).colwise().sum() / dora_norm_.array();
   // and dZ = dy ⊙ c =: D, kept in Z's buffer (Z is spent: a second backward needs a new forward)
