@@ -293,9 +293,8 @@ void LoRALinear<Scalar>::forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) {
       y -= Z_;
       Z_.noalias() += scaling_ * H_ * lora_B().transpose();
       y.array() += Z_.array().rowwise() * dora_scale_.array();
-    } else if (dora_output_backward_ && (magnitude().array() != 0).all()) {
+    } else if (from_output) {
       // y = b + c ⊙ Z computed in y; backward recovers c ⊙ Z as y − b, so no copy of Z is kept.
-      Z_.resize(0, 0);
       dora_m_ = magnitude();
       H_.noalias() = x * lora_A().transpose();
       weight_.forward(x, y);
@@ -308,7 +307,7 @@ void LoRALinear<Scalar>::forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) {
       Z_.noalias() += scaling_ * H_ * lora_B().transpose();
       y.array() = Z_.array().rowwise() * dora_scale_.array();
     }
-    dora_z_kept_ = Z_.rows() == N;
+    dora_z_kept_ = !from_output;
     if (has_bias_) y.rowwise() += bias().row(0);
     cached_rows_ = N;
     return;
