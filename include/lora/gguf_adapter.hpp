@@ -288,6 +288,15 @@ ExportReport export_adapter(const peft::Adapter<Scalar>& adapter, const ExportOp
   bool dora = adapter.config.use_dora;
   for (const auto& m : adapter.modules) dora = dora || m.magnitude.size() > 0;
   if (dora) throw format_error(adapter.source + ": " + dora_refusal);
+  try {
+    if (adapter.config.residual_init("adapter_config.json") != ResidualInit::none)
+      throw format_error(adapter.source + ": init_lora_weights " + adapter.config.init_lora_weights.dump() +
+                         ": the adapter was trained over PiSSA's / OLoRA's residual of the base, which PEFT writes "
+                         "into the base when it loads it; llama.cpp adds an adapter to the original base, so convert "
+                         "it to a plain LoRA first (peft::convert_residual_adapter)");
+  } catch (const config_error& e) {
+    throw format_error(adapter.source + ": cannot export to GGUF: " + e.what());
+  }
   std::vector<std::string> problems, unmapped;
   std::map<std::string, std::string> claimed;  // GGUF tensor -> module
   struct Planned {

@@ -35,6 +35,7 @@
 #include <random>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 namespace lora {
 
@@ -117,10 +118,18 @@ void pissa_init(LoRALinear<Scalar>& layer, int niter = -1) {
 }
 
 /// PEFT's olora_init on `layer`: W = Q R, B = Q[:, :r], A = R[:r, :], W
-/// replaced by W − s·B A. Same requirements as pissa_init.
+/// replaced by W − s·B A. Same requirements as pissa_init. W is factored as (O, I) in both layouts, except that a
+/// square weight stored (I, O) is refused (config_error): PEFT's olora_init factors that stored matrix and its
+/// adapter then no longer starts at the base model's output, so neither result would agree with a PEFT file.
 template <class Scalar>
 void olora_init(LoRALinear<Scalar>& layer) {
   layer.check_init_with_residual("olora_init");
+  if (layer.weight_layout() == WeightLayout::in_out && layer.in_features() == layer.out_features())
+    throw config_error(
+        "olora_init: a square weight stored (in, out) (a Conv1D weight): PEFT's olora_init factors "
+        "the stored matrix there, so its adapter does not start at the base model's output, and an "
+        "adapter started otherwise would not load as PEFT loads an \"olora\" one; use PiSSA, or a "
+        "transposed (out, in) copy of the weight");
   using Mat = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
   const Mat w = layer.frozen_weight().to_dense();
   Eigen::HouseholderQR<Mat> qr(w);
@@ -129,6 +138,44 @@ void olora_init(LoRALinear<Scalar>& layer) {
   const Matrix<Scalar> B = q.leftCols(r);
   const Matrix<Scalar> A = qr.matrixQR().topRows(r).template triangularView<Eigen::Upper>();
   layer.init_with_residual(A, B);
+}
+
+/// What PEFT's from_pretrained does to a module's base weight before it loads an adapter's A and B: nothing, or
+/// PiSSA's or OLoRA's initialisation, which leaves the residual W − s·B0 A0 in the base (A0 and B0 are then
+/// overwritten by the file's A and B).
+enum class ResidualInit { none, pissa, olora };
+
+/// The initial adapter (A0 (r, I), B0 (O, r)) PEFT's pissa_init / olora_init compute from a module's weight, so
+/// that its residual is W − s·B0 A0 with W (O, I). `w` is W (O, I); `stored_in_out` says that the checkpoint stores
+/// it (I, O) (fan_in_fan_out, a Conv1D weight). PiSSA factors W (PEFT transposes a Conv1D weight first). OLoRA
+/// factors the stored matrix as it is, as PEFT's olora_init does: for a square Conv1D weight that is Wᵀ = Q R, and
+/// PEFT's residual is then W − s·(Q_r R_r)ᵀ, returned here as B0 = R_rᵀ, A0 = Q_rᵀ. (PEFT's A and B are Q_r and R_r
+/// themselves, whose product it adds untransposed, so its OLoRA on a Conv1D weight does not start at the base
+/// model's output; olora_init refuses that case. On a Conv1D weight that is not square PEFT's shapes do not fit
+/// the layer at all, and W (O, I) is factored as olora_init does.) Throws config_error, naming `where`, for r
+/// outside 1..min(O, I).
+template <class Scalar>
+std::pair<Matrix<Scalar>, Matrix<Scalar>> peft_init_factors(const Matrix<Scalar>& w, bool stored_in_out,
+                                                            ResidualInit kind, Index r, double scaling,
+                                                            const std::string& where) {
+  if (r <= 0 || r > std::min(w.rows(), w.cols()))
+    throw config_error(where + ": r " + std::to_string(r) + " must be in 1..min(out " + std::to_string(w.rows()) +
+                       ", in " + std::to_string(w.cols()) + ") for PiSSA or OLoRA");
+  using Mat = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+  if (kind == ResidualInit::pissa) {
+    const auto svd = top_singular<Scalar>(w, r, -1, 0);
+    const Vector<Scalar> root = (svd.s.array() / static_cast<Scalar>(scaling)).sqrt().matrix();
+    return {root.asDiagonal() * svd.v.transpose(), svd.u * root.asDiagonal()};
+  }
+  if (kind != ResidualInit::olora) throw config_error(where + ": no PiSSA or OLoRA initialisation asked for");
+  stored_in_out = stored_in_out && w.rows() == w.cols();
+  const Mat stored = stored_in_out ? Mat(w.transpose()) : Mat(w);
+  Eigen::HouseholderQR<Mat> qr(stored);
+  const Index k = std::min(stored.rows(), stored.cols());
+  const Mat q = qr.householderQ() * Mat::Identity(stored.rows(), k);
+  const Mat rr = qr.matrixQR().topRows(r).template triangularView<Eigen::Upper>();
+  if (stored_in_out) return {q.leftCols(r).transpose(), rr.transpose()};  // Wᵀ − s·Q_r R_r = (W − s·R_rᵀ Q_rᵀ)ᵀ
+  return {rr, q.leftCols(r)};
 }
 
 /// A plain LoRA: A (R, I), B (O, R) and the config that gives its scaling.

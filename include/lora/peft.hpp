@@ -23,6 +23,7 @@
 #include <lora/detail/pattern.hpp>
 #include <lora/embedding.hpp>
 #include <lora/errors.hpp>
+#include <lora/init.hpp>
 #include <lora/linear.hpp>
 #include <lora/multi.hpp>
 #include <lora/safetensors.hpp>
@@ -31,6 +32,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -101,6 +103,17 @@ struct AdapterConfig {
     double alpha = alpha_for(module);
     return use_rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / rank;
   }
+
+  /// What PEFT's from_pretrained does to the base weight of every linear module this adapter adapts, before it
+  /// loads A and B, as init_lora_weights says:
+  /// - none: true, false, "gaussian", "orthogonal", "eva", "mica" set only A and B, which the file then replaces;
+  /// - pissa / olora: "pissa" and "olora" replace W by the residual W − s·B0 A0 of their (deterministic)
+  ///   initialisation, and the adapter was trained over that residual; the library computes it the same way.
+  /// Throws config_error, naming `where`, for the inits that rewrite the base in a way no one can reproduce from
+  /// the base alone ("pissa_niter_K" from torch's random numbers, "corda" from activation statistics, "loftq" by
+  /// quantising it, "lora_ga" from gradients) and for a value PEFT does not define. Embedding modules are never
+  /// rewritten (PEFT's lora.Embedding runs none of these).
+  ResidualInit residual_init(const std::string& where) const;
 
   /// The LoraConfig a LoRALinear for `module` needs to reproduce this adapter.
   LoraConfig layer_config(const std::string& module) const {
@@ -333,6 +346,40 @@ inline AdapterConfig AdapterConfig::parse_object(const nlohmann::ordered_json& j
       c.other[key] = nlohmann::json::parse(item.value().dump());
   }
   return c;
+}
+
+inline ResidualInit AdapterConfig::residual_init(const std::string& where) const {
+  if (init_lora_weights.is_boolean()) return ResidualInit::none;
+  const std::string value = init_lora_weights.is_string() ? init_lora_weights.get<std::string>() : std::string();
+  std::string lower = value;
+  std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char c) { return std::tolower(c); });
+  if (value == "pissa") return ResidualInit::pissa;
+  if (lower == "olora") return ResidualInit::olora;  // PEFT compares "olora" (and "mica") lower-cased
+  if (value == "gaussian" || value == "orthogonal" || value == "eva" || lower == "mica") return ResidualInit::none;
+  std::string why;
+  if (value.compare(0, 11, "pissa_niter") == 0)
+    why =
+        "PEFT's fast PiSSA: the residual comes from torch.svd_lowrank's random sketch, which no one can draw "
+        "again; convert the adapter to a plain LoRA in PEFT (save_pretrained with "
+        "path_initial_model_for_weight_conversion) or with peft::convert_residual_adapter";
+  else if (value.compare(0, 5, "corda") == 0)
+    why =
+        "CorDA: the residual comes from activation statistics of data the file does not hold; convert the "
+        "adapter to a plain LoRA first";
+  else if (value == "loftq")
+    why =
+        "LoftQ: the base is replaced by its quantised residual; load such an adapter over the quantised base "
+        "PEFT saved with it";
+  else if (value == "lora_ga")
+    why =
+        "LoRA-GA: the residual comes from gradients on data the file does not hold; convert the adapter to a "
+        "plain LoRA first";
+  else
+    why =
+        "not a value PEFT defines (true, false, \"gaussian\", \"eva\", \"olora\", \"pissa\", "
+        "\"pissa_niter_K\", \"corda\", \"loftq\", \"orthogonal\", \"mica\", \"lora_ga\"), so what it does to "
+        "the base weight is unknown";
+  throw config_error(where + ": init_lora_weights " + printable(init_lora_weights.dump().substr(0, 80)) + ": " + why);
 }
 
 inline AdapterConfig AdapterConfig::read(const std::string& path) {
@@ -649,6 +696,10 @@ struct LoadReport {
   /// warning). Listed because a transformers Conv1D weight viewed (out, in) by mistake shows up here (a square
   /// one would otherwise go unnoticed): build such layers over FrozenWeight<>::view(..., WeightLayout::in_out).
   std::vector<std::string> layout_differs;
+  /// Modules whose frozen W load_adapter replaced by its PiSSA / OLoRA residual W − s·B0 A0 before loading, as
+  /// PEFT's from_pretrained does for init_lora_weights "pissa" / "olora" (AdapterConfig::residual_init). Their W is
+  /// no longer the base's: convert_residual_adapter gives a plain LoRA for the original base.
+  std::vector<std::string> rewritten;
 };
 
 /// How load_adapter treats the model, as PEFT's from_pretrained / load_adapter arguments do.
@@ -668,6 +719,10 @@ struct LoadOptions {
 /// scaling that the layer was not built with); no layer changes unless all
 /// checks pass. Non-LoRA tensors come back in the report. The layers are
 /// left for inference (eval()) unless options.is_trainable.
+/// An adapter trained from a PiSSA or OLoRA start (init_lora_weights "pissa" / "olora") is loaded as PEFT loads
+/// it: each linear layer's W is first replaced by its residual, computed from W as PEFT computes it, so those
+/// layers need a writable weight (owned or mutable_view; a read-only view is a problem like the others). The
+/// inits that cannot be reproduced ("pissa_niter_K", "corda", "loftq", "lora_ga") are refused.
 template <class Scalar>
 LoadReport load_adapter(const std::string& dir_or_file, const std::map<std::string, LoRALinear<Scalar>*>& model,
                         const std::map<std::string, LoRAEmbedding<Scalar>*>& embeddings,
@@ -675,6 +730,14 @@ LoadReport load_adapter(const std::string& dir_or_file, const std::map<std::stri
   Adapter<Scalar> adapter = read_adapter<Scalar>(dir_or_file);
   std::vector<std::string> problems;
   LoadReport report;
+  // PiSSA / OLoRA: PEFT rewrites each linear module's W to its residual before loading A and B (see residual_init).
+  ResidualInit rewrite = ResidualInit::none;
+  try {
+    rewrite = adapter.config.residual_init("adapter_config.json");
+  } catch (const config_error& e) {
+    problems.push_back(e.what());
+  }
+  std::map<std::string, std::pair<Matrix<Scalar>, Matrix<Scalar>>> initial;  // module path -> (A0, B0)
   // What every layer kind shares: a module for each adapted layer, shapes, scaling, merged state.
   auto check = [&](const std::string& path, const auto& layer, bool want_embedding) -> const ModuleAdapter<Scalar>* {
     const std::string name_A = want_embedding ? ".lora_embedding_A" : ".lora_A.weight",
@@ -727,6 +790,21 @@ LoadReport load_adapter(const std::string& dir_or_file, const std::map<std::stri
     else if (layer->use_dora() && m->magnitude.size() != layer->out_features())
       problems.push_back(path + ".lora_magnitude_vector: expected " + std::to_string(layer->out_features()) +
                          " entries (out_features), got " + std::to_string(m->magnitude.size()));
+    if (rewrite != ResidualInit::none && layer->rank() == m->A.rows()) {
+      const std::string where = path + " (init_lora_weights " + adapter.config.init_lora_weights.dump() +
+                                ": PEFT rewrites W to its residual before loading)";
+      try {
+        layer->check_init_with_residual(where.c_str());
+        auto factors =
+            peft_init_factors<Scalar>(layer->frozen_weight().to_dense(), layer->weight_layout() == WeightLayout::in_out,
+                                      rewrite, layer->rank(), static_cast<double>(layer->scaling()), where);
+        if (!factors.first.allFinite() || !factors.second.allFinite())
+          problems.push_back(where + ": the initial factors of W are not finite (is W?)");
+        initial.emplace(path, std::move(factors));
+      } catch (const error& e) {
+        problems.push_back(e.what());
+      }
+    }
   }
   for (const auto& [path, layer] : embeddings) {
     if (model.count(path) != 0) problems.push_back(path + ": given both as a LoRALinear and as a LoRAEmbedding");
@@ -746,6 +824,11 @@ LoadReport load_adapter(const std::string& dir_or_file, const std::map<std::stri
     if (layer->rank() == 0) continue;
     const ModuleAdapter<Scalar>* m = adapter.find(path);
     if (m == nullptr) continue;  // non-strict: listed in report.missing
+    if (auto it = initial.find(path); it != initial.end()) {
+      layer->init_with_residual(it->second.first, it->second.second);  // W − s·B0 A0 (and DoRA's m, replaced below)
+      it->second = {};
+      report.rewritten.push_back(path);
+    }
     layer->lora_A() = m->A;
     layer->lora_B() = m->B;
     if (m->magnitude.size() > 0) layer->magnitude() = m->magnitude;
@@ -938,6 +1021,15 @@ template <class Scalar>
 LoadReport load_adapter(const Adapter<Scalar>& adapter, const std::string& name,
                         const std::map<std::string, MultiLoRALinear<Scalar>*>& model) {
   std::vector<std::string> problems;
+  try {
+    if (adapter.config.residual_init("adapter_config.json") != ResidualInit::none)
+      problems.push_back("adapter_config.json: init_lora_weights " + adapter.config.init_lora_weights.dump() +
+                         ": PEFT rewrites the base weights to a residual before loading this adapter, which a base "
+                         "shared with other adapters cannot take (PEFT warns against it too); load it into LoRALinear "
+                         "layers, or convert it to a plain LoRA (peft::convert_residual_adapter)");
+  } catch (const config_error& e) {
+    problems.push_back(e.what());
+  }
   for (const auto& [path, layer] : model) {
     if (layer->has_adapter(name)) problems.push_back(path + ": already has an adapter named \"" + name + "\"");
     const ModuleAdapter<Scalar>* m = adapter.find(path);
@@ -1019,6 +1111,114 @@ void save_adapter(const std::string& dir, const Adapter<Scalar>& adapter,
   auto config_file = adapter.config.stage((std::filesystem::path(dir) / config_file_name).string());
   weights.commit();
   config_file.commit();
+}
+
+/// PEFT's conversion of an adapter trained from a PiSSA or OLoRA start into a plain LoRA for the original base
+/// (save_pretrained with path_initial_model_for_weight_conversion, its subtract_mutated_init). `trained` was
+/// trained over the residual W − s·B0 A0; `initial` holds A0 and B0 (the adapter saved right after the
+/// initialisation). Every linear module becomes
+///   A' = [A; A0] (2r, I),  B' = [B, −B0] (O, 2r),   so  s·B' A' = s·(B A − B0 A0),
+/// at the same scaling: r doubled, lora_alpha doubled (times √2 with rsLoRA), rank_pattern and alpha_pattern
+/// values doubled, init_lora_weights true. PEFT keeps only lora_A and lora_B; this keeps the rest too, so the
+/// result applies whole: DoRA magnitudes as they are (exact, since ‖W + s·B' A'‖ = ‖W − s·B0 A0 + s·B A‖), trained
+/// biases, embedding modules (PEFT never rewrites an embedding; their A and B are padded with zeros to the doubled
+/// rank) and other tensors. Refused as PEFT refuses it: rsLoRA with rank_pattern or alpha_pattern (config_error).
+/// Refused with format_error listing every problem: a linear module `initial` lacks, or whose A0 / B0 shapes or
+/// scaling differ from the trained module's.
+/// OLoRA on a square Conv1D weight (fan_in_fan_out) is the exception to PEFT's formula: its residual there is
+/// W − s·(B0 A0)ᵀ (see peft_init_factors), so the module becomes A' = [A; B0ᵀ], B' = [B, −A0ᵀ], which applies to the
+/// original base as the trained adapter applies to PEFT's residual; PEFT's own conversion subtracts B0 A0 there.
+template <class Scalar>
+Adapter<Scalar> convert_residual_adapter(Adapter<Scalar> trained, const Adapter<Scalar>& initial) {
+  AdapterConfig& config = trained.config;
+  if (config.use_rslora && (!config.rank_pattern.empty() || !config.alpha_pattern.empty()))
+    throw config_error("peft::convert_residual_adapter: " + trained.source +
+                       " uses rsLoRA with rank_pattern or alpha_pattern, which PEFT's conversion refuses too "
+                       "(doubling a pattern's alpha would not keep its rsLoRA scaling)");
+  std::vector<std::string> problems;
+  auto is_olora = [](const AdapterConfig& c) {
+    std::string v = c.init_lora_weights.is_string() ? c.init_lora_weights.template get<std::string>() : "";
+    std::transform(v.begin(), v.end(), v.begin(), [](unsigned char ch) { return std::tolower(ch); });
+    return v == "olora";
+  };
+  const bool olora_transposed = config.fan_in_fan_out && (is_olora(config) || is_olora(initial.config));
+  for (auto& m : trained.modules) {
+    const Index r = m.A.rows();
+    if (m.embedding) {  // no residual: the same product at rank 2r
+      Matrix<Scalar> A = Matrix<Scalar>::Zero(2 * r, m.A.cols()), B = Matrix<Scalar>::Zero(m.B.rows(), 2 * r);
+      A.topRows(r) = m.A;
+      B.leftCols(r) = m.B;
+      m.A = std::move(A);
+      m.B = std::move(B);
+    } else {
+      const ModuleAdapter<Scalar>* m0 = initial.find(m.path);
+      if (m0 == nullptr || m0->embedding) {
+        problems.push_back(m.path + ": " + initial.source + " has no linear module of that path (lora_A / lora_B)");
+        continue;
+      }
+      if (m0->A.rows() != r || m0->A.cols() != m.A.cols() || m0->B.rows() != m.B.rows() || m0->B.cols() != r) {
+        problems.push_back(m.path + ": the initial adapter's A0 and B0 must be " + shape_string(r, m.A.cols()) +
+                           " and " + shape_string(m.B.rows(), r) + " as the trained ones, got " +
+                           shape_string(m0->A.rows(), m0->A.cols()) + " and " +
+                           shape_string(m0->B.rows(), m0->B.cols()));
+        continue;
+      }
+      if (std::abs(m0->scaling - m.scaling) > 1e-6 * std::max(1.0, std::abs(m.scaling))) {
+        problems.push_back(m.path + ": the initial adapter's scaling is " + value_string(m0->scaling) +
+                           ", the trained one's " + value_string(m.scaling));
+        continue;
+      }
+      Matrix<Scalar> A(2 * r, m.A.cols()), B(m.B.rows(), 2 * r);
+      if (olora_transposed && m.A.cols() == m.B.rows()) {
+        A << m.A, m0->B.transpose();
+        B << m.B, -m0->A.transpose();
+      } else {
+        A << m.A, m0->A;
+        B << m.B, -m0->B;
+      }
+      m.A = std::move(A);
+      m.B = std::move(B);
+    }
+    m.r = 2 * static_cast<int>(r);
+    m.lora_alpha *= config.use_rslora ? std::sqrt(2.0) : 2.0;
+  }
+  detail::throw_problems(trained.source + ": cannot convert it to a plain LoRA with " + initial.source + ", ",
+                         problems);
+  config.r *= 2;
+  config.lora_alpha *= config.use_rslora ? std::sqrt(2.0) : 2.0;
+  for (auto& [key, rank] : config.rank_pattern) rank *= 2;
+  for (auto& [key, alpha] : config.alpha_pattern) alpha *= 2;
+  config.init_lora_weights = true;
+  return trained;
+}
+
+/// save_adapter for a model trained from a PiSSA / OLoRA start (its W the residuals), written as the plain LoRA
+/// for the original base that convert_residual_adapter gives with the initial adapter read from `initial_dir`:
+/// what PEFT's save_pretrained(dir, path_initial_model_for_weight_conversion = initial_dir) writes. Unlike PEFT it
+/// leaves initial_dir's files as they are. Atomic, as save_adapter.
+template <class Scalar>
+void save_adapter_converted(const std::string& dir, const std::map<std::string, LoRALinear<Scalar>*>& model,
+                            const std::string& initial_dir, const AdapterConfig& base = {},
+                            safetensors::Dtype dtype = safetensors::Dtype::F32) {
+  Adapter<Scalar> trained;
+  trained.config = config_for(model, base);
+  trained.source = "the model";
+  for (const auto& [path, layer] : model) {
+    if (layer->is_merged())
+      throw state_error("peft::save_adapter_converted: layer \"" + path + "\" is merged; unmerge() it first");
+    if (layer->rank() == 0) continue;
+    ModuleAdapter<Scalar> m;
+    m.path = path;
+    m.A = layer->lora_A();
+    m.B = layer->lora_B();
+    if (layer->bias_trainable()) m.bias = layer->bias();
+    if (layer->use_dora()) m.magnitude = layer->magnitude();
+    m.r = layer->rank();
+    m.lora_alpha = layer->config().lora_alpha;
+    m.scaling = static_cast<double>(layer->scaling());
+    trained.modules.push_back(std::move(m));
+  }
+  save_adapter(dir, convert_residual_adapter(std::move(trained), read_adapter<Scalar>(initial_dir)), dtype);
 }
 
 /// Writes adapter `name` of a multi-adapter model in PEFT's format, as
@@ -1146,7 +1346,9 @@ std::size_t first_unrepresentable(const Scalar* values, std::size_t n, safetenso
 }  // namespace detail
 
 /// lora-merge: writes `out_path`, the base file with each adapted weight
-/// replaced by W + scale · s · B A (transposed for fan_in_fan_out),
+/// replaced by W + scale · s · B A (transposed for fan_in_fan_out), where W is first replaced by its PiSSA /
+/// OLoRA residual for an adapter with init_lora_weights "pissa" / "olora", as PEFT loads it (the other inits that
+/// rewrite the base are refused: AdapterConfig::residual_init),
 /// accumulated in float (double for F64) and stored in the weight's own
 /// dtype. The adapter's other tensors go in too, as PEFT's merge_and_unload
 /// keeps them: a bias it trained, a modules_to_save head, biases trained with
@@ -1187,6 +1389,23 @@ MergeReport merge_adapter_file(const std::string& base_path, const std::string& 
   std::vector<Job> jobs;
   std::vector<Whole> wholes;
   std::vector<std::string> problems;
+  ResidualInit rewrite = ResidualInit::none;  // PiSSA / OLoRA: W becomes its residual first, as PEFT loads it
+  try {
+    rewrite = adapter.config.residual_init("adapter_config.json");
+  } catch (const config_error& e) {
+    problems.push_back(e.what());
+  }
+  // W (stored (rows, cols)) ← W − s·B0 A0, PEFT's PiSSA / OLoRA residual of it, in the precision of `stored`.
+  auto subtract_initial = [&](auto& stored, const ModuleAdapter<Acc>& m, const std::string& what) {
+    using T = typename std::decay_t<decltype(stored)>::Scalar;
+    const Matrix<T> w = fan_in_fan_out ? Matrix<T>(stored.transpose()) : Matrix<T>(stored);
+    const auto [A0, B0] = peft_init_factors<T>(w, fan_in_fan_out, rewrite, m.r, m.scaling, what);
+    const Matrix<T> delta = static_cast<T>(m.scaling) * (B0 * A0);  // (O, I)
+    if (fan_in_fan_out)
+      stored -= delta.transpose();
+    else
+      stored -= delta;
+  };
   std::map<std::string, std::string> claimed;  // base tensor -> what writes it
   auto claim = [&](const std::string& tensor, const std::string& by) {
     auto [it, fresh] = claimed.emplace(tensor, by);
@@ -1286,8 +1505,15 @@ MergeReport merge_adapter_file(const std::string& base_path, const std::string& 
     const Index rows = static_cast<Index>(w->shape[0]), cols = static_cast<Index>(w->shape[1]);
     const std::string what = m.path + " -> " + w->name;
     Matrix<Acc> merged(rows, cols);
+    const bool residual = rewrite != ResidualInit::none && !m.embedding;
     if (w->dtype == safetensors::Dtype::F64) {
       base.convert_into(*w, merged.data());
+      if (residual) try {
+          subtract_initial(merged, m, what + " (init_lora_weights residual)");
+        } catch (const error& e) {
+          problems.push_back(e.what());
+          continue;
+        }
       merge_into<Acc, Acc>(merged, m, scale, fan_in_fan_out || m.embedding);
     } else {  // float accumulation, as PEFT does for a float32 base and llama.cpp's export-lora
       const float s = static_cast<float>(scale * m.scaling);
@@ -1298,6 +1524,12 @@ MergeReport merge_adapter_file(const std::string& base_path, const std::string& 
       }
       Matrix<float> w32(rows, cols);
       base.convert_into(*w, w32.data());
+      if (residual) try {  // in float, as PEFT's pissa_init / olora_init compute it
+          subtract_initial(w32, m, what + " (init_lora_weights residual)");
+        } catch (const error& e) {
+          problems.push_back(e.what());
+          continue;
+        }
       ModuleAdapter<float> m32;
       m32.path = m.path;
       m32.A = m.A.template cast<float>();
