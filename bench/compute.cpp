@@ -345,26 +345,34 @@ double paired_median(benchmark::State& state, F&& f, G&& g) {
       state, [&] { return timed(f); }, [&] { return timed(g); });
 }
 
-void layout_paired(benchmark::State& state) {
-  const lora::Index N = state.range(0), I = state.range(1), O = state.range(2);
-  const int R = static_cast<int>(state.range(3));
-  const Mat W = Mat::Random(O, I), Wt = W.transpose();
-  const Mat x = Mat::Random(N, I), dy = Mat::Random(N, O);
-  Mat y(N, O), dx(N, I);
-  const auto cfg = Problem::config(R);
-  lora::LoRALinear<float> out_in(lora::FrozenWeight<float>::view(W.data(), O, I), cfg);
-  lora::LoRALinear<float> in_out(lora::FrozenWeight<float>::view(Wt.data(), O, I, lora::WeightLayout::in_out), cfg);
-  out_in.lora_B().setRandom();
-  in_out.lora_B() = out_in.lora_B();
-  const bool step = state.range(4) != 0;
+// paired_median of a forward (and, for a step, a backward) of layer `a` over the same of layer `b`, on the same
+// x and dy: time(a) / time(b).
+double layer_pair_ratio(benchmark::State& state, lora::LoRALinear<float>& a, lora::LoRALinear<float>& b, const Mat& x,
+                        const Mat& dy, bool step) {
+  Mat y(x.rows(), dy.cols()), dx(x.rows(), x.cols());
   auto run = [&](lora::LoRALinear<float>& layer) {
     layer.forward(x, y);
     if (step) layer.backward(x, dy, dx);
     benchmark::DoNotOptimize(y.data());
     benchmark::DoNotOptimize(dx.data());
   };
-  state.counters[step ? "step in_out/out_in" : "fwd in_out/out_in"] = paired_median(
-      state, [&] { run(in_out); }, [&] { run(out_in); });
+  return paired_median(
+      state, [&] { run(a); }, [&] { run(b); });
+}
+
+void layout_paired(benchmark::State& state) {
+  const lora::Index N = state.range(0), I = state.range(1), O = state.range(2);
+  const int R = static_cast<int>(state.range(3));
+  const Mat W = Mat::Random(O, I), Wt = W.transpose();
+  const Mat x = Mat::Random(N, I), dy = Mat::Random(N, O);
+  const auto cfg = Problem::config(R);
+  lora::LoRALinear<float> out_in(lora::FrozenWeight<float>::view(W.data(), O, I), cfg);
+  lora::LoRALinear<float> in_out(lora::FrozenWeight<float>::view(Wt.data(), O, I, lora::WeightLayout::in_out), cfg);
+  out_in.lora_B().setRandom();
+  in_out.lora_B() = out_in.lora_B();
+  const bool step = state.range(4) != 0;
+  state.counters[step ? "step in_out/out_in" : "fwd in_out/out_in"] =
+      layer_pair_ratio(state, in_out, out_in, x, dy, step);
 }
 
 void fused_qv_paired(benchmark::State& state) {
@@ -403,7 +411,6 @@ void dora_paired(benchmark::State& state) {
   const int R = static_cast<int>(state.range(3));
   const Mat W = Mat::Random(O, I) / std::sqrt(static_cast<float>(I));
   const Mat x = Mat::Random(N, I), dy = Mat::Random(N, O);
-  Mat y(N, O), dx(N, I);
   lora::LoraConfig cfg = Problem::config(R);
   lora::LoRALinear<float> lora_layer(lora::FrozenWeight<float>::view(W.data(), O, I), cfg);
   cfg.use_dora = true;
@@ -412,14 +419,8 @@ void dora_paired(benchmark::State& state) {
   dora_layer.lora_A() = lora_layer.lora_A();
   dora_layer.lora_B() = lora_layer.lora_B();
   const bool step = state.range(4) != 0;
-  auto run = [&](lora::LoRALinear<float>& layer) {
-    layer.forward(x, y);
-    if (step) layer.backward(x, dy, dx);
-    benchmark::DoNotOptimize(y.data());
-    benchmark::DoNotOptimize(dx.data());
-  };
-  state.counters[step ? "step dora/lora" : "fwd dora/lora"] = paired_median(
-      state, [&] { run(dora_layer); }, [&] { run(lora_layer); });
+  state.counters[step ? "step dora/lora" : "fwd dora/lora"] =
+      layer_pair_ratio(state, dora_layer, lora_layer, x, dy, step);
 }
 
 void embedding_backward_paired(benchmark::State& state) {

@@ -61,6 +61,22 @@ int main(int argc, char** argv) {
       for (const auto& [k, v] : c.alpha_pattern) patterns += " alpha[" + shown(k) + "]=" + number(v);
       std::printf("patterns:%s\n", patterns.c_str());
     }
+    if (!c.init_lora_weights.is_boolean()) {
+      // PiSSA / OLoRA and friends: what loading the adapter does to the base, as PEFT's from_pretrained does it.
+      const std::string value = shown(c.init_lora_weights.dump().substr(0, 80));
+      try {
+        if (c.residual_init("init_lora_weights") == lora::ResidualInit::none)
+          std::printf("init_lora_weights: %s (sets only A and B: the file replaces them, the base is untouched)\n",
+                      value.c_str());
+        else
+          std::printf(
+              "init_lora_weights: %s: trained over the base's residual W - s*B0*A0, which loading and "
+              "lora-merge compute from the base first, as PEFT does\n",
+              value.c_str());
+      } catch (const lora::config_error& e) {
+        std::printf("init_lora_weights: %s: cannot be loaded or merged: %s\n", value.c_str(), shown(e.what()).c_str());
+      }
+    }
     if (c.task_type) std::printf("task_type: %s\n", shown(*c.task_type).c_str());
     if (c.base_model_name_or_path)
       std::printf("base_model_name_or_path: %s\n", shown(*c.base_model_name_or_path).c_str());
