@@ -250,6 +250,8 @@ class LoRALinear {
   Row dora_norm(const char* where) const;
   // y = b + c ⊙ y (y holding Z) for eval.
   void dora_eval_forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) const;
+  /// Training with dropout: draws mask_, keeps x_dropped_ = x ⊙ mask_ and H_ = x_dropped_ Aᵀ (LoRA's and DoRA's).
+  void draw_dropout(const ConstRef<Scalar>& x);
   void check_forward_args(const char* where, const ConstRef<Scalar>& x, const MutRef<Scalar>& y) const;
   void dora_backward(const ConstRef<Scalar>& x, const ConstRef<Scalar>* y, const ConstRef<Scalar>& dy,
                      MutRef<Scalar>* dx);

@@ -122,6 +122,21 @@ class FrozenWeight {
       y.noalias() = x * stored();
   }
 
+  /// y = x Wᵀ for an x of a few rows (DoRA's A Wᵀ, R rows), W taken 128 outputs at a time: one product over all
+  /// of W packs a copy of the whole of it, block by block each packed copy stays in cache. Measured on the Xeon
+  /// (4096², R = 8, one thread): 9-12 ms against 19-26 ms for W (out, in), 19-22 against 27-36 for W (in, out).
+  void forward_few_rows(const ConstRef<Scalar>& x, MutRef<Scalar> y) const {
+    constexpr Index block = 128;
+    const Index outputs = layout_ == WeightLayout::out_in ? stored().rows() : stored().cols();
+    for (Index o = 0; o < outputs; o += block) {
+      const Index n = std::min(block, outputs - o);
+      if (layout_ == WeightLayout::out_in)
+        y.middleCols(o, n).noalias() = x * stored().middleRows(o, n).transpose();
+      else
+        y.middleCols(o, n).noalias() = x * stored().middleCols(o, n);
+    }
+  }
+
   /// dx = dy W: dy (N, O), dx (N, I).
   void backward(const ConstRef<Scalar>& dy, MutRef<Scalar> dx) const {
     if (layout_ == WeightLayout::out_in)

@@ -283,11 +283,7 @@ void LoRALinear<Scalar>::forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) {
     H_.resize(N, rank_);
     if (dropout_ > 0) {
       // y = x Wᵀ + b + (c − 1) ⊙ (drop(x) Wᵀ) + c ⊙ s·H Bᵀ = x Wᵀ − drop(x) Wᵀ + b + c ⊙ Z
-      mask_.resize(N, in_);
-      x_dropped_.resize(N, in_);
-      detail::draw_dropout_mask(dropout_rng_, dropout_, mask_);
-      x_dropped_ = x.cwiseProduct(mask_);
-      H_.noalias() = x_dropped_ * lora_A().transpose();
+      draw_dropout(x);
       weight_.forward(x_dropped_, Z_);
       weight_.forward(x, y);
       y -= Z_;
@@ -317,17 +313,22 @@ void LoRALinear<Scalar>::forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) {
   if (rank_ > 0) {
     H_.resize(N, rank_);
     if (dropout_ > 0) {
-      mask_.resize(N, in_);
-      x_dropped_.resize(N, in_);
-      detail::draw_dropout_mask(dropout_rng_, dropout_, mask_);
-      x_dropped_ = x.cwiseProduct(mask_);
-      H_.noalias() = x_dropped_ * lora_A().transpose();
+      draw_dropout(x);
     } else {
       H_.noalias() = x * lora_A().transpose();
     }
     y.noalias() += scaling_ * H_ * lora_B().transpose();
   }
   cached_rows_ = N;
+}
+
+template <class Scalar>
+void LoRALinear<Scalar>::draw_dropout(const ConstRef<Scalar>& x) {
+  mask_.resize(x.rows(), in_);
+  x_dropped_.resize(x.rows(), in_);
+  detail::draw_dropout_mask(dropout_rng_, dropout_, mask_);
+  x_dropped_ = x.cwiseProduct(mask_);
+  H_.noalias() = x_dropped_ * lora_A().transpose();
 }
 
 template <class Scalar>
@@ -498,7 +499,7 @@ template <class Scalar>
 typename LoRALinear<Scalar>::Row LoRALinear<Scalar>::dora_norm(const char* where) const {
   const Eigen::Matrix<double, Eigen::Dynamic, 1> w2 = dora_ ? w_sq_norms_ : weight_.output_squared_norms();
   Mat P(rank_, out_);  // A Wᵀ (R, O)
-  weight_.forward(lora_A(), P);
+  weight_.forward_few_rows(lora_A(), P);
   const Mat AAt = lora_A() * lora_A().transpose();  // (R, R)
   const Mat BAAt = lora_B() * AAt;                  // (O, R)
   const auto B = lora_B();
