@@ -1136,10 +1136,12 @@ Adapter<Scalar> convert_residual_adapter(Adapter<Scalar> trained, const Adapter<
                        " uses rsLoRA with rank_pattern or alpha_pattern, which PEFT's conversion refuses too "
                        "(doubling a pattern's alpha would not keep its rsLoRA scaling)");
   std::vector<std::string> problems;
-  auto is_olora = [](const AdapterConfig& c) {
-    std::string v = c.init_lora_weights.is_string() ? c.init_lora_weights.template get<std::string>() : "";
-    std::transform(v.begin(), v.end(), v.begin(), [](unsigned char ch) { return std::tolower(ch); });
-    return v == "olora";
+  auto is_olora = [](const AdapterConfig& c) {  // residual_init's classification; the refused inits are not OLoRA
+    try {
+      return c.residual_init("adapter_config.json") == ResidualInit::olora;
+    } catch (const config_error&) {
+      return false;
+    }
   };
   const bool olora_transposed = config.fan_in_fan_out && (is_olora(config) || is_olora(initial.config));
   for (auto& m : trained.modules) {
