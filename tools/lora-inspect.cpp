@@ -50,10 +50,10 @@ int main(int argc, char** argv) {
     }
     std::printf("adapter: %s\n", shown(adapter.source).c_str());
     std::printf(
-        "config: peft_type LORA, r %d, lora_alpha %s, lora_dropout %s, use_rslora %s, fan_in_fan_out %s, "
-        "bias %s\n",
+        "config: peft_type LORA, r %d, lora_alpha %s, lora_dropout %s, use_rslora %s, use_dora %s, "
+        "fan_in_fan_out %s, bias %s\n",
         c.r, number(c.lora_alpha).c_str(), number(c.lora_dropout).c_str(), c.use_rslora ? "true" : "false",
-        c.fan_in_fan_out ? "true" : "false", lora::peft::bias_name(c.bias));
+        c.use_dora ? "true" : "false", c.fan_in_fan_out ? "true" : "false", lora::peft::bias_name(c.bias));
     std::printf("target_modules: %s\n", targets.c_str());
     if (!c.rank_pattern.empty() || !c.alpha_pattern.empty()) {
       std::string patterns;
@@ -93,9 +93,11 @@ int main(int argc, char** argv) {
                 "scaling");
     for (const auto& m : adapter.modules) {
       // An embedding's "in" is its vocabulary (lora_embedding_A's columns), "out" its embedding dimension.
-      std::printf("%-*s %8lld %8lld %5d %8s %9s%s\n", static_cast<int>(width), shown(m.path).c_str(),
+      // DoRA: a magnitude per output (per embedding dimension for an embedding).
+      std::printf("%-*s %8lld %8lld %5d %8s %9s%s%s\n", static_cast<int>(width), shown(m.path).c_str(),
                   static_cast<long long>(m.in_features()), static_cast<long long>(m.out_features()), m.r,
-                  number(m.lora_alpha).c_str(), number(m.scaling).c_str(), m.embedding ? "  embedding" : "");
+                  number(m.lora_alpha).c_str(), number(m.scaling).c_str(), m.embedding ? "  embedding" : "",
+                  m.magnitude.size() > 0 ? "  DoRA magnitude" : "");
       if (m.embedding) continue;
       std::string slices;
       for (const auto& block : lora::output_blocks(m.B)) {

@@ -16,6 +16,17 @@
 // F.embedding(padding_idx=...) does. The cost of forward and backward grows
 // with N, R and d, never with V.
 //
+// DoRA (config.use_dora), as PEFT's DoraEmbeddingLayer / DoraEmbeddingVariant: a trainable magnitude m (d), one
+// per embedding dimension, initialised to n; with n_j = ‖E[:, j] + s · (B A)ᵀ[:, j]‖ over the V ids (the norm of
+// row j of the embedding's (d, V) weight, as PEFT takes it with fan_in_fan_out) and c = m / n,
+//
+//   forward:   y[n]  = c ⊙ (E[ids[n]] + s · H[n] Bᵀ)                 n held constant in backward, as PEFT detaches it
+//   backward:  dm   += Σ_n dy[n] ⊙ (E[ids[n]] + s · H[n] Bᵀ) / n,  then LoRA's backward with dy ⊙ c
+//   merge:     E    ← (E + s · (B A)ᵀ) ⊙ c per column;  unmerge: E ← E / c − s · (B A)ᵀ
+//
+// n comes from ‖E[:, j]‖² (kept), A E (R, d) and A Aᵀ (R, R), so each forward costs R · V · d more than LoRA's:
+// a norm over the whole table depends on all of A, as it does in PEFT.
+//
 // The table is a FrozenWeight stored (V, d): an embedding is the linear map
 // one_hot(ids) E with I = V inputs and O = d outputs stored (I, O), so an
 // owned table, a view of a checkpoint's buffer and merging work as for the
@@ -35,6 +46,7 @@
 #include <lora/types.hpp>
 #include <lora/weight.hpp>
 
+#include <cmath>
 #include <optional>
 #include <string>
 #include <utility>
@@ -102,8 +114,25 @@ class LoRAEmbedding {
   ConstMatrixMap<Scalar> lora_B() const { return ConstMatrixMap<Scalar>(params_.data() + rank_ * vocab_, dim_, rank_); }
   ConstMatrixMap<Scalar> dA() const { return ConstMatrixMap<Scalar>(grads_.data(), rank_, vocab_); }
   ConstMatrixMap<Scalar> dB() const { return ConstMatrixMap<Scalar>(grads_.data() + rank_ * vocab_, dim_, rank_); }
-  /// "lora_embedding_A" and "lora_embedding_B" with their gradients.
+  /// "lora_embedding_A" and "lora_embedding_B" with their gradients, and DoRA's "lora_magnitude_vector".
   ParameterList<Scalar> parameters();
+
+  // ---- DoRA -------------------------------------------------------------------
+
+  bool use_dora() const { return dora_; }
+  /// DoRA's magnitude m (1, d); empty without DoRA. Trainable, like A and B.
+  MatrixMap<Scalar> magnitude() { return MatrixMap<Scalar>(params_.data() + magnitude_offset(), 1, dora_ ? dim_ : 0); }
+  ConstMatrixMap<Scalar> magnitude() const {
+    return ConstMatrixMap<Scalar>(params_.data() + magnitude_offset(), 1, dora_ ? dim_ : 0);
+  }
+  /// dm (1, d); empty without DoRA.
+  ConstMatrixMap<Scalar> dmagnitude() const {
+    return ConstMatrixMap<Scalar>(grads_.data() + magnitude_offset(), 1, dora_ ? dim_ : 0);
+  }
+  /// n = ‖E[:, j] + s · (B A)ᵀ[:, j]‖ per embedding dimension j (1, d), from the current table, A and B.
+  RowVector<Scalar> weight_norm() const;
+  /// m ← n: the magnitude that makes the layer output what plain LoRA would (PEFT's init).
+  void reset_magnitude();
 
   /// The table (V, d) as stored.
   ConstMatrixMap<Scalar> table() const { return table_.stored(); }
@@ -115,7 +144,7 @@ class LoRAEmbedding {
   Scalar scaling() const { return scaling_; }
   const LoraConfig& config() const { return config_; }
   std::optional<Index> padding_idx() const { return padding_; }
-  ParameterCount parameter_count() const { return {rank_ * (vocab_ + dim_), vocab_ * dim_}; }
+  ParameterCount parameter_count() const { return {rank_ * (vocab_ + dim_) + (dora_ ? dim_ : 0), vocab_ * dim_}; }
 
  private:
   static Mat check_table(Mat table) {
@@ -126,19 +155,28 @@ class LoRAEmbedding {
   }
   void check_ids(const char* where, const std::vector<Index>& ids) const;
   void gather(const std::vector<Index>& ids, MutRef<Scalar> y, Mat& H) const;
+  Index magnitude_offset() const { return rank_ * (vocab_ + dim_); }
+  RowVector<Scalar> dora_norm(const char* where) const {
+    return table_.low_rank_row_norms(where, "embedding dimension", w_sq_norms_, scaling_, lora_B(), lora_A());
+  }
 
   FrozenWeight<Scalar> table_;
   Index vocab_ = 0, dim_ = 0, rank_ = 0;
   LoraConfig config_;
   Scalar scaling_ = 0;
   std::optional<Index> padding_;
-  Vector<Scalar> params_, grads_;  // [A (R·V) | B (d·R)]
+  Vector<Scalar> params_, grads_;  // [A (R·V) | B (d·R) | m (d), DoRA]
+  bool dora_ = false;
+  Eigen::Matrix<double, Eigen::Dynamic, 1> w_sq_norms_;  // DoRA: ‖E[:, j]‖², recomputed when E changes
   bool training_ = true;
   bool merged_ = false;
   Mat merged_A_, merged_B_;
   Scalar merged_scaling_ = 0;
+  RowVector<Scalar> merged_dora_scale_;  // DoRA: c of the merge, so unmerge() divides by what merge() multiplied
   Index cached_rows_ = -1;
   Mat H_, G_;
+  Mat Z_, D_;  // DoRA: (N, d) E[ids] + s·H Bᵀ of the last training forward, and dy ⊙ c
+  RowVector<Scalar> dora_norm_, dora_scale_;  // DoRA: n and c = m / n of the last training forward
 };
 
 template <class Scalar>
@@ -152,9 +190,10 @@ LoRAEmbedding<Scalar>::LoRAEmbedding(FrozenWeight<Scalar> table, const LoraConfi
                       ": the table must be stored (num_embeddings, embedding_dim), as FrozenWeight's "
                       "WeightLayout::in_out with out_features = embedding_dim");
   config.validate();
-  if (config.use_dora)
-    throw config_error(std::string(where) + ": use_dora is not supported by LoRAEmbedding yet (LoRALinear has DoRA)");
+  if (config.use_dora && config.r == 0)
+    throw config_error(std::string(where) + ": use_dora needs r > 0 (DoRA's magnitude rescales the adapter's output)");
   config_ = config.with_seed();
+  dora_ = config.use_dora;
   vocab_ = table_.in_features();
   dim_ = table_.out_features();
   rank_ = config.r;
@@ -163,14 +202,18 @@ LoRAEmbedding<Scalar>::LoRAEmbedding(FrozenWeight<Scalar> table, const LoraConfi
     throw shape_error(std::string(where) + ": padding_idx " + std::to_string(*padding_idx) + " is outside [0, " +
                       std::to_string(vocab_) + ")");
   padding_ = padding_idx;
-  params_.setZero(rank_ * (vocab_ + dim_));
+  params_.setZero(rank_ * (vocab_ + dim_) + (dora_ ? dim_ : 0));
   grads_.setZero(params_.size());
   if (rank_ > 0) {
     // PEFT: zeros_(A), normal_(B) for init_lora_weights = True (and "gaussian"); randn for both when False.
     detail::Rng rng(detail::stream_seed(*config_.seed, detail::stream_adapter));
     if (config.init_lora_weights == InitLoraWeights::random)
       for (Index i = 0; i < rank_ * vocab_; ++i) params_[i] = static_cast<Scalar>(rng.normal());
-    for (Index i = rank_ * vocab_; i < params_.size(); ++i) params_[i] = static_cast<Scalar>(rng.normal());
+    for (Index i = rank_ * vocab_; i < magnitude_offset(); ++i) params_[i] = static_cast<Scalar>(rng.normal());
+  }
+  if (dora_) {  // PEFT's DoraEmbeddingVariant.init: m = n of the new adapter
+    w_sq_norms_ = table_.output_squared_norms();
+    magnitude() = dora_norm("LoRAEmbedding (use_dora)");
   }
 }
 
@@ -181,7 +224,27 @@ ParameterList<Scalar> LoRAEmbedding<Scalar>::parameters() {
     list.push_back({"lora_embedding_A", params_.data(), grads_.data(), rank_, vocab_});
     list.push_back({"lora_embedding_B", params_.data() + rank_ * vocab_, grads_.data() + rank_ * vocab_, dim_, rank_});
   }
+  if (dora_)
+    list.push_back(
+        {"lora_magnitude_vector", params_.data() + magnitude_offset(), grads_.data() + magnitude_offset(), 1, dim_});
   return list;
+}
+
+template <class Scalar>
+RowVector<Scalar> LoRAEmbedding<Scalar>::weight_norm() const {
+  const char* where = "LoRAEmbedding::weight_norm";
+  if (merged_)
+    throw state_error(std::string(where) + ": the layer is merged (the table holds the adapter); unmerge() first");
+  return table_.low_rank_row_norms(where, "embedding dimension", dora_ ? w_sq_norms_ : table_.output_squared_norms(),
+                                   scaling_, lora_B(), lora_A());
+}
+
+template <class Scalar>
+void LoRAEmbedding<Scalar>::reset_magnitude() {
+  const char* where = "LoRAEmbedding::reset_magnitude";
+  if (!dora_) throw state_error(std::string(where) + ": the layer has no magnitude (use_dora is off)");
+  if (merged_) throw state_error(std::string(where) + ": the layer is merged; unmerge() first");
+  magnitude() = dora_norm(where);
 }
 
 template <class Scalar>
@@ -213,8 +276,11 @@ void LoRAEmbedding<Scalar>::forward(const std::vector<Index>& ids, MutRef<Scalar
                       " on a const layer runs in eval mode only, but the layer is in training mode: call eval() first");
   detail::check_shape(where, "y", y, static_cast<Index>(ids.size()), dim_);
   check_ids(where, ids);
+  RowVector<Scalar> c;
+  if (dora_ && !merged_) c = magnitude().row(0).cwiseQuotient(dora_norm(where));
   Mat H;
   gather(ids, y, H);
+  if (c.size() > 0) y.array().rowwise() *= c.array();
 }
 
 template <class Scalar>
@@ -228,7 +294,15 @@ void LoRAEmbedding<Scalar>::forward(const std::vector<Index>& ids, MutRef<Scalar
   detail::check_shape(where, "y", y, static_cast<Index>(ids.size()), dim_);
   check_ids(where, ids);
   cached_rows_ = -1;
+  if (dora_) {
+    dora_norm_ = dora_norm(where);  // before y is written: a zero norm throws with y as it was
+    dora_scale_ = magnitude().row(0).cwiseQuotient(dora_norm_);
+  }
   gather(ids, y, H_);
+  if (dora_) {
+    Z_ = y;
+    y.array().rowwise() *= dora_scale_.array();
+  }
   cached_rows_ = static_cast<Index>(ids.size());
 }
 
@@ -242,10 +316,17 @@ void LoRAEmbedding<Scalar>::backward(const std::vector<Index>& ids, const ConstR
   check_ids(where, ids);
   detail::check_cached_forward(where, cached_rows_, N, "ids", "ids");
   if (rank_ == 0) return;
-  // forward: y += s · H Bᵀ, so dB += s · dyᵀ H and dH = s · dy B
-  MatrixMap<Scalar>(grads_.data() + rank_ * vocab_, dim_, rank_).noalias() += scaling_ * dy.transpose() * H_;
+  // DoRA: y = c ⊙ Z with c = m / n and n constant, so dm += Σ dy ⊙ Z / n, and Z's gradient is dy ⊙ c
+  if (dora_) {
+    MatrixMap<Scalar>(grads_.data() + magnitude_offset(), 1, dim_).array() +=
+        (dy.array() * Z_.array()).colwise().sum() / dora_norm_.array();
+    D_ = dy.array().rowwise() * dora_scale_.array();
+  }
+  const ConstRef<Scalar> dz = dora_ ? ConstRef<Scalar>(D_) : dy;
+  // forward: Z = E[ids] + s · H Bᵀ, so dB += s · dzᵀ H and dH = s · dz B
+  MatrixMap<Scalar>(grads_.data() + rank_ * vocab_, dim_, rank_).noalias() += scaling_ * dz.transpose() * H_;
   G_.resize(N, rank_);
-  G_.noalias() = scaling_ * dy * lora_B();
+  G_.noalias() = scaling_ * dz * lora_B();
   // forward: H[n] = A[:, ids[n]]ᵀ, so dA[:, ids[n]] += dH[n]ᵀ (F.embedding: none for the padding index)
   MatrixMap<Scalar> dA(grads_.data(), rank_, vocab_);
   for (Index n = 0; n < N; ++n)
@@ -255,7 +336,21 @@ void LoRAEmbedding<Scalar>::backward(const std::vector<Index>& ids, const ConstR
 template <class Scalar>
 void LoRAEmbedding<Scalar>::merge(bool safe_merge) {
   if (merged_ || rank_ == 0) return;
-  table_.add_low_rank("LoRAEmbedding::merge", scaling_, lora_B(), lora_A(), 0, safe_merge);
+  const char* where = "LoRAEmbedding::merge";
+  if (dora_) {
+    // E ← (E + s·(B A)ᵀ) ⊙ c per column, c = m / n (PEFT's DoraEmbeddingVariant.merge_safe)
+    table_.require_writable(where);
+    const RowVector<Scalar> c = magnitude().row(0).cwiseQuotient(dora_norm(where));
+    for (Index j = 0; j < dim_; ++j)
+      if (!(c(j) != 0) || !std::isfinite(static_cast<double>(c(j))))
+        throw numeric_error(std::string(where) + ": DoRA's scale m / n of embedding dimension " + std::to_string(j) +
+                            " is " + value_string(static_cast<double>(c(j))) +
+                            "; merging would make that column impossible to unmerge; the table is left unchanged");
+    table_.add_low_rank_scaled(where, scaling_, lora_B(), lora_A(), nullptr, c.data(), safe_merge);
+    merged_dora_scale_ = c;
+  } else {
+    table_.add_low_rank(where, scaling_, lora_B(), lora_A(), 0, safe_merge);
+  }
   merged_A_ = lora_A();
   merged_B_ = lora_B();
   merged_scaling_ = scaling_;
@@ -265,7 +360,15 @@ void LoRAEmbedding<Scalar>::merge(bool safe_merge) {
 template <class Scalar>
 void LoRAEmbedding<Scalar>::unmerge() {
   if (!merged_) return;
-  table_.add_low_rank("LoRAEmbedding::unmerge", -merged_scaling_, merged_B_, merged_A_);
+  if (dora_) {
+    // E ← E / c − s·(B A)ᵀ (PEFT's DoraEmbeddingVariant.unmerge); ‖E[:, j]‖² again, as rounding moved E
+    table_.add_low_rank_scaled("LoRAEmbedding::unmerge", -merged_scaling_, merged_B_, merged_A_,
+                               merged_dora_scale_.data(), nullptr);
+    w_sq_norms_ = table_.output_squared_norms();
+    merged_dora_scale_.resize(0);
+  } else {
+    table_.add_low_rank("LoRAEmbedding::unmerge", -merged_scaling_, merged_B_, merged_A_);
+  }
   merged_A_.resize(0, 0);
   merged_B_.resize(0, 0);
   merged_ = false;

@@ -659,11 +659,10 @@ Adapter<Scalar> read_adapter(const std::string& dir_or_file) {
       const auto* t = it->second;
       if (!adapter.config.use_dora)
         problems.push_back(path + ".lora_magnitude_vector: a DoRA magnitude, but the config's use_dora is false");
-      else if (embedding)
-        problems.push_back(path + ".lora_magnitude_vector: DoRA on an embedding is not supported yet");
       else if (!safetensors::is_float(t->dtype) || t->shape.size() != 1 || t->shape[0] != b->shape[0])
         problems.push_back(path + ".lora_magnitude_vector: expected " + safetensors::shape_text({b->shape[0]}) +
-                           " (out_features), got " + safetensors::dtype_name(t->dtype) + " " + detail::shape_of(*t));
+                           (embedding ? " (embedding_dim), got " : " (out_features), got ") +
+                           safetensors::dtype_name(t->dtype) + " " + detail::shape_of(*t));
       else
         m.magnitude = file.matrix<Scalar>(t->name);
       magnitudes.erase(it);
@@ -770,6 +769,16 @@ LoadReport load_adapter(const std::string& dir_or_file, const std::map<std::stri
                          (adapter.config.use_rslora ? ", rsLoRA" : "") + "), the layer was built with " +
                          value_string(layer_scaling) + "; build it with AdapterConfig::layer_config(\"" + path + "\")");
     if (layer.is_merged()) problems.push_back(path + ": the layer is merged; unmerge() it before loading");
+    if (layer.use_dora() != (m->magnitude.size() > 0))
+      problems.push_back(path + (layer.use_dora() ? ": the layer is DoRA (use_dora), the file's adapter is not"
+                                                  : ": the file's adapter is DoRA (lora_magnitude_vector), the layer "
+                                                    "was built without use_dora; build it with "
+                                                    "AdapterConfig::layer_config(\"" +
+                                                        path + "\")"));
+    else if (layer.use_dora() && m->magnitude.size() != layer.lora_B().rows())
+      problems.push_back(path + ".lora_magnitude_vector: expected " + std::to_string(layer.lora_B().rows()) +
+                         (want_embedding ? " entries (embedding_dim), got " : " entries (out_features), got ") +
+                         std::to_string(m->magnitude.size()));
     return m;
   };
   for (const auto& [path, layer] : model) {
@@ -781,15 +790,6 @@ LoadReport load_adapter(const std::string& dir_or_file, const std::map<std::stri
                          std::string(bias_name(adapter.config.bias)) + ")");
     if ((layer->weight_layout() == WeightLayout::in_out) != adapter.config.fan_in_fan_out)
       report.layout_differs.push_back(path);
-    if (layer->use_dora() != (m->magnitude.size() > 0))
-      problems.push_back(path + (layer->use_dora() ? ": the layer is DoRA (use_dora), the file's adapter is not"
-                                                   : ": the file's adapter is DoRA (lora_magnitude_vector), the layer "
-                                                     "was built without use_dora; build it with "
-                                                     "AdapterConfig::layer_config(\"" +
-                                                         path + "\")"));
-    else if (layer->use_dora() && m->magnitude.size() != layer->out_features())
-      problems.push_back(path + ".lora_magnitude_vector: expected " + std::to_string(layer->out_features()) +
-                         " entries (out_features), got " + std::to_string(m->magnitude.size()));
     if (rewrite != ResidualInit::none && layer->rank() == m->A.rows()) {
       const std::string where = path + " (init_lora_weights " + adapter.config.init_lora_weights.dump() +
                                 ": PEFT rewrites W to its residual before loading)";
@@ -842,6 +842,7 @@ LoadReport load_adapter(const std::string& dir_or_file, const std::map<std::stri
     if (m == nullptr) continue;
     layer->lora_A() = m->A;
     layer->lora_B() = m->B;
+    if (m->magnitude.size() > 0) layer->magnitude() = m->magnitude;
     layer->train(options.is_trainable);
     report.loaded.push_back(path);
   }
@@ -975,6 +976,9 @@ void save_adapter(const std::string& dir, const std::map<std::string, LoRALinear
     if (layer->rank() == 0) continue;
     writer.add(key_prefix + path + ".lora_embedding_A", layer->lora_A(), dtype);
     writer.add(key_prefix + path + ".lora_embedding_B", layer->lora_B(), dtype);
+    if (layer->use_dora())
+      writer.add(key_prefix + path + ".lora_magnitude_vector", layer->magnitude(), dtype,
+                 {static_cast<std::uint64_t>(layer->embedding_dim())});
   }
   for (const auto& [path, layer] : model) {
     if (layer->is_merged())

@@ -26,6 +26,7 @@
 #include <lora/types.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <string>
 #include <type_traits>
@@ -196,6 +197,40 @@ class FrozenWeight {
       for (Index i = 0; i < in_; ++i) out += stored().row(i).transpose().template cast<double>().cwiseAbs2();
     }
     return out;
+  }
+
+  /// DoRA's norm n_o = ‖W_o + s · (B A)_o‖ for every output o (1, O), without forming W + s·B A: it is
+  /// w_sq_o (‖W_o‖², from output_squared_norms, kept by the caller) + 2s·B_o (A Wᵀ)_o + s²·B_o (A Aᵀ) B_oᵀ,
+  /// accumulated in double; A Wᵀ is R rows (forward_few_rows). Throws numeric_error naming `where` and the
+  /// `output` (its kind, as "output row") when a norm is zero or not finite: m / n is undefined there.
+  RowVector<Scalar> low_rank_row_norms(const char* where, const char* output,
+                                       const Eigen::Matrix<double, Eigen::Dynamic, 1>& w_sq, Scalar s,
+                                       const ConstRef<Scalar>& B, const ConstRef<Scalar>& A) const {
+    check_low_rank_shapes(where, B, A, 0);
+    if (B.rows() != out_ || w_sq.size() != out_)
+      throw shape_error(std::string(where) + ": DoRA's norm needs B and ‖W_o‖² for all " + std::to_string(out_) +
+                        " outputs, got " + std::to_string(B.rows()) + " and " + std::to_string(w_sq.size()));
+    const Index R = A.rows();
+    Matrix<Scalar> P(R, out_);  // A Wᵀ (R, O)
+    forward_few_rows(A, P);
+    const Matrix<Scalar> BAAt = B * (A * A.transpose());  // (O, R)
+    const double sd = static_cast<double>(s);
+    RowVector<Scalar> n(out_);
+    for (Index o = 0; o < out_; ++o) {
+      double cross = 0, quad = 0;
+      for (Index k = 0; k < R; ++k) {
+        cross += static_cast<double>(B(o, k)) * static_cast<double>(P(k, o));
+        quad += static_cast<double>(B(o, k)) * static_cast<double>(BAAt(o, k));
+      }
+      const double sq = w_sq(o) + 2 * sd * cross + sd * sd * quad;
+      n(o) = static_cast<Scalar>(std::sqrt(std::max(sq, 0.0)));
+      if (!(n(o) > 0) || !std::isfinite(static_cast<double>(n(o))))
+        throw numeric_error(std::string(where) + ": DoRA's norm ‖W + s·B A‖ of " + output + " " + std::to_string(o) +
+                            " is " + value_string(static_cast<double>(n(o))) +
+                            ", so m / n is undefined there (PEFT divides by it and gives NaN outputs); a zero " +
+                            output + " of W with B = 0 cannot take DoRA");
+    }
+    return n;
   }
 
   /// Throws state_error, naming `where`, unless merging may write the buffer.

@@ -22,6 +22,14 @@ Outputs (all in tests/data/peft/dora/):
   base.safetensors     both models' weights, F32, names without the "base_model.model." prefix
   merged_linear.safetensors, merged_conv1d.safetensors   the base with each adapted weight merged
   forward.safetensors  for each module: x and y (eval, no dropout), float64 math stored F32
+  embedding/...        DoRA on a LLaMA-style embed_tokens (DoraEmbeddingVariant) beside q_proj, r 4, alpha 8, with
+                       base_embedding.safetensors, merged_embedding.safetensors and forward_embedding.safetensors
+                       (ids with repeats and the embedding's y; x and y for q_proj), written after the rest so that
+                       their random draws leave the files above as they were
+
+PEFT's DoRA on an embedding takes the weight with fan_in_fan_out = True: n = ||E^T + s * B @ A|| per embedding
+dimension (a norm over the vocabulary), forward y = (m/n) * (E[ids] + s * A^T[ids] @ B^T), merge_safe
+E' = (m/n)[None, :] * (E + s * (B @ A)^T). The magnitude's key is "<path>.lora_magnitude_vector" as for Linear.
 """
 import json
 import math
@@ -100,4 +108,53 @@ for name, case in cases.items():
               {"format": "pt", "producer": "make_dora_golden.py"})
 save_file(base, os.path.join(OUT, "base.safetensors"), {"format": "pt", "producer": "make_dora_golden.py"})
 save_file(forward, os.path.join(OUT, "forward.safetensors"))
+
+# ---- DoRA on an embedding, beside a linear module -----------------------------------------------------------
+config = lora_config(base_model_name_or_path="tiny-llama-dora-embedding", fan_in_fan_out=False, lora_alpha=8, r=4,
+                     target_modules=["embed_tokens", "q_proj"], use_dora=True)
+s = 8 / 4
+V, d = 11, 6
+base, adapter, merged, forward = {}, {}, {}, {}
+E = (torch.randn(V, d, dtype=torch.float64) * 0.5).float()
+A = (torch.randn(4, V, dtype=torch.float64) * 0.3).float()  # trained: A no longer zero
+B = (torch.randn(d, 4, dtype=torch.float64) * 0.3).float()
+m = (torch.linalg.norm(E.double().T, dim=1) * (1 + 0.2 * torch.randn(d, dtype=torch.float64))).float()
+path = "model.embed_tokens"
+base[path + ".weight"] = E
+adapter[prefix + path + ".lora_embedding_A"] = A
+adapter[prefix + path + ".lora_embedding_B"] = B
+adapter[prefix + path + ".lora_magnitude_vector"] = m
+delta = (B @ A).T * s  # get_delta_weight: transpose(B @ A, fan_in_fan_out=True) * scaling, (V, d)
+n32 = torch.linalg.norm((E + delta).T, dim=1)
+merged[path + ".weight"] = (m / n32).view(1, -1) * (E + delta)
+Ed, Ad, Bd, md = (t.double() for t in (E, A, B, m))
+n = torch.linalg.norm(Ed.T + s * Bd @ Ad, dim=1)
+ids = torch.tensor([3, 0, 10, 3, 7, 3])
+y = (md / n).view(1, -1) * (Ed[ids] + s * Ad.T[ids] @ Bd.T)
+forward[path + ".ids"] = ids.float()  # F32: the tests read floats
+forward[path + ".y"] = y.float()
+path = "model.layers.0.self_attn.q_proj"
+W = (torch.randn(d, d, dtype=torch.float64) * 0.5).float()
+A = (torch.randn(4, d, dtype=torch.float64) * 0.3).float()
+B = (torch.randn(d, 4, dtype=torch.float64) * 0.3).float()
+m = (torch.linalg.norm(W.double(), dim=1) * (1 + 0.2 * torch.randn(d, dtype=torch.float64))).float()
+base[path + ".weight"] = W
+adapter[prefix + path + ".lora_A.weight"] = A
+adapter[prefix + path + ".lora_B.weight"] = B
+adapter[prefix + path + ".lora_magnitude_vector"] = m
+delta = (B @ A) * s
+n32 = torch.linalg.norm(W + delta, dim=1)
+merged[path + ".weight"] = (m / n32).view(-1, 1) * (W + delta)
+Wd, Ad, Bd, md = (t.double() for t in (W, A, B, m))
+c = (md / torch.linalg.norm(Wd + s * Bd @ Ad, dim=1)).view(1, -1)
+x = torch.randn(3, d, dtype=torch.float64)
+forward[path + ".x"] = x.float()
+forward[path + ".y"] = (c * (x @ Wd.T + s * (x @ Ad.T) @ Bd.T)).float()
+save_file(adapter, os.path.join(OUT, "embedding", "adapter_model.safetensors"), {"format": "pt"})
+with open(os.path.join(OUT, "embedding", "adapter_config.json"), "w") as f:
+    f.write(json.dumps(config, indent=2, sort_keys=True))
+save_file(base, os.path.join(OUT, "base_embedding.safetensors"), {"format": "pt", "producer": "make_dora_golden.py"})
+save_file(merged, os.path.join(OUT, "merged_embedding.safetensors"),
+          {"format": "pt", "producer": "make_dora_golden.py"})
+save_file(forward, os.path.join(OUT, "forward_embedding.safetensors"))
 print("wrote", OUT)

@@ -311,6 +311,34 @@ with torch.no_grad():
     c_ = (m_ / n_).view(-1, 1)
     put("dora.merged_W", c_ * (W_ + s_ * B_ @ A_))
 
+# ---- DoRA on an embedding (PEFT's DoraEmbeddingLayer / DoraEmbeddingVariant, written out) -----------------------
+# The weight is taken with fan_in_fan_out = True: (d, V) = E^T, plus scaling * (B @ A) (d, V); n = its norm over V
+# per embedding dimension, detached; m starts as n. forward: mag_norm_scale = m / n,
+# result = mag_norm_scale * F.embedding(ids, E) + mag_norm_scale * (F.embedding(ids, A^T) @ B^T) * scaling.
+# merge_safe: E' = (m / n)[None, :] * (E + (B @ A)^T * scaling); unmerge: E' / (m / n) - (B @ A)^T * scaling.
+# Repeated ids and a padding index (0: no gradient into its column of A), A random so every path shows.
+V, d, R = 7, 3, 2
+scaling = 4.0 / R
+E = torch.randn(V, d)
+A = torch.randn(R, V, requires_grad=True)
+B = torch.randn(d, R, requires_grad=True)
+ids = torch.tensor([1, 4, 1, 0, 6, 4, 4])
+m0 = torch.linalg.norm(E.T + scaling * (B @ A).detach(), dim=1)
+m = (m0 * (1 + 0.3 * torch.randn(d))).detach().requires_grad_()
+dy = torch.randn(len(ids), d)
+for name, t in [("E", E), ("A", A), ("B", B), ("ids", ids), ("m0", m0), ("m", m), ("dy", dy)]:
+    put("dora_embedding." + name, t)
+n = torch.linalg.norm(E.T + scaling * (B @ A).detach(), dim=1).detach()
+c = m / n
+y = c * F.embedding(ids, E, padding_idx=0) + c * (F.embedding(ids, A.T, padding_idx=0) @ B.T) * scaling
+y.backward(dy)
+put("dora_embedding.y", y)
+put("dora_embedding.dA", A.grad)
+put("dora_embedding.dB", B.grad)
+put("dora_embedding.dm", m.grad)
+with torch.no_grad():
+    put("dora_embedding.merged_E", c.view(1, -1) * (E + (B @ A).T * scaling))
+
 out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data", "golden.txt")
 with open(out, "w") as f:
     f.write("# PyTorch %s reference values; written by tests/golden/make_golden.py\n" % torch.__version__)

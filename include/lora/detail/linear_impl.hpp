@@ -497,29 +497,8 @@ void LoRALinear<Scalar>::dora_backward(const ConstRef<Scalar>& x, const ConstRef
 // n_o = ‖W_o + s·(B A)_o‖ = sqrt(‖W_o‖² + 2s·B_o·(A Wᵀ)ᵀ_o + s²·B_o (A Aᵀ) B_oᵀ): products of R rows, no O × I sum.
 template <class Scalar>
 typename LoRALinear<Scalar>::Row LoRALinear<Scalar>::dora_norm(const char* where) const {
-  const Eigen::Matrix<double, Eigen::Dynamic, 1> w2 = dora_ ? w_sq_norms_ : weight_.output_squared_norms();
-  Mat P(rank_, out_);  // A Wᵀ (R, O)
-  weight_.forward_few_rows(lora_A(), P);
-  const Mat AAt = lora_A() * lora_A().transpose();  // (R, R)
-  const Mat BAAt = lora_B() * AAt;                  // (O, R)
-  const auto B = lora_B();
-  const double s = static_cast<double>(scaling_);
-  Row n(out_);
-  for (Index o = 0; o < out_; ++o) {
-    double cross = 0, quad = 0;
-    for (Index k = 0; k < rank_; ++k) {
-      cross += static_cast<double>(B(o, k)) * static_cast<double>(P(k, o));
-      quad += static_cast<double>(B(o, k)) * static_cast<double>(BAAt(o, k));
-    }
-    const double sq = w2(o) + 2 * s * cross + s * s * quad;
-    n(o) = static_cast<Scalar>(std::sqrt(std::max(sq, 0.0)));
-    if (!(n(o) > 0) || !std::isfinite(static_cast<double>(n(o))))
-      throw numeric_error(std::string(where) + ": DoRA's norm ‖W + s·B A‖ of output row " + std::to_string(o) + " is " +
-                          value_string(static_cast<double>(n(o))) +
-                          ", so m / n is undefined there (PEFT divides by it and gives NaN outputs); a zero row of "
-                          "W with B = 0 cannot take DoRA");
-  }
-  return n;
+  return weight_.low_rank_row_norms(where, "output row", dora_ ? w_sq_norms_ : weight_.output_squared_norms(), scaling_,
+                                    lora_B(), lora_A());
 }
 
 template <class Scalar>

@@ -1,0 +1,292 @@
+// DoRA on LoRAEmbedding (config.use_dora): forward, backward, merge and unmerge against PEFT's DoraEmbeddingLayer
+// and DoraEmbeddingVariant computed by PyTorch (tests/golden/make_golden.py, "dora_embedding.*"), the magnitude's
+// gradient against central differences, PEFT files with an embedding magnitude (make_dora_golden.py, "embedding"),
+// and the refusals, which change nothing.
+#include <catch2/catch.hpp>
+#include <lora/lora.hpp>
+
+#include <filesystem>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "golden.hpp"
+#include "test_files.hpp"
+
+// Everything below is in a namespace of its own, so the test files can be compiled together (CMake's
+// UNITY_BUILD, tests/CMakeLists.txt) without their helpers clashing.
+namespace unit_dora_embedding {
+
+using Catch::Contains;
+using lora::Index;
+using lora_test::max_rel_diff;
+using lora_test::tensor;
+using lora_test::tolerance;
+template <class S>
+using Mat = lora::Matrix<S>;
+
+namespace {
+
+lora::LoraConfig dora_config(int r = 2, double alpha = 4) {
+  lora::LoraConfig c;
+  c.r = r;
+  c.lora_alpha = alpha;  // s = 2 at r = 2, as make_golden.py
+  c.use_dora = true;
+  c.seed = 5;
+  return c;
+}
+
+std::vector<Index> golden_ids() {
+  const Mat<double> m = tensor("dora_embedding.ids");
+  std::vector<Index> ids;
+  for (Index i = 0; i < m.size(); ++i) ids.push_back(static_cast<Index>(m(i)));
+  return ids;
+}
+
+/// The golden layer over a mutable view of `table` (the golden E), padding index 0, with the golden A and B and
+/// m = m0 (reset_magnitude).
+template <class S>
+lora::LoRAEmbedding<S> golden_layer(Mat<S>& table) {
+  table = tensor<S>("dora_embedding.E");
+  lora::LoRAEmbedding<S> layer(
+      lora::FrozenWeight<S>::mutable_view(table.data(), table.cols(), table.rows(), lora::WeightLayout::in_out),
+      dora_config(), Index{0});
+  layer.lora_A() = tensor<S>("dora_embedding.A");
+  layer.lora_B() = tensor<S>("dora_embedding.B");
+  layer.reset_magnitude();
+  return layer;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("DoRA on an embedding matches PEFT's DoraEmbeddingLayer in PyTorch, repeated ids and padding",
+                   "[dora][embedding][golden]", float, double) {
+  using S = TestType;
+  Mat<S> table;
+  auto layer = golden_layer<S>(table);
+  REQUIRE(layer.use_dora());
+  CHECK(max_rel_diff(layer.magnitude(), tensor("dora_embedding.m0")) < tolerance<S>);
+  CHECK(max_rel_diff(layer.weight_norm(), tensor("dora_embedding.m0")) < tolerance<S>);
+  layer.magnitude() = tensor<S>("dora_embedding.m");
+
+  const auto ids = golden_ids();
+  Mat<S> y(static_cast<Index>(ids.size()), layer.embedding_dim());
+  layer.zero_grad();
+  layer.forward(ids, y);
+  CHECK(max_rel_diff(y, tensor("dora_embedding.y")) < tolerance<S>);
+  layer.backward(ids, tensor<S>("dora_embedding.dy"));
+  CHECK(max_rel_diff(layer.dA(), tensor("dora_embedding.dA")) < tolerance<S>);  // no gradient for padding id 0
+  CHECK(max_rel_diff(layer.dB(), tensor("dora_embedding.dB")) < tolerance<S>);
+  CHECK(max_rel_diff(layer.dmagnitude(), tensor("dora_embedding.dm")) < tolerance<S>);
+
+  // Eval mode gives the same output from a const layer; merged, the table alone gives it.
+  layer.eval();
+  const auto& const_layer = layer;
+  CHECK(max_rel_diff(const_layer.forward(ids), tensor("dora_embedding.y")) < tolerance<S>);
+  const Mat<S> before = table;
+  layer.merge();
+  CHECK(max_rel_diff(table, tensor("dora_embedding.merged_E")) < tolerance<S>);
+  CHECK(max_rel_diff(const_layer.forward(ids), tensor("dora_embedding.y")) < tolerance<S>);
+  layer.unmerge();
+  CHECK(max_rel_diff(table, before) < tolerance<S>);
+  CHECK(max_rel_diff(const_layer.forward(ids), tensor("dora_embedding.y")) < tolerance<S>);
+}
+
+TEST_CASE("A new DoRA embedding starts at the table, with m the norms of its columns", "[dora][embedding]") {
+  const Mat<float> E = Mat<float>::Random(13, 5);
+  lora::LoraConfig plain_config = dora_config(4, 8);
+  plain_config.use_dora = false;
+  lora::LoRAEmbedding<float> plain(E, plain_config);
+  lora::LoRAEmbedding<float> dora(E, dora_config(4, 8));
+  // A = 0 (PEFT's init): n is ‖E[:, j]‖, m / n is exactly 1 and the output is the table's rows bit for bit.
+  CHECK(max_rel_diff(dora.magnitude(), E.colwise().norm()) < 1e-6);
+  CHECK(dora.lora_B() == plain.lora_B());
+  const std::vector<Index> ids{12, 0, 4, 4};
+  dora.eval();
+  plain.eval();
+  CHECK(Mat<float>(dora.forward(ids)) == Mat<float>(plain.forward(ids)));
+  CHECK(dora.parameter_count().trainable == plain.parameter_count().trainable + 5);
+  const auto params = dora.parameters();
+  REQUIRE(params.size() == 3);
+  CHECK(params[2].name == "lora_magnitude_vector");
+  CHECK(params[2].rows == 1);
+  CHECK(params[2].cols == 5);
+  // LoRA+: PEFT's create_loraplus_optimizer puts an embedding's magnitude (a 1-D parameter held by a ModuleDict,
+  // not by the Embedding) with lora_B, at lr · ratio; A and B go to the embedding group.
+  const auto groups = lora::loraplus_groups(dora.parameters(), 0.01);
+  CHECK(groups[0].lr_scale == Approx(1e-6 / 0.01));
+  CHECK(groups[1].lr_scale == Approx(1e-6 / 0.01));
+  CHECK(groups[2].lr_scale == Approx(16));
+}
+
+TEST_CASE("DoRA embedding: dm passes finite differences, and dA, dB are LoRA's with n held constant",
+          "[dora][embedding][gradcheck]") {
+  std::srand(4);
+  const Mat<double> E = Mat<double>::Random(9, 4);
+  lora::LoRAEmbedding<double> layer(E, dora_config(3, 6), Index{8});
+  layer.lora_A() = Mat<double>::Random(3, 9);
+  layer.magnitude().array() *= 1.3;
+  const std::vector<Index> ids{2, 7, 2, 8, 5, 2};
+  const Mat<double> P = Mat<double>::Random(6, 4);
+  Mat<double> y(6, 4);
+  auto loss = [&] {
+    layer.forward(ids, y);
+    return y.cwiseProduct(P).sum();
+  };
+  loss();
+  layer.zero_grad();
+  layer.backward(ids, P);
+  const auto params = layer.parameters();
+  const auto& m = params[2];
+  const Mat<double> dm = Eigen::Map<const Mat<double>>(m.grad, m.rows, m.cols);
+  const auto result = lora::check_gradient(loss, m.value, dm.data(), m.size());
+  INFO(result.describe(m.name));
+  CHECK(result.ok());
+
+  // With n frozen at the forward's value, y = c ⊙ (E[ids] + s·H Bᵀ) is LoRA's output scaled per column: the same
+  // gradients as a plain embedding whose B is c ⊙ B (row j times c_j), given dy.
+  const Mat<double> c = layer.magnitude().cwiseQuotient(layer.weight_norm());
+  lora::LoraConfig plain_config = dora_config(3, 6);
+  plain_config.use_dora = false;
+  lora::LoRAEmbedding<double> plain(E, plain_config, Index{8});
+  plain.lora_A() = layer.lora_A();
+  plain.lora_B() = c.transpose().asDiagonal() * layer.lora_B();
+  Mat<double> y_plain(6, 4);
+  plain.forward(ids, y_plain);
+  plain.zero_grad();
+  plain.backward(ids, P);
+  CHECK(max_rel_diff(layer.dA(), plain.dA()) < 1e-13);  // padding id 8 gets none in either
+  CHECK(layer.dA().col(8).isZero(0));
+  // dB: plain's dB' = dL/d(c⊙B), and dL/dB = c ⊙ dB' per row.
+  CHECK(max_rel_diff(layer.dB(), Mat<double>(c.transpose().asDiagonal() * plain.dB())) < 1e-13);
+}
+
+TEST_CASE("DoRA embedding refuses a zero column, a zero magnitude at merge and a read-only table, changing nothing",
+          "[dora][embedding][errors]") {
+  Mat<double> E = Mat<double>::Random(8, 3);
+  E.col(1).setZero();
+  CHECK_THROWS_WITH(lora::LoRAEmbedding<double>(E, dora_config()),
+                    Contains("embedding dimension 1") && Contains("NaN"));
+
+  Mat<double> table = Mat<double>::Random(8, 3);
+  const Mat<double> before = table;
+  lora::LoRAEmbedding<double> layer(
+      lora::FrozenWeight<double>::mutable_view(table.data(), 3, 8, lora::WeightLayout::in_out), dora_config());
+  layer.lora_A() = Mat<double>::Random(2, 8);
+  layer.magnitude()(0, 2) = 0;
+  CHECK_THROWS_WITH(layer.merge(), Contains("embedding dimension 2") && Contains("left unchanged"));
+  CHECK_FALSE(layer.is_merged());
+  CHECK(table == before);
+
+  lora::LoRAEmbedding<double> viewed = lora::LoRAEmbedding<double>::view(before.data(), 8, 3, dora_config());
+  CHECK_THROWS_WITH(viewed.merge(), Contains("read-only"));
+  CHECK_FALSE(viewed.is_merged());
+
+  lora::LoraConfig rank_zero = dora_config();
+  rank_zero.r = 0;
+  CHECK_THROWS_WITH(lora::LoRAEmbedding<double>(before, rank_zero), Contains("use_dora needs r > 0"));
+}
+
+namespace {
+namespace st = lora::safetensors;
+const std::string dora_dir = std::string(LORA_TEST_DATA_DIR) + "/peft/dora";
+const std::string embed_path = "model.embed_tokens", q_path = "model.layers.0.self_attn.q_proj";
+}  // namespace
+
+TEST_CASE("DoRA embedding adapters as PEFT saves them load, give PEFT's outputs, save back and merge as PEFT's",
+          "[dora][embedding][peft][golden]") {
+  const auto base = st::File::open(dora_dir + "/base_embedding.safetensors");
+  const auto forward = st::File::open(dora_dir + "/forward_embedding.safetensors");
+  const auto want_merged = st::File::open(dora_dir + "/merged_embedding.safetensors");
+  const auto adapter = lora::peft::read_adapter<float>(dora_dir + "/embedding");
+  REQUIRE(adapter.config.use_dora);
+  REQUIRE(adapter.modules.size() == 2);
+  REQUIRE(adapter.find(embed_path) != nullptr);
+  CHECK(adapter.find(embed_path)->embedding);
+  CHECK(adapter.find(embed_path)->magnitude.cols() == 6);
+
+  // Owned copies of the base tensors, so that the layers' merge can be checked too.
+  const Mat<float> wte = base.matrix<float>(embed_path + ".weight"), W_q = base.matrix<float>(q_path + ".weight");
+  lora::LoRAEmbedding<float> emb(wte, adapter.config.layer_config(embed_path));
+  lora::LoRALinear<float> q(W_q, adapter.config.layer_config(q_path));
+  REQUIRE(emb.use_dora());
+  const std::map<std::string, lora::LoRALinear<float>*> linears{{q_path, &q}};
+  const std::map<std::string, lora::LoRAEmbedding<float>*> embeddings{{embed_path, &emb}};
+  const auto report = lora::peft::load_adapter(dora_dir + "/embedding", linears, embeddings);
+  CHECK(report.loaded.size() == 2);
+  CHECK(emb.magnitude() == adapter.find(embed_path)->magnitude);
+
+  const Mat<float> id_values = forward.matrix<float>(embed_path + ".ids");
+  std::vector<Index> ids;
+  for (Index i = 0; i < id_values.size(); ++i) ids.push_back(static_cast<Index>(id_values(i)));
+  CHECK(max_rel_diff(std::as_const(emb).forward(ids), forward.matrix<float>(embed_path + ".y")) < 1e-5);
+  const Mat<float> x = forward.matrix<float>(q_path + ".x");
+  CHECK(max_rel_diff(std::as_const(q).forward(x), forward.matrix<float>(q_path + ".y")) < 1e-5);
+
+  // Saved from the layers and from the adapter as read: PEFT's bytes, both files.
+  const auto dir = lora_test::scratch_dir("dora-embedding-peft");
+  lora::peft::save_adapter((dir / "out").string(), linears, embeddings, adapter.config);
+  lora::peft::save_adapter((dir / "held").string(), adapter);
+  for (const char* name : {"adapter_model.safetensors", "adapter_config.json"}) {
+    CAPTURE(name);
+    const auto want = lora_test::read_bytes(dora_dir + "/embedding/" + name);
+    CHECK(lora_test::read_bytes((dir / "out" / name).string()) == want);
+    CHECK(lora_test::read_bytes((dir / "held" / name).string()) == want);
+  }
+
+  // lora-merge's merge_adapter_file and the layers' own merge give PEFT's merge_safe.
+  const std::string out = (dir / "merged.safetensors").string();
+  lora::peft::merge_adapter_file(dora_dir + "/base_embedding.safetensors", dora_dir + "/embedding", out);
+  const auto got = st::File::open(out);
+  for (const auto& t : want_merged.tensors()) {
+    CAPTURE(t.name);
+    CHECK(max_rel_diff(got.matrix<float>(t.name), want_merged.matrix<float>(t.name)) < 2e-6);
+  }
+  emb.merge();
+  q.merge();
+  CHECK(max_rel_diff(emb.table(), want_merged.matrix<float>(embed_path + ".weight")) < 2e-6);
+  CHECK(max_rel_diff(q.frozen_weight().stored(), want_merged.matrix<float>(q_path + ".weight")) < 2e-6);
+  emb.unmerge();
+  CHECK(max_rel_diff(emb.table(), wte) < 1e-6);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("DoRA embedding files that do not fit are refused with what was expected, and nothing loads",
+          "[dora][embedding][peft][errors]") {
+  const auto dir = lora_test::scratch_dir("dora-embedding-bad");
+  const auto source = st::File::open(dora_dir + "/embedding/adapter_model.safetensors");
+  const std::string key = "base_model.model." + embed_path + ".lora_magnitude_vector";
+  std::filesystem::create_directories(dir / "a");
+  std::filesystem::copy_file(dora_dir + "/embedding/adapter_config.json", dir / "a" / "adapter_config.json");
+  st::Writer w;
+  for (const auto& t : source.tensors()) {
+    if (t.name == key)
+      w.add(t.name, Mat<float>::Ones(1, 5), st::Dtype::F32, {5});
+    else
+      w.add(t.name, source.matrix<float>(t.name), st::Dtype::F32, t.shape);
+  }
+  w.save((dir / "a" / "adapter_model.safetensors").string());
+  CHECK_THAT(lora_test::error_of([&] { lora::peft::read_adapter<float>((dir / "a").string()); }),
+             Contains("embed_tokens.lora_magnitude_vector: expected [6] (embedding_dim), got F32 [5]"));
+
+  // A DoRA embedding file into an embedding built without DoRA: refused, and neither layer changes.
+  const auto config = lora::peft::AdapterConfig::read(dora_dir + "/embedding/adapter_config.json");
+  const auto base = st::File::open(dora_dir + "/base_embedding.safetensors");
+  lora::LoraConfig plain = config.layer_config(embed_path);
+  plain.use_dora = false;
+  lora::LoRAEmbedding<float> emb(base.matrix<float>(embed_path + ".weight"), plain);
+  lora::LoRALinear<float> q(base.matrix<float>(q_path + ".weight"), config.layer_config(q_path));
+  const Mat<float> emb_B = emb.lora_B(), q_A = q.lora_A();
+  CHECK_THAT(lora_test::error_of([&] {
+               lora::peft::load_adapter(dora_dir + "/embedding",
+                                        std::map<std::string, lora::LoRALinear<float>*>{{q_path, &q}},
+                                        std::map<std::string, lora::LoRAEmbedding<float>*>{{embed_path, &emb}});
+             }),
+             Contains("embed_tokens: the file's adapter is DoRA (lora_magnitude_vector), the layer was built without "
+                      "use_dora"));
+  CHECK(emb.lora_B() == emb_B);
+  CHECK(q.lora_A() == q_A);
+  std::filesystem::remove_all(dir);
+}
+
+}  // namespace unit_dora_embedding
