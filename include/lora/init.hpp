@@ -145,26 +145,17 @@ void olora_init(LoRALinear<Scalar>& layer) {
 /// overwritten by the file's A and B).
 enum class ResidualInit { none, pissa, olora };
 
-/// The initial adapter (A0 (r, I), B0 (O, r)) PEFT's pissa_init / olora_init compute from a module's weight, so
-/// that its residual is W − s·B0 A0 with W (O, I). `w` is W (O, I); `stored_in_out` says that the checkpoint stores
-/// it (I, O) (fan_in_fan_out, a Conv1D weight). PiSSA factors W (PEFT transposes a Conv1D weight first). OLoRA
-/// factors the stored matrix as it is, as PEFT's olora_init does: for a square Conv1D weight that is Wᵀ = Q R, and
-/// PEFT's residual is then W − s·(Q_r R_r)ᵀ, returned here as B0 = R_rᵀ, A0 = Q_rᵀ. (PEFT's A and B are Q_r and R_r
-/// themselves, whose product it adds untransposed, so its OLoRA on a Conv1D weight does not start at the base
-/// model's output; olora_init refuses that case. On a Conv1D weight that is not square PEFT's shapes do not fit
-/// the layer at all, and W (O, I) is factored as olora_init does.) Throws config_error, naming `where`, for r
-/// outside 1..min(O, I).
-template <class Scalar>
-std::pair<Matrix<Scalar>, Matrix<Scalar>> peft_init_factors(const Matrix<Scalar>& w, bool stored_in_out,
-                                                            ResidualInit kind, Index r, double scaling,
-                                                            const std::string& where) {
-  if (r <= 0 || r > std::min(w.rows(), w.cols()))
-    throw config_error(where + ": r " + std::to_string(r) + " must be in 1..min(out " + std::to_string(w.rows()) +
-                       ", in " + std::to_string(w.cols()) + ") for PiSSA or OLoRA");
-  using Mat = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+namespace detail {
+/// peft_init_factors in double (a template so that only a file that calls it compiles it).
+template <class Double>
+std::pair<Matrix<Double>, Matrix<Double>> residual_factors(const Matrix<Double>& w, bool stored_in_out,
+                                                           ResidualInit kind, Index r, double scaling,
+                                                           const std::string& where) {
+  static_assert(std::is_same_v<Double, double>, "residual_factors factors in double");
+  using Mat = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic>;
   if (kind == ResidualInit::pissa) {
-    const auto svd = top_singular<Scalar>(w, r, -1, 0);
-    const Vector<Scalar> root = (svd.s.array() / static_cast<Scalar>(scaling)).sqrt().matrix();
+    const auto svd = top_singular<double>(w, r, -1, 0);
+    const Vector<double> root = (svd.s.array() / scaling).sqrt().matrix();
     return {root.asDiagonal() * svd.v.transpose(), svd.u * root.asDiagonal()};
   }
   if (kind != ResidualInit::olora) throw config_error(where + ": no PiSSA or OLoRA initialisation asked for");
@@ -176,6 +167,36 @@ std::pair<Matrix<Scalar>, Matrix<Scalar>> peft_init_factors(const Matrix<Scalar>
   const Mat rr = qr.matrixQR().topRows(r).template triangularView<Eigen::Upper>();
   if (stored_in_out) return {q.leftCols(r).transpose(), rr.transpose()};  // Wᵀ − s·Q_r R_r = (W − s·R_rᵀ Q_rᵀ)ᵀ
   return {rr, q.leftCols(r)};
+}
+}  // namespace detail
+
+/// The initial adapter (A0 (r, I), B0 (O, r)) PEFT's pissa_init / olora_init compute from a module's weight, so
+/// that its residual is W − s·B0 A0 with W (O, I). `w` is W (O, I); `stored_in_out` says that the checkpoint stores
+/// it (I, O) (fan_in_fan_out, a Conv1D weight). PiSSA factors W (PEFT transposes a Conv1D weight first). OLoRA
+/// factors the stored matrix as it is, as PEFT's olora_init does: for a square Conv1D weight that is Wᵀ = Q R, and
+/// PEFT's residual is then W − s·(Q_r R_r)ᵀ, returned here as B0 = R_rᵀ, A0 = Q_rᵀ. (PEFT's A and B are Q_r and R_r
+/// themselves, whose product it adds untransposed, so its OLoRA on a Conv1D weight does not start at the base
+/// model's output; olora_init refuses that case. On a Conv1D weight that is not square PEFT's shapes do not fit
+/// the layer at all, and W (O, I) is factored as olora_init does.) Throws config_error, naming `where`, for r
+/// outside 1..min(O, I).
+///
+/// The factors are computed in double for every Scalar, then rounded: Eigen's BDCSVD and HouseholderQR take
+/// about 25 s of compile time per scalar type in every file that loads or merges adapter files (lora-merge took
+/// 109 s to compile with float and double, 66 s with double alone), and rounded double factors are as close to
+/// PEFT's float32 ones as Eigen's float factors would be.
+template <class Scalar>
+std::pair<Matrix<Scalar>, Matrix<Scalar>> peft_init_factors(const Matrix<Scalar>& w, bool stored_in_out,
+                                                            ResidualInit kind, Index r, double scaling,
+                                                            const std::string& where) {
+  if (r <= 0 || r > std::min(w.rows(), w.cols()))
+    throw config_error(where + ": r " + std::to_string(r) + " must be in 1..min(out " + std::to_string(w.rows()) +
+                       ", in " + std::to_string(w.cols()) + ") for PiSSA or OLoRA");
+  if constexpr (std::is_same_v<Scalar, double>) {
+    return detail::residual_factors<double>(w, stored_in_out, kind, r, scaling, where);
+  } else {
+    auto [A0, B0] = detail::residual_factors<double>(w.template cast<double>(), stored_in_out, kind, r, scaling, where);
+    return {A0.template cast<Scalar>(), B0.template cast<Scalar>()};
+  }
 }
 
 /// A plain LoRA: A (R, I), B (O, R) and the config that gives its scaling.
