@@ -1,4 +1,4 @@
-// DoRA in LoRALinear (config.use_dora; LoRAEmbedding's is in unit-dora-embedding.cpp): forward, backward, merge and
+// DoRA in LoRALinear (config.use_dora; LoRAEmbedding's is in unit-dora-layers.cpp): forward, backward, merge and
 // unmerge against PEFT's DoraLinearLayer and DoraLinearVariant computed by PyTorch (tests/golden/make_golden.py,
 // "dora.*"), in both weight layouts and in float and double; the dropout path against PEFT's formula written out here
 // with the layer's own mask, and its gradients against central differences of that formula; the norm without an O × I
@@ -349,9 +349,12 @@ TEST_CASE("DoRA refuses a zero row, a zero magnitude at merge and a read-only we
 TEST_CASE("The layers without DoRA refuse use_dora", "[dora][errors]") {
   lora::LoraConfig c = dora_config();
   c.bias = lora::BiasMode::none;
-  lora::MultiLoRALinear<float> multi(Mat<float>::Random(4, 6));
-  CHECK_THROWS_WITH(multi.add_adapter("a", c), Contains("use_dora"));
-  CHECK(multi.adapter_names().empty());
+  lora::LoraConfig plain = c;
+  plain.use_dora = false;
+  const Mat<float> W = Mat<float>::Random(8, 6);
+  CHECK_THROWS_WITH(
+      lora::FusedLoRALinear<float>(lora::FrozenWeight<float>::view(W.data(), 8, 6), {{"q", 4, c}, {"v", 4, plain}}),
+      Contains("use_dora"));
 }
 
 TEST_CASE("PiSSA with DoRA: the magnitude starts at the norms of the original W, as PEFT orders them", "[dora][init]") {
@@ -520,13 +523,7 @@ TEST_CASE("DoRA files that do not fit are refused with what was expected, and no
              Contains("the file's adapter is DoRA (lora_magnitude_vector), the layer was built without use_dora"));
   CHECK(plain.lora_A() == A_before);
 
-  // MultiLoRALinear has no DoRA: refused with the reason.
-  lora::MultiLoRALinear<float> multi{Mat<float>(w)};
-  std::map<std::string, lora::MultiLoRALinear<float>*> multis{{model.by_path.begin()->first, &multi}};
   const auto adapter = lora::peft::read_adapter<float>(dora_dir + "/linear");
-  CHECK_THAT(lora_test::error_of([&] { lora::peft::load_adapter(adapter, "d", multis); }),
-             Contains("MultiLoRALinear has no DoRA yet"));
-  CHECK(multi.adapter_names().empty());
 
   // GGUF has no place for a magnitude: the exporter says why and writes nothing.
   lora::gguf::Writer writer;

@@ -7,6 +7,12 @@
 //   uses adapter a_n):           (no adapter term for a row marked base)
 //   s_a = scale_a · lora_alpha_a / r_a   (/ sqrt(r_a) with rsLoRA; scale_a from set_scale, 1 by default)
 //
+// DoRA adapters (config.use_dora, PEFT's DoraLinearLayer) carry a magnitude m_a (O) and, computed when the
+// adapter is published (W never changes here), c_a = m_a / ‖W + s_a·B_a A_a‖ per output row. Their term in
+// either forward is PEFT's (c_a − 1) ⊙ x Wᵀ + c_a ⊙ s_a·(x A_aᵀ) B_aᵀ: alone, y = b + c_a ⊙ (x Wᵀ + s_a·H B_aᵀ),
+// and a row of a mixed batch gets exactly that (PEFT refuses mixed batches with DoRA; the row-wise form is the
+// same output each row would get from its adapter alone).
+//
 // The base product x Wᵀ runs once for the whole batch; the rows of a mixed
 // batch are grouped by adapter so every low-rank product is a matrix-matrix
 // product over all rows that use that adapter (the CPU analogue of punica's
@@ -62,6 +68,10 @@ struct NamedAdapter {
   double scale = 1;       ///< runtime multiplier (set_scale), 1 as loaded
   Matrix<Scalar> lora_A;  ///< (R, I)
   Matrix<Scalar> lora_B;  ///< (O, R)
+  /// DoRA (config.use_dora): the magnitude m (1, O), and c = m / ‖W + s·B A‖ (1, O) at this adapter's
+  /// scaling, computed when it was published. Both empty without DoRA.
+  Matrix<Scalar> magnitude;
+  Matrix<Scalar> dora_scale;
 
   Index rank() const { return config.r; }
   /// s = scale · lora_alpha / r (or / sqrt(r) with rsLoRA).
@@ -130,13 +140,14 @@ class MultiLoRALinear {
   /// Throws config_error for a duplicate or reserved name, or config.bias != none
   /// (the base bias is shared by every adapter and stays frozen).
   void add_adapter(const std::string& name, const LoraConfig& config);
-  /// Adds an adapter with the given A (R, I) and B (O, R); R must equal config.r.
+  /// Adds an adapter with the given A (R, I) and B (O, R); R must equal config.r. With config.use_dora,
+  /// `magnitude` (1, O) is DoRA's m; left empty it starts as ‖W + s·B A‖ per row (PEFT's init).
   void add_adapter(const std::string& name, const LoraConfig& config, const ConstRef<Scalar>& lora_A,
-                   const ConstRef<Scalar>& lora_B);
+                   const ConstRef<Scalar>& lora_B, const Matrix<Scalar>& magnitude = Matrix<Scalar>());
   /// Replaces an existing adapter's weights and config (hot swap); keeps its id,
   /// its scale and whether it is active. Readers see the old or the new one.
   void replace_adapter(const std::string& name, const LoraConfig& config, const ConstRef<Scalar>& lora_A,
-                       const ConstRef<Scalar>& lora_B);
+                       const ConstRef<Scalar>& lora_B, const Matrix<Scalar>& magnitude = Matrix<Scalar>());
   /// Removes an adapter (and drops it from the active set). Forwards already
   /// running keep the snapshot they took.
   void remove_adapter(const std::string& name);
@@ -240,7 +251,7 @@ class MultiLoRALinear {
   bool has_bias() const { return has_bias_; }
   Index in_features() const { return in_; }
   Index out_features() const { return out_; }
-  /// Scalars held by the adapters' A and B: Σ r_a (I + O).
+  /// Scalars held by the adapters' A and B (and DoRA magnitudes): Σ r_a (I + O) (+ O).
   Index adapter_parameter_count() const;
 
  private:
@@ -257,7 +268,10 @@ class MultiLoRALinear {
   const AdapterPtr& require(const State& s, const std::string& name, const char* where) const;
   std::string known_names(const State& s) const;
   AdapterPtr make_adapter(const char* where, const std::string& name, int id, const LoraConfig& config,
-                          const ConstRef<Scalar>& A, const ConstRef<Scalar>& B, double scale) const;
+                          const ConstRef<Scalar>& A, const ConstRef<Scalar>& B, double scale,
+                          const Matrix<Scalar>& magnitude) const;
+  /// DoRA: c = m / ‖W + s·B A‖ for `a` (its config, scale, A, B and magnitude set). Called with writers_ held.
+  void set_dora_scale(const char* where, NamedAdapter<Scalar>& a) const;
   void check_new_name(const char* where, const State& s, const std::string& name) const;
   void set_enabled(bool enabled);
   /// Throws state_error when `name` is the adapter being trained (its published copy would go stale).
@@ -277,7 +291,8 @@ class MultiLoRALinear {
   bool has_bias_ = false;
   Row bias_;
 
-  StatePtr state_;  // read with atomic_load, replaced with atomic_store
+  StatePtr state_;                                               // read with atomic_load, replaced with atomic_store
+  mutable Eigen::Matrix<double, Eigen::Dynamic, 1> w_sq_norms_;  // DoRA: ‖W_o‖², computed once, under writers_
   std::unique_ptr<std::mutex> writers_ = std::make_unique<std::mutex>();
   int next_id_ = 0;
 

@@ -1047,10 +1047,6 @@ LoadReport load_adapter(const Adapter<Scalar>& adapter, const std::string& name,
     if (m->B.rows() != layer->out_features())
       problems.push_back(path + ".lora_B.weight: expected " + shape_string(layer->out_features(), m->r) + ", got " +
                          shape_string(m->B.rows(), m->B.cols()));
-    if (m->magnitude.size() > 0)
-      problems.push_back(path +
-                         ": a DoRA adapter (lora_magnitude_vector); MultiLoRALinear has no DoRA yet (load it "
-                         "into LoRALinear layers, or merge it with lora-merge)");
     if (m->bias.size() > 0)
       problems.push_back(path + ".bias: the adapter trained the bias (bias mode " +
                          std::string(bias_name(adapter.config.bias)) +
@@ -1067,7 +1063,7 @@ LoadReport load_adapter(const Adapter<Scalar>& adapter, const std::string& name,
       const ModuleAdapter<Scalar>* m = adapter.find(path);
       LoraConfig config = adapter.config.layer_config(path);
       config.bias = BiasMode::none;
-      layer->add_adapter(name, config, m->A, m->B);
+      layer->add_adapter(name, config, m->A, m->B, m->magnitude);  // DoRA: the file's magnitude (else empty)
       report.loaded.push_back(path);
     }
   } catch (...) {
@@ -1245,6 +1241,7 @@ void save_adapter(const std::string& dir, const std::string& name,
     views.push_back(std::make_unique<LoRALinear<Scalar>>(layer->frozen_weight().read_only_view(), a->config));
     views.back()->lora_A() = a->lora_A;
     views.back()->lora_B() = a->lora_B;
+    if (a->config.use_dora) views.back()->magnitude() = a->magnitude;
     single[path] = views.back().get();
   }
   save_adapter(dir, single, base, dtype);

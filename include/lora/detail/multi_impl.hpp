@@ -104,7 +104,7 @@ void MultiLoRALinear<Scalar>::check_new_name(const char* where, const State& s, 
 template <class Scalar>
 typename MultiLoRALinear<Scalar>::AdapterPtr MultiLoRALinear<Scalar>::make_adapter(
     const char* where, const std::string& name, int id, const LoraConfig& config, const ConstRef<Scalar>& A,
-    const ConstRef<Scalar>& B, double scale) const {
+    const ConstRef<Scalar>& B, double scale, const Matrix<Scalar>& magnitude) const {
   const std::string who = std::string(where) + ": adapter " + detail::quoted(name);
   try {
     config.validate();
@@ -112,8 +112,10 @@ typename MultiLoRALinear<Scalar>::AdapterPtr MultiLoRALinear<Scalar>::make_adapt
     throw config_error(who + ": " + e.what());
   }
   if (config.r <= 0) throw config_error(who + ": r must be >= 1, got " + std::to_string(config.r));
-  if (config.use_dora)
-    throw config_error(who + ": use_dora is not supported by MultiLoRALinear yet (LoRALinear has DoRA)");
+  if (magnitude.size() != 0 && (!config.use_dora || magnitude.size() != out_))
+    throw shape_error(who + (config.use_dora ? ": DoRA's magnitude expected " + std::to_string(out_) +
+                                                   " entries (out_features), got " + std::to_string(magnitude.size())
+                                             : ": a DoRA magnitude was given, but config.use_dora is false"));
   if (config.bias != BiasMode::none)
     throw config_error(who +
                        ": bias must be none; the base bias is shared by every adapter of the layer and stays frozen");
@@ -129,7 +131,21 @@ typename MultiLoRALinear<Scalar>::AdapterPtr MultiLoRALinear<Scalar>::make_adapt
   a->scale = scale;
   a->lora_A = A;
   a->lora_B = B;
+  if (config.use_dora) {
+    a->magnitude = magnitude;
+    set_dora_scale(who.c_str(), *a);
+  }
   return a;
+}
+
+template <class Scalar>
+void MultiLoRALinear<Scalar>::set_dora_scale(const char* where, NamedAdapter<Scalar>& a) const {
+  if (w_sq_norms_.size() == 0) w_sq_norms_ = weight_.output_squared_norms();
+  const RowVector<Scalar> n =
+      weight_.low_rank_row_norms(where, "output row", w_sq_norms_, a.scaling(), a.lora_B, a.lora_A);
+  if (a.magnitude.size() == 0) a.magnitude = n;  // PEFT's init: m = n, so the adapter is plain LoRA at first
+  a.magnitude.resize(1, out_);
+  a.dora_scale = a.magnitude.cwiseQuotient(n);
 }
 
 template <class Scalar>
@@ -160,12 +176,13 @@ void MultiLoRALinear<Scalar>::add_adapter(const std::string& name, const LoraCon
 
 template <class Scalar>
 void MultiLoRALinear<Scalar>::add_adapter(const std::string& name, const LoraConfig& config,
-                                          const ConstRef<Scalar>& lora_A, const ConstRef<Scalar>& lora_B) {
+                                          const ConstRef<Scalar>& lora_A, const ConstRef<Scalar>& lora_B,
+                                          const Matrix<Scalar>& magnitude) {
   const char* where = "MultiLoRALinear::add_adapter";
   std::lock_guard<std::mutex> lock(*writers_);
   StatePtr now = snapshot();
   check_new_name(where, *now, name);
-  AdapterPtr a = make_adapter(where, name, next_id_, config, lora_A, lora_B, 1.0);
+  AdapterPtr a = make_adapter(where, name, next_id_, config, lora_A, lora_B, 1.0, magnitude);
   auto next = std::make_shared<State>(*now);
   next->adapters.push_back(std::move(a));
   ++next_id_;
@@ -174,13 +191,14 @@ void MultiLoRALinear<Scalar>::add_adapter(const std::string& name, const LoraCon
 
 template <class Scalar>
 void MultiLoRALinear<Scalar>::replace_adapter(const std::string& name, const LoraConfig& config,
-                                              const ConstRef<Scalar>& lora_A, const ConstRef<Scalar>& lora_B) {
+                                              const ConstRef<Scalar>& lora_A, const ConstRef<Scalar>& lora_B,
+                                              const Matrix<Scalar>& magnitude) {
   const char* where = "MultiLoRALinear::replace_adapter";
   std::lock_guard<std::mutex> lock(*writers_);
   StatePtr now = snapshot();
   const AdapterPtr& old = require(*now, name, where);
   check_not_training(where, name);
-  AdapterPtr a = make_adapter(where, name, old->id, config, lora_A, lora_B, old->scale);
+  AdapterPtr a = make_adapter(where, name, old->id, config, lora_A, lora_B, old->scale, magnitude);
   publish_replacing(*now, std::move(a));
 }
 
@@ -268,6 +286,7 @@ void MultiLoRALinear<Scalar>::set_scale(const std::string& name, double scale) {
   check_not_training(where, name);
   auto a = std::make_shared<NamedAdapter<Scalar>>(*old);  // copies r (I + O) scalars: set_scale is not a hot path
   a->scale = scale;
+  if (a->config.use_dora) set_dora_scale(where, *a);  // n depends on s
   publish_replacing(*now, std::move(a));
 }
 
@@ -294,7 +313,7 @@ template <class Scalar>
 Index MultiLoRALinear<Scalar>::adapter_parameter_count() const {
   StatePtr s = snapshot();
   Index n = 0;
-  for (const auto& a : s->adapters) n += a->lora_A.size() + a->lora_B.size();
+  for (const auto& a : s->adapters) n += a->lora_A.size() + a->lora_B.size() + a->magnitude.size();
   return n;
 }
 
@@ -315,6 +334,10 @@ void MultiLoRALinear<Scalar>::add_weighted_adapter(const std::vector<std::string
   std::vector<AdapterPtr> src;
   for (std::size_t i = 0; i < adapters.size(); ++i) {
     src.push_back(require(*now, adapters[i], where.c_str()));
+    if (src.back()->config.use_dora)
+      throw config_error(where + ": " + target + ": adapter " + detail::quoted(adapters[i]) +
+                         " is DoRA: its magnitude rescales the rows of W + s·B A, so it is no update B A that can be "
+                         "weighted and added to others");
     if (!std::isfinite(weights[i]))
       throw config_error(where + ": " + target + ": the weight of adapter " + detail::quoted(adapters[i]) +
                          " must be finite, got " + value_string(weights[i]));
@@ -419,14 +442,40 @@ template <class Scalar>
 void MultiLoRALinear<Scalar>::forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) const {
   const char* where = "MultiLoRALinear::forward";
   StatePtr s = snapshot();  // one consistent adapter set for the whole call
-  base_forward(where, x, y);
-  if (!s->enabled) return;
-  Mat H;
-  for (const auto& name : s->active) {
-    const AdapterPtr* a = find(*s, name);
-    H.noalias() = x * (*a)->lora_A.transpose();  // (N, R)
-    y.noalias() += (*a)->scaling() * H * (*a)->lora_B.transpose();
+  bool dora = false;
+  if (s->enabled)
+    for (const auto& name : s->active) dora = dora || (*find(*s, name))->config.use_dora;
+  if (!dora) {
+    base_forward(where, x, y);
+    if (!s->enabled) return;
+    Mat H;
+    for (const auto& name : s->active) {
+      const AdapterPtr* a = find(*s, name);
+      H.noalias() = x * (*a)->lora_A.transpose();  // (N, R)
+      y.noalias() += (*a)->scaling() * H * (*a)->lora_B.transpose();
+    }
+    return;
   }
+  // DoRA among the active adapters: each adds (c − 1) ⊙ x Wᵀ + c ⊙ s·H Bᵀ (PEFT's DoraLinearLayer.forward), so
+  // x Wᵀ is kept apart from the sum until every term is in; the bias comes last.
+  detail::check_shape(where, "x", x, -1, in_);
+  detail::check_shape(where, "y", y, x.rows(), out_);
+  detail::check_no_overlap(where, "y", y, "x", x);
+  Mat base(x.rows(), out_), H, T;
+  weight_.forward(x, base);
+  y = base;
+  for (const auto& name : s->active) {
+    const NamedAdapter<Scalar>& a = **find(*s, name);
+    H.noalias() = x * a.lora_A.transpose();  // (N, R)
+    if (!a.config.use_dora) {
+      y.noalias() += a.scaling() * H * a.lora_B.transpose();
+      continue;
+    }
+    T.noalias() = a.scaling() * H * a.lora_B.transpose();  // (N, O)
+    const auto c = a.dora_scale.row(0).array();
+    y.array() += base.array().rowwise() * (c - Scalar(1)) + T.array().rowwise() * c;
+  }
+  if (has_bias_) y.rowwise() += bias_;
 }
 
 template <class Scalar>
@@ -460,6 +509,22 @@ void MultiLoRALinear<Scalar>::forward_grouped(const ConstRef<Scalar>& x, const S
     const NamedAdapter<Scalar>& a = *state.adapters[g];
     // Rows that already sit together (a batch sorted by adapter) are used in place.
     const bool contiguous = order[first + count - 1] - order[first] == count - 1;
+    if (a.config.use_dora) {
+      // y_n holds x_n Wᵀ + b: the adapter alone makes it b + c ⊙ (x_n Wᵀ + s·H_n Bᵀ)
+      xg.resize(count, in_);
+      for (Index k = 0; k < count; ++k) xg.row(k) = x.row(order[first + k]);
+      H.noalias() = xg * a.lora_A.transpose();
+      dy.noalias() = a.scaling() * H * a.lora_B.transpose();  // (count, O)
+      const auto c = a.dora_scale.row(0).array();
+      for (Index k = 0; k < count; ++k) {
+        auto row = y.row(order[first + k]).array();
+        if (has_bias_)
+          row = (row - bias_.array() + dy.row(k).array()) * c + bias_.array();
+        else
+          row = (row + dy.row(k).array()) * c;
+      }
+      continue;
+    }
     if (contiguous) {
       const Index r0 = order[first];
       H.noalias() = x.middleRows(r0, count) * a.lora_A.transpose();  // (count, R)
@@ -581,6 +646,10 @@ void MultiLoRALinear<Scalar>::publish_trained_locked() {
   a->scale = (*old)->scale;
   a->lora_A = trainer_->lora_A();
   a->lora_B = trainer_->lora_B();
+  if (a->config.use_dora) {
+    a->magnitude = trainer_->magnitude();
+    set_dora_scale("MultiLoRALinear (publishing the trained adapter)", *a);
+  }
   publish_replacing(*now, std::move(a));
 }
 
@@ -599,6 +668,7 @@ void MultiLoRALinear<Scalar>::train_adapter(const std::string& name) {
                                                           : LoRALinear<Scalar>(weight_.read_only_view(), cfg));
   t->lora_A() = a->lora_A;
   t->lora_B() = a->lora_B;
+  if (a->config.use_dora) t->magnitude() = a->magnitude;
   t->train();
   auto next = std::make_shared<State>(*now);
   next->active = {name};

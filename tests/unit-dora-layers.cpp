@@ -1,7 +1,9 @@
-// DoRA on LoRAEmbedding (config.use_dora): forward, backward, merge and unmerge against PEFT's DoraEmbeddingLayer
-// and DoraEmbeddingVariant computed by PyTorch (tests/golden/make_golden.py, "dora_embedding.*"), the magnitude's
-// gradient against central differences, PEFT files with an embedding magnitude (make_dora_golden.py, "embedding"),
-// and the refusals, which change nothing.
+// DoRA beyond LoRALinear (unit-dora.cpp).
+// LoRAEmbedding: forward, backward, merge and unmerge against PEFT's DoraEmbeddingLayer and DoraEmbeddingVariant
+// computed by PyTorch (tests/golden/make_golden.py, "dora_embedding.*"), the magnitude's gradient against central
+// differences, PEFT files with an embedding magnitude (make_dora_golden.py, "embedding"), and the refusals.
+// MultiLoRALinear: DoRA adapters against LoRALinear's DoRA (itself checked against PyTorch) and against PEFT's
+// formula for several active adapters, row by row in mixed batches, in training, and from PEFT's DoRA files.
 #include <catch2/catch.hpp>
 #include <lora/lora.hpp>
 
@@ -15,7 +17,7 @@
 
 // Everything below is in a namespace of its own, so the test files can be compiled together (CMake's
 // UNITY_BUILD, tests/CMakeLists.txt) without their helpers clashing.
-namespace unit_dora_embedding {
+namespace unit_dora_layers {
 
 using Catch::Contains;
 using lora::Index;
@@ -289,4 +291,198 @@ TEST_CASE("DoRA embedding files that do not fit are refused with what was expect
   std::filesystem::remove_all(dir);
 }
 
-}  // namespace unit_dora_embedding
+// ---- MultiLoRALinear ------------------------------------------------------------------------------------------
+
+namespace {
+
+lora::LoraConfig multi_config(int r, double alpha, bool dora, bool rslora = false) {
+  lora::LoraConfig c;
+  c.r = r;
+  c.lora_alpha = alpha;
+  c.use_dora = dora;
+  c.use_rslora = rslora;
+  c.seed = 11 + r;
+  return c;
+}
+
+/// c = m / ‖W + s·B A‖ per row, the dense way.
+Mat<double> dense_scale(const Mat<double>& W, const Mat<double>& A, const Mat<double>& B, double s,
+                        const Mat<double>& m) {
+  return m.cwiseQuotient((W + s * B * A).rowwise().norm().transpose());
+}
+
+struct MultiCase {
+  Mat<double> W = Mat<double>::Random(6, 5);
+  lora::RowVector<double> b = lora::RowVector<double>::Random(6);
+  std::map<std::string, lora::LoraConfig> configs{
+      {"a", multi_config(2, 4, true)}, {"b", multi_config(3, 5, true, true)}, {"p", multi_config(2, 2, false)}};
+  std::map<std::string, Mat<double>> A, B, m;
+  lora::MultiLoRALinear<double> multi{Mat<double>(W), b};
+
+  MultiCase() {
+    for (const auto& [name, c] : configs) {
+      A[name] = Mat<double>::Random(c.r, 5);
+      B[name] = Mat<double>::Random(6, c.r);
+      if (c.use_dora) m[name] = 2 * Mat<double>::Random(1, 6).cwiseAbs().array() + 0.5;
+      multi.add_adapter(name, c, A[name], B[name], c.use_dora ? m[name] : Mat<double>());
+    }
+  }
+  /// A LoRALinear with adapter `name`'s A, B and magnitude, at scaling · scale.
+  lora::LoRALinear<double> single(const std::string& name, double scale = 1) const {
+    lora::LoraConfig c = configs.at(name);
+    c.lora_alpha *= scale;
+    lora::LoRALinear<double> layer(W, b, c);
+    layer.lora_A() = A.at(name);
+    layer.lora_B() = B.at(name);
+    if (c.use_dora) layer.magnitude() = m.at(name);
+    layer.eval();
+    return layer;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("MultiLoRALinear DoRA adapters: alone, with others as PEFT sums them, and row by row in a mixed batch",
+          "[dora][multi]") {
+  std::srand(21);
+  MultiCase t;
+  const Mat<double> x = Mat<double>::Random(5, 5);
+  for (const std::string name : {"a", "b", "p"}) {
+    CAPTURE(name);
+    t.multi.set_adapter(name);
+    CHECK(max_rel_diff(t.multi.forward(x), t.single(name).forward(x)) < 1e-12);
+  }
+  const auto a = t.multi.adapter("a");
+  CHECK(max_rel_diff(a->dora_scale, dense_scale(t.W, t.A["a"], t.B["a"], 2.0, t.m["a"])) < 1e-12);
+  CHECK(t.multi.adapter_parameter_count() == 2 * 11 + 6 + 3 * 11 + 6 + 2 * 11);
+
+  // Several active: PEFT adds each DoRA adapter's (c − 1) ⊙ x Wᵀ + c ⊙ s·H Bᵀ to x Wᵀ + b.
+  t.multi.set_active_adapters({"a", "p", "b"});
+  const Mat<double> base = x * t.W.transpose();
+  Mat<double> want = base.rowwise() + t.b;
+  for (const std::string name : {"a", "p", "b"}) {
+    const auto& c = t.configs[name];
+    const double s = c.use_rslora ? c.lora_alpha / std::sqrt(double(c.r)) : c.lora_alpha / c.r;
+    const Mat<double> low = s * x * t.A[name].transpose() * t.B[name].transpose();
+    if (!c.use_dora) {
+      want += low;
+      continue;
+    }
+    const Mat<double> scale = dense_scale(t.W, t.A[name], t.B[name], s, t.m[name]);
+    want.array() += base.array().rowwise() * (scale.array() - 1).row(0) + low.array().rowwise() * scale.array().row(0);
+  }
+  CHECK(max_rel_diff(t.multi.forward(x), want) < 1e-12);
+
+  // A mixed batch: each row as its adapter alone gives it (PEFT refuses DoRA here; the row-wise form is exact).
+  const std::vector<std::string> rows{"a", "b", lora::MultiLoRALinear<double>::base_name, "p", "a"};
+  Mat<double> mixed(5, 6);
+  t.multi.forward(x, rows, mixed);
+  for (Index n = 0; n < 5; ++n) {
+    CAPTURE(n);
+    const Mat<double> xn = x.row(n);
+    const Mat<double> expected = rows[n] == lora::MultiLoRALinear<double>::base_name
+                                     ? Mat<double>((xn * t.W.transpose()).rowwise() + t.b)
+                                     : Mat<double>(t.single(rows[n]).forward(xn));
+    CHECK(max_rel_diff(mixed.row(n), expected) < 1e-12);
+  }
+
+  // set_scale changes s, and with it n: the output is a LoRALinear's at lora_alpha · scale.
+  t.multi.set_scale("b", 0.5);
+  t.multi.set_adapter("b");
+  CHECK(max_rel_diff(t.multi.forward(x), t.single("b", 0.5).forward(x)) < 1e-12);
+}
+
+TEST_CASE("MultiLoRALinear DoRA: a new adapter starts at the base, training matches LoRALinear's DoRA and publishes m",
+          "[dora][multi]") {
+  std::srand(22);
+  const Mat<double> W = Mat<double>::Random(6, 5);
+  lora::MultiLoRALinear<double> multi{Mat<double>(W)};
+  multi.add_adapter("fresh", multi_config(2, 4, true));
+  const auto fresh = multi.adapter("fresh");
+  CHECK(max_rel_diff(fresh->magnitude, W.rowwise().norm().transpose()) < 1e-14);
+  multi.set_adapter("fresh");
+  const Mat<double> x = Mat<double>::Random(7, 5), dy = Mat<double>::Random(7, 6);
+  CHECK(max_rel_diff(multi.forward(x), Mat<double>(x * W.transpose())) < 1e-14);
+
+  // Trained through the layer against a LoRALinear with the same A, B and m: the same gradients, m included.
+  const Mat<double> B = Mat<double>::Random(6, 2), m = Mat<double>::Random(1, 6).cwiseAbs().array() + 1;
+  multi.replace_adapter("fresh", multi_config(2, 4, true), fresh->lora_A, B, m);
+  lora::LoRALinear<double> ref(W, multi_config(2, 4, true));
+  ref.lora_A() = fresh->lora_A;
+  ref.lora_B() = B;
+  ref.magnitude() = m;
+  multi.train_adapter("fresh");
+  multi.zero_grad();
+  ref.zero_grad();
+  Mat<double> y(7, 6), y_ref(7, 6), dx(7, 5), dx_ref(7, 5);
+  multi.forward(x, y);
+  ref.forward(x, y_ref);
+  CHECK(max_rel_diff(y, y_ref) < 1e-14);
+  multi.backward(x, dy, dx);
+  ref.backward(x, dy, dx_ref);
+  CHECK(max_rel_diff(dx, dx_ref) < 1e-14);
+  auto params = multi.parameters();
+  REQUIRE(params.size() == 3);
+  CHECK(params[2].name == "fresh.lora_magnitude_vector");
+  CHECK(max_rel_diff(Eigen::Map<const Mat<double>>(params[2].grad, 1, 6), ref.dmagnitude()) < 1e-14);
+  // One SGD step on each, then eval() publishes the trained magnitude and its new c.
+  for (auto& p : params)
+    Eigen::Map<Mat<double>>(p.value, p.rows, p.cols) -= 0.1 * Eigen::Map<Mat<double>>(p.grad, p.rows, p.cols);
+  for (auto& p : ref.parameters())
+    Eigen::Map<Mat<double>>(p.value, p.rows, p.cols) -= 0.1 * Eigen::Map<Mat<double>>(p.grad, p.rows, p.cols);
+  multi.eval();
+  ref.eval();
+  CHECK(max_rel_diff(multi.adapter("fresh")->magnitude, ref.magnitude()) < 1e-14);
+  CHECK(max_rel_diff(multi.forward(x), ref.forward(x)) < 1e-13);
+}
+
+TEST_CASE("MultiLoRALinear loads PEFT's DoRA files as a named adapter, gives PEFT's outputs and saves them back",
+          "[dora][multi][peft][golden]") {
+  const auto base = st::File::open(dora_dir + "/base.safetensors");
+  const auto forward = st::File::open(dora_dir + "/forward.safetensors");
+  const std::vector<std::string> paths{"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"};
+  std::vector<std::unique_ptr<lora::MultiLoRALinear<float>>> layers;
+  std::map<std::string, lora::MultiLoRALinear<float>*> model;
+  for (const auto& path : paths) {
+    const auto w = base.view<float>(path + ".weight");
+    layers.push_back(std::make_unique<lora::MultiLoRALinear<float>>(
+        lora::FrozenWeight<float>::view(w.data(), w.rows(), w.cols()), base.matrix<float>(path + ".bias")));
+    layers.back()->add_adapter("other", multi_config(2, 2, false));  // a plain adapter beside it
+    model[path] = layers.back().get();
+  }
+  const auto report = lora::peft::load_adapter(dora_dir + "/linear", "dora", model);
+  CHECK(report.loaded.size() == 2);
+  for (const auto& path : paths) {
+    CAPTURE(path);
+    model[path]->set_adapter("dora");
+    const Mat<float> x = forward.matrix<float>(path + ".x");
+    CHECK(max_rel_diff(model[path]->forward(x), forward.matrix<float>(path + ".y")) < 1e-5);
+  }
+  const auto dir = lora_test::scratch_dir("dora-multi-peft");
+  const auto config = lora::peft::AdapterConfig::read(dora_dir + "/linear/adapter_config.json");
+  lora::peft::save_adapter((dir / "out").string(), "dora", model, config);
+  for (const char* name : {"adapter_model.safetensors", "adapter_config.json"}) {
+    CAPTURE(name);
+    CHECK(lora_test::read_bytes((dir / "out" / name).string()) == lora_test::read_bytes(dora_dir + "/linear/" + name));
+  }
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("MultiLoRALinear refuses a misshapen or unasked-for magnitude and combining DoRA adapters, changing nothing",
+          "[dora][multi][errors]") {
+  std::srand(23);
+  lora::MultiLoRALinear<double> multi{Mat<double>(Mat<double>::Random(6, 5))};
+  const Mat<double> A = Mat<double>::Random(2, 5), B = Mat<double>::Random(6, 2);
+  CHECK_THROWS_WITH(multi.add_adapter("d", multi_config(2, 4, true), A, B, Mat<double>::Ones(1, 5)),
+                    Contains("adapter \"d\": DoRA's magnitude expected 6 entries (out_features), got 5"));
+  CHECK_THROWS_WITH(multi.add_adapter("d", multi_config(2, 4, false), A, B, Mat<double>::Ones(1, 6)),
+                    Contains("a DoRA magnitude was given, but config.use_dora is false"));
+  CHECK(multi.adapter_names().empty());
+  multi.add_adapter("d", multi_config(2, 4, true), A, B);
+  multi.add_adapter("p", multi_config(2, 4, false), A, B);
+  CHECK_THROWS_WITH(multi.add_weighted_adapter({"p", "d"}, {1.0, 1.0}, "sum", lora::Combination::cat),
+                    Contains("adapter \"d\" is DoRA"));
+  CHECK(multi.adapter_names() == std::vector<std::string>{"d", "p"});
+}
+
+}  // namespace unit_dora_layers
