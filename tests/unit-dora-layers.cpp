@@ -4,6 +4,7 @@
 // differences, PEFT files with an embedding magnitude (make_dora_golden.py, "embedding"), and the refusals.
 // MultiLoRALinear: DoRA adapters against LoRALinear's DoRA (itself checked against PyTorch) and against PEFT's
 // formula for several active adapters, row by row in mixed batches, in training, and from PEFT's DoRA files.
+// FusedLoRALinear: DoRA slices against the one DoRA LoRALinear on the fused module that to_lora() gives.
 #include <catch2/catch.hpp>
 #include <lora/lora.hpp>
 
@@ -483,6 +484,119 @@ TEST_CASE("MultiLoRALinear refuses a misshapen or unasked-for magnitude and comb
   CHECK_THROWS_WITH(multi.add_weighted_adapter({"p", "d"}, {1.0, 1.0}, "sum", lora::Combination::cat),
                     Contains("adapter \"d\" is DoRA"));
   CHECK(multi.adapter_names() == std::vector<std::string>{"d", "p"});
+}
+
+// ---- FusedLoRALinear ------------------------------------------------------------------------------------------
+
+namespace {
+
+/// q (r 2, alpha 4) and v (r 3, alpha 9, so s differs) adapted with DoRA, k frozen: d = 4 outputs each, I = 5.
+std::vector<lora::FusedSlice> dora_slices(bool dora = true) {
+  lora::LoraConfig q = multi_config(2, 4, dora), v = multi_config(3, 9, dora), k;
+  k.r = 0;
+  return {{"q", 4, q}, {"k", 4, k}, {"v", 4, v}};
+}
+
+}  // namespace
+
+TEST_CASE("Fused DoRA slices are PEFT's DoRA on the fused module: forward, backward and merge as to_lora()'s layer",
+          "[dora][fused]") {
+  std::srand(31);
+  Mat<double> W = Mat<double>::Random(12, 5);
+  const Mat<double> W0 = W;
+  const lora::RowVector<double> b = lora::RowVector<double>::Random(12);
+  lora::FusedLoRALinear<double> fused(lora::FrozenWeight<double>::mutable_view(W.data(), 12, 5), dora_slices(), b);
+  REQUIRE(fused.use_dora());
+  // A new layer: B = 0, so m = ‖W_o‖ on every row (the frozen slice's too) and the output is the base's.
+  CHECK(max_rel_diff(fused.magnitude(), W0.rowwise().norm().transpose()) < 1e-14);
+  CHECK(fused.parameter_count().trainable == 2 * 5 + 4 * 2 + 3 * 5 + 4 * 3 + 12);
+  const Mat<double> x = Mat<double>::Random(7, 5), dy = Mat<double>::Random(7, 12);
+  fused.eval();
+  CHECK(max_rel_diff(fused.forward(x), Mat<double>((x * W0.transpose()).rowwise() + b)) < 1e-14);
+
+  fused.lora_B(0) = Mat<double>::Random(4, 2);
+  fused.lora_B(2) = Mat<double>::Random(4, 3);
+  fused.magnitude().array() *= 1 + 0.3 * Mat<double>::Random(1, 12).array();
+  // The single DoRA LoRA on the fused module (its n and c are the fused layer's), over an owned copy of W.
+  const auto single_view = fused.to_lora();
+  REQUIRE(single_view.use_dora());
+  CHECK(single_view.magnitude() == fused.magnitude());
+  CHECK(max_rel_diff(fused.weight_norm(), single_view.weight_norm()) < 1e-14);
+  lora::LoRALinear<double> single(W0, b, single_view.config());
+  single.lora_A() = single_view.lora_A();
+  single.lora_B() = single_view.lora_B();
+  single.magnitude() = single_view.magnitude();
+  single.eval();
+  CHECK(max_rel_diff(fused.forward(x), single.forward(x)) < 1e-13);
+
+  fused.train();
+  single.train();
+  fused.zero_grad();
+  single.zero_grad();
+  Mat<double> y(7, 12), y_single(7, 12), dx(7, 5), dx_single(7, 5);
+  fused.forward(x, y);
+  single.forward(x, y_single);
+  CHECK(max_rel_diff(y, y_single) < 1e-13);
+  fused.backward(x, dy, dx);
+  single.backward(x, dy, dx_single);
+  CHECK(max_rel_diff(dx, dx_single) < 1e-13);
+  CHECK(max_rel_diff(fused.dmagnitude(), single.dmagnitude()) < 1e-13);
+  // single's B block for slice k is (s_k / s) B_k, A is the stacked A: dB_k = (s_k / s) · its block of dB.
+  CHECK(max_rel_diff(fused.dA(0), single.dA().topRows(2)) < 1e-13);
+  CHECK(max_rel_diff(fused.dA(2), single.dA().bottomRows(3)) < 1e-13);
+  const double s = single.scaling();
+  CHECK(max_rel_diff(fused.dB(0), Mat<double>(fused.slice_scaling(0) / s * single.dB().block(0, 0, 4, 2))) < 1e-13);
+  CHECK(max_rel_diff(fused.dB(2), Mat<double>(fused.slice_scaling(2) / s * single.dB().block(8, 2, 4, 3))) < 1e-13);
+  const auto params = fused.parameters();
+  REQUIRE(params.size() == 5);
+  CHECK(params[4].name == "lora_magnitude_vector");
+
+  // merge: W ← c ⊙ (W + Σ s_k B_k A_k), as the single layer's merge; unmerge gives W back.
+  fused.eval();
+  single.eval();
+  const Mat<double> y_eval = fused.forward(x);
+  fused.merge();
+  single.merge();
+  CHECK(max_rel_diff(W, single.frozen_weight().to_dense()) < 1e-13);
+  CHECK(max_rel_diff(fused.forward(x), y_eval) < 1e-13);
+  fused.unmerge();
+  CHECK(max_rel_diff(W, W0) < 1e-14);
+  CHECK(max_rel_diff(fused.forward(x), y_eval) < 1e-13);
+
+  // from_lora takes m back with A and B; a LoRA without DoRA is refused, and nothing changes.
+  lora::FusedLoRALinear<double> back(lora::FrozenWeight<double>::view(W0.data(), 12, 5), dora_slices(), b);
+  back.from_lora(single_view);
+  CHECK(back.magnitude() == fused.magnitude());
+  back.eval();
+  CHECK(max_rel_diff(back.forward(x), y_eval) < 1e-13);
+  lora::FusedLoRALinear<double> plain(lora::FrozenWeight<double>::view(W0.data(), 12, 5), dora_slices(false), b);
+  const auto plain_single = plain.to_lora();
+  const Mat<double> m_before = back.magnitude();
+  CHECK_THROWS_WITH(back.from_lora(plain_single), Contains("the slices are DoRA, the LoRA is not"));
+  CHECK(back.magnitude() == m_before);
+  CHECK_THROWS_WITH(plain.from_lora(single_view), Contains("the LoRA is DoRA"));
+}
+
+TEST_CASE("Fused DoRA refuses slices that disagree on use_dora, a frozen DoRA slice and DoRA with dropout",
+          "[dora][fused][errors]") {
+  const Mat<float> W = Mat<float>::Random(12, 5);
+  const auto weight = lora::FrozenWeight<float>::view(W.data(), 12, 5);
+  auto slices = dora_slices();
+  slices[2].config.use_dora = false;
+  CHECK_THROWS_WITH(lora::FusedLoRALinear<float>(weight, slices),
+                    Contains("slice 2 (\"v\") is not DoRA") && Contains("all adapted slices or none"));
+  slices = dora_slices();
+  slices[1].config.use_dora = true;
+  CHECK_THROWS_WITH(lora::FusedLoRALinear<float>(weight, slices), Contains("\"k\") is frozen (r = 0)"));
+  slices = dora_slices();
+  slices[0].config.lora_dropout = slices[2].config.lora_dropout = 0.1;
+  CHECK_THROWS_WITH(lora::FusedLoRALinear<float>(weight, slices), Contains("use_dora with lora_dropout > 0"));
+  // A zero row of W (B = 0 at the start) has no norm to divide by: refused with the row.
+  Mat<float> zero_row = W;
+  zero_row.row(6).setZero();
+  CHECK_THROWS_WITH(
+      lora::FusedLoRALinear<float>(lora::FrozenWeight<float>::view(zero_row.data(), 12, 5), dora_slices()),
+      Contains("output row 6"));
 }
 
 }  // namespace unit_dora_layers

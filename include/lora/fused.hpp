@@ -30,6 +30,14 @@
 // One dropout mask serves every slice (drop(x) is taken once, as in
 // loralib's MergedLinear and PEFT's LoRA on the fused module).
 //
+// DoRA (use_dora on the adapted slices, all or none) is PEFT's DoRA on the fused module, the one LoRA to_lora()
+// gives: a trainable magnitude m (O) over every output, frozen slices' outputs included (PEFT trains those too),
+// n = ‖W + Σ_k s_k B_k A_k‖ per output row (‖W_o‖ on a frozen slice), c = m / n held constant in backward, and
+//   forward:   y = b + c ⊙ Z,  Z = x Wᵀ + [s_k · H_k B_kᵀ]
+//   backward:  dm += Σ_n dy ⊙ Z / n, then the backward above with dy ⊙ c
+//   merge:     W ← c ⊙ (W + Σ_k s_k B_k A_k) per row;  unmerge: W ← W / c − Σ_k s_k B_k A_k
+// Not with dropout yet (LoRALinear has PEFT's DoRA-with-dropout form).
+//
 // In a PEFT file the fused module is one exact LoRA (to_lora()): A stacked,
 // B block-placed, rank R, with the slices' common scaling (or scaling 1 and
 // each s_k folded into B when the slices' scalings differ), so PEFT,
@@ -142,6 +150,12 @@ class FusedLoRALinear {
   void forward(const ConstRef<Scalar>& x, MutRef<Scalar> y);
   /// Eval-mode forward: no dropout, nothing cached, safe from several threads at once.
   void forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) const;
+  Mat forward(const ConstRef<Scalar>& x) const {
+    detail::check_shape("FusedLoRALinear::forward", "x", x, -1, in_);
+    Mat y(x.rows(), out_);
+    forward(x, y);
+    return y;
+  }
   /// dy (N, O) -> dx (N, I); adds into every adapted slice's dA and dB.
   void backward(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy, MutRef<Scalar> dx);
   void backward(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy);
@@ -189,8 +203,25 @@ class FusedLoRALinear {
   /// Every slice's A stacked in slice order: (R, I).
   ConstMatrixMap<Scalar> stacked_A() const { return ConstMatrixMap<Scalar>(params_.data(), rank_, in_); }
 
-  /// "<slice>.lora_A" and "<slice>.lora_B" of every adapted slice, with their gradients.
+  /// "<slice>.lora_A" and "<slice>.lora_B" of every adapted slice, with their gradients, and DoRA's
+  /// "lora_magnitude_vector" (1, O).
   ParameterList<Scalar> parameters();
+
+  // ---- DoRA ---------------------------------------------------------------------------
+
+  bool use_dora() const { return dora_; }
+  /// DoRA's magnitude m (1, O) over every output; empty without DoRA.
+  MatrixMap<Scalar> magnitude() { return MatrixMap<Scalar>(params_.data() + m_at_, 1, dora_ ? out_ : 0); }
+  ConstMatrixMap<Scalar> magnitude() const {
+    return ConstMatrixMap<Scalar>(params_.data() + m_at_, 1, dora_ ? out_ : 0);
+  }
+  ConstMatrixMap<Scalar> dmagnitude() const {
+    return ConstMatrixMap<Scalar>(grads_.data() + m_at_, 1, dora_ ? out_ : 0);
+  }
+  /// n = ‖W + Σ_k s_k B_k A_k‖ per output row (1, O), from the current W and adapters.
+  Row weight_norm() const;
+  /// m ← n (PEFT's init: the layer then outputs what it would without DoRA).
+  void reset_magnitude();
 
   const FrozenWeight<Scalar>& frozen_weight() const { return weight_; }
   ConstMatrixMap<Scalar> bias() const { return ConstMatrixMap<Scalar>(bias_.data(), has_bias_ ? 1 : 0, out_); }
@@ -199,7 +230,9 @@ class FusedLoRALinear {
   Index out_features() const { return out_; }
   /// R = Σ R_k.
   Index rank() const { return rank_; }
-  ParameterCount parameter_count() const { return {rank_ * in_ + b_size_, out_ * in_ + (has_bias_ ? out_ : 0)}; }
+  ParameterCount parameter_count() const {
+    return {rank_ * in_ + b_size_ + (dora_ ? out_ : 0), out_ * in_ + (has_bias_ ? out_ : 0)};
+  }
 
   // ---- one LoRA on the fused module (PEFT files, MultiLoRALinear) -----------------------------------
 
@@ -226,7 +259,12 @@ class FusedLoRALinear {
   /// low-rank products that read them (64 · 2304 floats is 576 KiB).
   static constexpr Index block_rows = 64;
   /// H = xa Aᵀ block by block, and y = b + [s_k · H_k B_kᵀ] (0 for a frozen slice) row by row; then y += x Wᵀ.
-  void forward_impl(const ConstRef<Scalar>& x, const ConstRef<Scalar>& xa, Mat& H, MutRef<Scalar> y) const;
+  /// With DoRA (unmerged) y = b + c ⊙ Z, and Z is copied into *Z when Z is given.
+  void forward_impl(const ConstRef<Scalar>& x, const ConstRef<Scalar>& xa, Mat& H, MutRef<Scalar> y, Mat* Z = nullptr,
+                    Row* norm = nullptr, Row* scale = nullptr) const;
+  /// The fused module's B (O, R): s_k · B_k in slice k's rows and columns, zero elsewhere, from `params`.
+  Mat placed_B(const Vector<Scalar>& params, const std::vector<Scalar>& scaling) const;
+  Row dora_norm(const char* where) const;
 
   FrozenWeight<Scalar> weight_;
   std::vector<FusedSlice> slices_;
@@ -234,20 +272,26 @@ class FusedLoRALinear {
   std::vector<Scalar> scaling_;                   // s_k, 0 for a frozen slice
   Index in_ = 0, out_ = 0, rank_ = 0, b_size_ = 0;
   Scalar dropout_ = 0;
+  bool dora_ = false;
+  Index m_at_ = 0;                                       // offset of DoRA's m in params_
+  Eigen::Matrix<double, Eigen::Dynamic, 1> w_sq_norms_;  // DoRA: ‖W_o‖², recomputed when W changes
   bool has_bias_ = false;
   Row bias_;
 
-  Vector<Scalar> params_;  // [A (R·I) | B_1 | B_2 | ...]
+  Vector<Scalar> params_;  // [A (R·I) | B_1 | B_2 | ... | m (O), DoRA]
   Vector<Scalar> grads_;   // same layout
 
   bool training_ = true;
   bool merged_ = false;
   Vector<Scalar> merged_params_;  // the adapters as merged
   std::vector<Scalar> merged_scaling_;
+  Row merged_dora_scale_;  // DoRA: c of the merge
   detail::Rng dropout_rng_;
 
   Index cached_rows_ = -1;
   Mat H_, G_, mask_, x_dropped_;
+  Mat Z_, D_;                   // DoRA: Z of the last training forward, and dy ⊙ c
+  Row dora_norm_, dora_scale_;  // DoRA: n and c of the last training forward
 };
 
 template <class Scalar>
@@ -271,9 +315,6 @@ FusedLoRALinear<Scalar>::FusedLoRALinear(FrozenWeight<Scalar> weight, std::vecto
       throw shape_error(std::string(where) + ": " + name + " must have outputs, got " +
                         std::to_string(slice.out_features));
     slice.config.validate();
-    if (slice.config.use_dora)
-      throw config_error(std::string(where) + ": " + name +
-                         ": use_dora is not supported on fused slices yet (LoRALinear has DoRA)");
     if (slice.config.bias != BiasMode::none)
       throw config_error(std::string(where) + ": " + name +
                          ": bias must be none (the fused bias is shared by the slices and stays frozen)");
@@ -284,12 +325,20 @@ FusedLoRALinear<Scalar>::FusedLoRALinear(FrozenWeight<Scalar> weight, std::vecto
       if (first_adapted) {
         dropout_ = static_cast<Scalar>(slice.config.lora_dropout);
         dropout_rng_.reseed(detail::stream_seed(*slice.config.seed, detail::stream_dropout));
+        dora_ = slice.config.use_dora;
         first_adapted = false;
       } else if (static_cast<Scalar>(slice.config.lora_dropout) != dropout_) {
         throw config_error(std::string(where) + ": " + name + " has lora_dropout " +
                            std::to_string(slice.config.lora_dropout) + ", an earlier slice " +
                            std::to_string(static_cast<double>(dropout_)) + "; one dropout mask serves every slice");
+      } else if (slice.config.use_dora != dora_) {
+        throw config_error(std::string(where) + ": " + name + (dora_ ? " is not DoRA" : " is DoRA") +
+                           ", an earlier slice " + (dora_ ? "is" : "is not") +
+                           "; DoRA's magnitude belongs to the fused module (as PEFT's does), so all adapted slices or "
+                           "none take use_dora");
       }
+    } else if (slice.config.use_dora) {
+      throw config_error(std::string(where) + ": " + name + " is frozen (r = 0) but asks for use_dora");
     }
   }
   if (sum != out_)
@@ -311,10 +360,52 @@ FusedLoRALinear<Scalar>::FusedLoRALinear(FrozenWeight<Scalar> weight, std::vecto
     at += slice.out_features * slice.config.r;
   }
   b_size_ = at - rank_ * in_;
+  if (dora_ && dropout_ > 0)
+    throw config_error(std::string(where) +
+                       ": use_dora with lora_dropout > 0 is not supported on fused slices yet (LoRALinear has it)");
+  m_at_ = at;
+  if (dora_) at += out_;
   params_.setZero(at);
   grads_.setZero(at);
   for (std::size_t k = 0; k < slices_.size(); ++k)
     if (slice_rank(k) > 0) detail::init_lora_weights<Scalar>(lora_A(k), lora_B(k), slices_[k].config);
+  if (dora_) {  // PEFT's init: m = n of the new adapters
+    w_sq_norms_ = weight_.output_squared_norms();
+    magnitude() = dora_norm("FusedLoRALinear (use_dora)");
+  }
+}
+
+template <class Scalar>
+typename FusedLoRALinear<Scalar>::Mat FusedLoRALinear<Scalar>::placed_B(const Vector<Scalar>& params,
+                                                                        const std::vector<Scalar>& scaling) const {
+  Mat B = Mat::Zero(out_, rank_);
+  for (std::size_t k = 0; k < slices_.size(); ++k)
+    if (slice_rank(k) > 0)
+      B.block(out_offset_[k], a_row_[k], slices_[k].out_features, slice_rank(k)) =
+          scaling[k] * ConstMatrixMap<Scalar>(params.data() + b_at_[k], slices_[k].out_features, slice_rank(k));
+  return B;
+}
+
+template <class Scalar>
+typename FusedLoRALinear<Scalar>::Row FusedLoRALinear<Scalar>::dora_norm(const char* where) const {
+  return weight_.low_rank_row_norms(where, "output row", w_sq_norms_, Scalar(1), placed_B(params_, scaling_),
+                                    stacked_A());
+}
+
+template <class Scalar>
+typename FusedLoRALinear<Scalar>::Row FusedLoRALinear<Scalar>::weight_norm() const {
+  const char* where = "FusedLoRALinear::weight_norm";
+  if (merged_) throw state_error(std::string(where) + ": the layer is merged (W holds the adapters); unmerge() first");
+  return weight_.low_rank_row_norms(where, "output row", dora_ ? w_sq_norms_ : weight_.output_squared_norms(),
+                                    Scalar(1), placed_B(params_, scaling_), stacked_A());
+}
+
+template <class Scalar>
+void FusedLoRALinear<Scalar>::reset_magnitude() {
+  const char* where = "FusedLoRALinear::reset_magnitude";
+  if (!dora_) throw state_error(std::string(where) + ": the layer has no magnitude (use_dora is off)");
+  if (merged_) throw state_error(std::string(where) + ": the layer is merged; unmerge() first");
+  magnitude() = dora_norm(where);
 }
 
 template <class Scalar>
@@ -336,6 +427,7 @@ ParameterList<Scalar> FusedLoRALinear<Scalar>::parameters() {
     list.push_back({slices_[k].name + ".lora_A", params_.data() + a_at(k), grads_.data() + a_at(k), r, in_});
     list.push_back({slices_[k].name + ".lora_B", params_.data() + b_at_[k], grads_.data() + b_at_[k], o, r});
   }
+  if (dora_) list.push_back({"lora_magnitude_vector", params_.data() + m_at_, grads_.data() + m_at_, 1, out_});
   return list;
 }
 
@@ -349,9 +441,17 @@ void FusedLoRALinear<Scalar>::check_forward_args(const char* where, const ConstR
 
 template <class Scalar>
 void FusedLoRALinear<Scalar>::forward_impl(const ConstRef<Scalar>& x, const ConstRef<Scalar>& xa, Mat& H,
-                                           MutRef<Scalar> y) const {
+                                           MutRef<Scalar> y, Mat* Z, Row* norm, Row* scale) const {
   const Index N = x.rows();
   const bool adapters = rank_ > 0 && !merged_;
+  const bool dora = dora_ && adapters;
+  Row n_local, c_local;
+  if (dora) {  // before y is written: a zero norm throws with y as it was
+    Row& n = norm ? *norm : n_local;
+    Row& c = scale ? *scale : c_local;
+    n = dora_norm("FusedLoRALinear::forward");
+    c = magnitude().row(0).cwiseQuotient(n);
+  }
   if (adapters) H.resize(N, rank_);
   // B_kᵀ (R_k, O_k) row-major, so each row of y_k is a sum of R_k contiguous rows: written once, never read.
   std::vector<Mat> Bt(slices_.size());
@@ -368,11 +468,16 @@ void FusedLoRALinear<Scalar>::forward_impl(const ConstRef<Scalar>& x, const Cons
           y_k.noalias() = H.row(row).segment(a_row_[k], slice_rank(k)) * Bt[k];
         else
           y_k.setZero();
-        if (has_bias_) y_k += bias_.segment(out_offset_[k], slices_[k].out_features);
+        if (has_bias_ && !dora) y_k += bias_.segment(out_offset_[k], slices_[k].out_features);
       }
     }
   }
   weight_.forward_add(x, y);
+  if (!dora) return;
+  // y holds Z = x Wᵀ + [s_k · H_k B_kᵀ]: y = b + c ⊙ Z
+  if (Z != nullptr) *Z = y;
+  y.array().rowwise() *= (scale ? *scale : c_local).array();
+  if (has_bias_) y.rowwise() += bias_;
 }
 
 template <class Scalar>
@@ -403,6 +508,8 @@ void FusedLoRALinear<Scalar>::forward(const ConstRef<Scalar>& x, MutRef<Scalar> 
     detail::draw_dropout_mask(dropout_rng_, dropout_, mask_);
     x_dropped_ = x.cwiseProduct(mask_);
     forward_impl(x, x_dropped_, H_, y);
+  } else if (dora_) {
+    forward_impl(x, x, H_, y, &Z_, &dora_norm_, &dora_scale_);
   } else {
     forward_impl(x, x, H_, y);
   }
@@ -430,6 +537,13 @@ void FusedLoRALinear<Scalar>::backward_impl(const ConstRef<Scalar>& x, const Con
   detail::check_shape(where, "dy", dy, x.rows(), out_);
   detail::check_cached_forward(where, cached_rows_, x.rows());
   const Index N = x.rows();
+  // DoRA: y = b + c ⊙ Z with c constant, so dm += Σ dy ⊙ Z / n, and Z's gradient dy ⊙ c goes where dy went
+  if (dora_) {
+    MatrixMap<Scalar>(grads_.data() + m_at_, 1, out_).array() +=
+        (dy.array() * Z_.array()).colwise().sum() / dora_norm_.array();
+    D_ = dy.array().rowwise() * dora_scale_.array();
+  }
+  const ConstRef<Scalar> dz = dora_ ? ConstRef<Scalar>(D_) : dy;
   if (rank_ > 0) {
     // forward: y_k += s_k · H_k B_kᵀ, so dB_k += s_k · dy_kᵀ H_k and dH_k = s_k · dy_k B_k (= G_k); and
     // H = drop(x) Aᵀ, so dA += Gᵀ drop(x), all slices in one product. Block by block: dy's and x's rows are
@@ -441,7 +555,7 @@ void FusedLoRALinear<Scalar>::backward_impl(const ConstRef<Scalar>& x, const Con
       const Index n = std::min(block_rows, N - n0);
       for (std::size_t k = 0; k < slices_.size(); ++k) {
         if (slice_rank(k) == 0) continue;
-        const auto dy_k = dy.block(n0, out_offset_[k], n, slices_[k].out_features);
+        const auto dy_k = dz.block(n0, out_offset_[k], n, slices_[k].out_features);
         MatrixMap<Scalar>(grads_.data() + b_at_[k], slices_[k].out_features, slice_rank(k)).noalias() +=
             scaling_[k] * dy_k.transpose() * H_.block(n0, a_row_[k], n, slice_rank(k));
         G_.block(n0, a_row_[k], n, slice_rank(k)).noalias() = scaling_[k] * dy_k * lora_B(k);
@@ -459,9 +573,9 @@ void FusedLoRALinear<Scalar>::backward_impl(const ConstRef<Scalar>& x, const Con
         dx_row.noalias() = G_.row(row) * stacked_A();
         if (dropout_ > 0) dx_row.array() *= mask_.row(row).array();
       }
-      weight_.backward_add(dy, *dx);
+      weight_.backward_add(dz, *dx);
     } else {
-      weight_.backward(dy, *dx);
+      weight_.backward(dz, *dx);
     }
   }
 }
@@ -471,6 +585,22 @@ void FusedLoRALinear<Scalar>::merge(bool safe_merge) {
   if (merged_ || rank_ == 0) return;
   const char* where = "FusedLoRALinear::merge";
   weight_.require_writable(where);
+  if (dora_) {
+    // W ← c ⊙ (W + Σ_k s_k B_k A_k) per row, c = m / n (PEFT's DoraLinearVariant.merge_safe on the fused module)
+    const Row c = magnitude().row(0).cwiseQuotient(dora_norm(where));
+    for (Index o = 0; o < out_; ++o)
+      if (!(c(o) != 0) || !std::isfinite(static_cast<double>(c(o))))
+        throw numeric_error(std::string(where) + ": DoRA's scale m / n of output row " + std::to_string(o) + " is " +
+                            value_string(static_cast<double>(c(o))) +
+                            "; merging would make that row impossible to unmerge; W is left unchanged");
+    weight_.add_low_rank_scaled(where, Scalar(1), placed_B(params_, scaling_), stacked_A(), nullptr, c.data(),
+                                safe_merge);
+    merged_dora_scale_ = c;
+    merged_params_ = params_;
+    merged_scaling_ = scaling_;
+    merged_ = true;
+    return;
+  }
   if (safe_merge)
     for (std::size_t k = 0; k < slices_.size(); ++k)
       if (slice_rank(k) > 0) weight_.check_low_rank_finite(where, scaling_[k], lora_B(k), lora_A(k), out_offset_[k]);
@@ -484,6 +614,17 @@ void FusedLoRALinear<Scalar>::merge(bool safe_merge) {
 template <class Scalar>
 void FusedLoRALinear<Scalar>::unmerge() {
   if (!merged_) return;
+  if (dora_) {
+    // W ← W / c − Σ_k s_k B_k A_k (PEFT's unmerge); ‖W_o‖² again, as rounding moved W
+    weight_.add_low_rank_scaled("FusedLoRALinear::unmerge", Scalar(-1), placed_B(merged_params_, merged_scaling_),
+                                ConstMatrixMap<Scalar>(merged_params_.data(), rank_, in_), merged_dora_scale_.data(),
+                                nullptr);
+    w_sq_norms_ = weight_.output_squared_norms();
+    merged_dora_scale_.resize(0);
+    merged_params_.resize(0);
+    merged_ = false;
+    return;
+  }
   for (std::size_t k = 0; k < slices_.size(); ++k) {
     if (slice_rank(k) == 0) continue;
     const ConstMatrixMap<Scalar> A(merged_params_.data() + a_at(k), slice_rank(k), in_);
@@ -515,6 +656,7 @@ LoRALinear<Scalar> FusedLoRALinear<Scalar>::to_lora(bool use_rslora) const {
   c.lora_alpha = common * (use_rslora ? std::sqrt(static_cast<double>(rank_)) : static_cast<double>(rank_));
   c.use_rslora = use_rslora;
   c.lora_dropout = static_cast<double>(dropout_);
+  c.use_dora = dora_;
   c.seed = 0;  // A and B are set below
   LoRALinear<Scalar> single = has_bias_ ? LoRALinear<Scalar>(weight_.read_only_view(), bias_, c)
                                         : LoRALinear<Scalar>(weight_.read_only_view(), c);
@@ -525,6 +667,7 @@ LoRALinear<Scalar> FusedLoRALinear<Scalar>::to_lora(bool use_rslora) const {
     if (slice_rank(k) > 0)
       B.block(out_offset_[k], a_row_[k], slices_[k].out_features, slice_rank(k)) =
           (scaling_[k] / single.scaling()) * lora_B(k);
+  if (dora_) single.magnitude() = magnitude();  // the same n: s·B A is Σ_k s_k B_k A_k
   single.eval();
   return single;
 }
@@ -536,6 +679,10 @@ void FusedLoRALinear<Scalar>::from_lora(const LoRALinear<Scalar>& single) {
     throw config_error(std::string(where) + ": the LoRA has rank " + std::to_string(single.rank()) + " over " +
                        shape_string(single.out_features(), single.in_features()) + ", the slices need rank " +
                        std::to_string(rank_) + " (the sum of their ranks) over " + shape_string(out_, in_));
+  if (single.use_dora() != dora_)
+    throw config_error(std::string(where) + (dora_ ? ": the slices are DoRA, the LoRA is not"
+                                                   : ": the LoRA is DoRA (it has a magnitude), the slices are not; "
+                                                     "build them with use_dora"));
   const auto B = single.lora_B();
   for (std::size_t k = 0; k < slices_.size(); ++k) {
     if (slice_rank(k) > 0 && scaling_[k] == Scalar(0))
@@ -554,6 +701,7 @@ void FusedLoRALinear<Scalar>::from_lora(const LoRALinear<Scalar>& single) {
       }
   }
   MatrixMap<Scalar>(params_.data(), rank_, in_) = single.lora_A();
+  if (dora_) magnitude() = single.magnitude();
   for (std::size_t k = 0; k < slices_.size(); ++k)
     if (slice_rank(k) > 0)
       lora_B(k) =
