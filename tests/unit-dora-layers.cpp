@@ -577,7 +577,47 @@ TEST_CASE("Fused DoRA slices are PEFT's DoRA on the fused module: forward, backw
   CHECK_THROWS_WITH(plain.from_lora(single_view), Contains("the LoRA is DoRA"));
 }
 
-TEST_CASE("Fused DoRA refuses slices that disagree on use_dora, a frozen DoRA slice and DoRA with dropout",
+TEST_CASE("Fused DoRA with dropout is PEFT's form: the same step as to_lora()'s layer under the same mask",
+          "[dora][fused]") {
+  std::srand(32);
+  const Mat<double> W = Mat<double>::Random(12, 5);
+  const lora::RowVector<double> b = lora::RowVector<double>::Random(12);
+  auto slices = dora_slices();
+  slices[0].config.lora_dropout = slices[2].config.lora_dropout = 0.3;
+  lora::FusedLoRALinear<double> fused(lora::FrozenWeight<double>::view(W.data(), 12, 5), slices, b);
+  fused.lora_B(0) = Mat<double>::Random(4, 2);
+  fused.lora_B(2) = Mat<double>::Random(4, 3);
+  fused.magnitude().array() *= 1 + 0.3 * Mat<double>::Random(1, 12).array();
+  const auto view = fused.to_lora();
+  REQUIRE(view.config().lora_dropout == Approx(0.3));
+  lora::LoRALinear<double> single(W, b, view.config());
+  single.lora_A() = view.lora_A();
+  single.lora_B() = view.lora_B();
+  single.magnitude() = view.magnitude();
+  fused.train();
+  single.train();
+  fused.set_dropout_seed(99);  // the same draws: both take an (N, I) mask from the same generator
+  single.set_dropout_seed(99);
+  const Mat<double> x = Mat<double>::Random(9, 5), dy = Mat<double>::Random(9, 12);
+  Mat<double> y(9, 12), y_single(9, 12), dx(9, 5), dx_single(9, 5);
+  fused.zero_grad();
+  single.zero_grad();
+  fused.forward(x, y);
+  single.forward(x, y_single);
+  CHECK(max_rel_diff(y, y_single) < 1e-13);
+  fused.eval();
+  CHECK(max_rel_diff(y, fused.forward(x)) > 1e-3);  // the mask did drop something
+  fused.train();
+  fused.backward(x, dy, dx);
+  single.backward(x, dy, dx_single);
+  CHECK(max_rel_diff(dx, dx_single) < 1e-13);
+  CHECK(max_rel_diff(fused.dmagnitude(), single.dmagnitude()) < 1e-13);
+  CHECK(max_rel_diff(fused.dA(0), single.dA().topRows(2)) < 1e-13);
+  const double s = single.scaling();
+  CHECK(max_rel_diff(fused.dB(2), Mat<double>(fused.slice_scaling(2) / s * single.dB().block(8, 2, 4, 3))) < 1e-13);
+}
+
+TEST_CASE("Fused DoRA refuses slices that disagree on use_dora, a frozen DoRA slice and a zero row",
           "[dora][fused][errors]") {
   const Mat<float> W = Mat<float>::Random(12, 5);
   const auto weight = lora::FrozenWeight<float>::view(W.data(), 12, 5);
@@ -588,9 +628,6 @@ TEST_CASE("Fused DoRA refuses slices that disagree on use_dora, a frozen DoRA sl
   slices = dora_slices();
   slices[1].config.use_dora = true;
   CHECK_THROWS_WITH(lora::FusedLoRALinear<float>(weight, slices), Contains("\"k\") is frozen (r = 0)"));
-  slices = dora_slices();
-  slices[0].config.lora_dropout = slices[2].config.lora_dropout = 0.1;
-  CHECK_THROWS_WITH(lora::FusedLoRALinear<float>(weight, slices), Contains("use_dora with lora_dropout > 0"));
   // A zero row of W (B = 0 at the start) has no norm to divide by: refused with the row.
   Mat<float> zero_row = W;
   zero_row.row(6).setZero();

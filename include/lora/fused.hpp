@@ -36,7 +36,8 @@
 //   forward:   y = b + c ⊙ Z,  Z = x Wᵀ + [s_k · H_k B_kᵀ]
 //   backward:  dm += Σ_n dy ⊙ Z / n, then the backward above with dy ⊙ c
 //   merge:     W ← c ⊙ (W + Σ_k s_k B_k A_k) per row;  unmerge: W ← W / c − Σ_k s_k B_k A_k
-// Not with dropout yet (LoRALinear has PEFT's DoRA-with-dropout form).
+// With dropout it is PEFT's form, y = x Wᵀ + b + (c − 1) ⊙ (drop(x) Wᵀ) + c ⊙ [s_k · H_k B_kᵀ], which costs a
+// second base product in forward and in backward, as in LoRALinear.
 //
 // In a PEFT file the fused module is one exact LoRA (to_lora()): A stacked,
 // B block-placed, rank R, with the slices' common scaling (or scaling 1 and
@@ -360,9 +361,6 @@ FusedLoRALinear<Scalar>::FusedLoRALinear(FrozenWeight<Scalar> weight, std::vecto
     at += slice.out_features * slice.config.r;
   }
   b_size_ = at - rank_ * in_;
-  if (dora_ && dropout_ > 0)
-    throw config_error(std::string(where) +
-                       ": use_dora with lora_dropout > 0 is not supported on fused slices yet (LoRALinear has it)");
   m_at_ = at;
   if (dora_) at += out_;
   params_.setZero(at);
@@ -507,7 +505,25 @@ void FusedLoRALinear<Scalar>::forward(const ConstRef<Scalar>& x, MutRef<Scalar> 
     x_dropped_.resize(N, in_);
     detail::draw_dropout_mask(dropout_rng_, dropout_, mask_);
     x_dropped_ = x.cwiseProduct(mask_);
-    forward_impl(x, x_dropped_, H_, y);
+    if (dora_) {
+      // y = x Wᵀ − drop(x) Wᵀ + b + c ⊙ Z with Z = drop(x) Wᵀ + [s_k · H_k B_kᵀ], H = drop(x) Aᵀ
+      dora_norm_ = dora_norm(where);
+      dora_scale_ = magnitude().row(0).cwiseQuotient(dora_norm_);
+      H_.resize(N, rank_);
+      H_.noalias() = x_dropped_ * stacked_A().transpose();
+      Z_.resize(N, out_);
+      weight_.forward(x_dropped_, Z_);
+      weight_.forward(x, y);
+      y -= Z_;
+      for (std::size_t k = 0; k < slices_.size(); ++k)
+        if (slice_rank(k) > 0)
+          Z_.middleCols(out_offset_[k], slices_[k].out_features).noalias() +=
+              scaling_[k] * H_.middleCols(a_row_[k], slice_rank(k)) * lora_B(k).transpose();
+      y.array() += Z_.array().rowwise() * dora_scale_.array();
+      if (has_bias_) y.rowwise() += bias_;
+    } else {
+      forward_impl(x, x_dropped_, H_, y);
+    }
   } else if (dora_) {
     forward_impl(x, x, H_, y, &Z_, &dora_norm_, &dora_scale_);
   } else {
@@ -568,6 +584,15 @@ void FusedLoRALinear<Scalar>::backward_impl(const ConstRef<Scalar>& x, const Con
       // dx = (G A) ⊙ mask + dy W: the low-rank term written first (after every read of x, so dx may be x's
       // buffer), the base product added into it.
       // Row by row, as forward writes y: each row of dx is written once, never read before the base product.
+      if (dora_ && dropout_ > 0) {
+        // y = x Wᵀ − drop(x) Wᵀ + b + c ⊙ Z: dx = dy W + mask ⊙ ((dy ⊙ (c − 1)) W + G A)
+        Mat low(N, in_);
+        weight_.backward(Mat(dy.array().rowwise() * (dora_scale_.array() - Scalar(1))), low);
+        low.noalias() += G_ * stacked_A();
+        weight_.backward(dy, *dx);
+        *dx += low.cwiseProduct(mask_);
+        return;
+      }
       for (Index row = 0; row < N; ++row) {
         auto dx_row = dx->row(row);
         dx_row.noalias() = G_.row(row) * stacked_A();
