@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "golden.hpp"
+#include "peft_models.hpp"
 #include "test_files.hpp"
 
 // Everything below is in a namespace of its own, so the test files can be compiled together (CMake's
@@ -391,29 +392,13 @@ const std::string dora_dir = std::string(LORA_TEST_DATA_DIR) + "/peft/dora";
 double max_diff(const Mat<float>& a, const Mat<float>& b) { return max_rel_diff(a, b); }
 
 /// The layers of one golden model (tests/golden/make_dora_golden.py) over its base weights, viewed in place in
-/// the mmap'd base file ((in, out) for the Conv1D case), each with the config's layer_config.
-struct DoraModel {
-  std::vector<std::unique_ptr<lora::LoRALinear<float>>> layers;
-  std::map<std::string, lora::LoRALinear<float>*> by_path;
-};
-DoraModel dora_model(const st::File& base, const std::string& which, bool writable_copy = false) {
-  const auto config = lora::peft::AdapterConfig::read(dora_dir + "/" + which + "/adapter_config.json");
-  DoraModel model;
+/// the mmap'd base file ((in, out) for the Conv1D case), or owned copies, each with the config's layer_config.
+lora_test::LinearModel dora_model(const st::File& base, const std::string& which, bool writable_copy = false) {
   const std::vector<std::string> paths =
       which == "linear" ? std::vector<std::string>{"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"}
                         : std::vector<std::string>{"transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj"};
-  for (const auto& path : paths) {
-    const std::string name = path.rfind("transformer.", 0) == 0 ? path.substr(12) : path;
-    const auto w = base.view<float>(name + ".weight");
-    const auto layout = config.fan_in_fan_out ? lora::WeightLayout::in_out : lora::WeightLayout::out_in;
-    const Index out = config.fan_in_fan_out ? w.cols() : w.rows(), in = config.fan_in_fan_out ? w.rows() : w.cols();
-    auto weight = writable_copy ? lora::FrozenWeight<float>::owned(w, layout)
-                                : lora::FrozenWeight<float>::view(w.data(), out, in, layout);
-    model.layers.push_back(std::make_unique<lora::LoRALinear<float>>(
-        std::move(weight), base.matrix<float>(name + ".bias"), config.layer_config(path)));
-    model.by_path[path] = model.layers.back().get();
-  }
-  return model;
+  return lora_test::linear_model(base, lora::peft::AdapterConfig::read(dora_dir + "/" + which + "/adapter_config.json"),
+                                 paths, writable_copy, true);
 }
 
 }  // namespace
@@ -475,7 +460,7 @@ TEST_CASE("DoRA merges as PEFT's merge_safe does: lora-merge's file and the laye
     CAPTURE(path);
     const Mat<float> before = layer->frozen_weight().stored();
     layer->merge();
-    const std::string name = path.rfind("transformer.", 0) == 0 ? path.substr(12) : path;
+    const std::string name = lora_test::base_tensor(path);
     CHECK(max_diff(layer->frozen_weight().stored(), want.matrix<float>(name + ".weight")) < 2e-6);
     layer->unmerge();
     CHECK(max_diff(layer->frozen_weight().stored(), before) < 1e-6);

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "golden.hpp"
+#include "peft_models.hpp"
 #include "test_files.hpp"
 
 namespace unit_residual_files {
@@ -35,28 +36,13 @@ const std::map<std::string, std::vector<std::string>> module_paths = {
     {"olora", {"transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"}},
 };
 
-std::string base_name(const std::string& path) { return path.rfind("transformer.", 0) == 0 ? path.substr(12) : path; }
+using lora_test::base_tensor;
 
 /// The layers of one golden model over its base weights: owned copies (writable: a residual load rewrites them),
 /// or read-only views of the mmap'd base file. (in, out) for the Conv1D case.
-struct Model {
-  std::vector<std::unique_ptr<lora::LoRALinear<float>>> layers;
-  std::map<std::string, lora::LoRALinear<float>*> by_path;
-};
-
-Model make_model(const st::File& base, const std::string& which, bool writable) {
-  const auto config = peft::AdapterConfig::read(data_dir + "/" + which + "/adapter_config.json");
-  Model model;
-  for (const auto& path : module_paths.at(which)) {
-    const auto w = base.view<float>(base_name(path) + ".weight");
-    const auto layout = config.fan_in_fan_out ? lora::WeightLayout::in_out : lora::WeightLayout::out_in;
-    const Index out = config.fan_in_fan_out ? w.cols() : w.rows(), in = config.fan_in_fan_out ? w.rows() : w.cols();
-    auto weight = writable ? lora::FrozenWeight<float>::owned(w, layout)
-                           : lora::FrozenWeight<float>::view(w.data(), out, in, layout);
-    model.layers.push_back(std::make_unique<lora::LoRALinear<float>>(std::move(weight), config.layer_config(path)));
-    model.by_path[path] = model.layers.back().get();
-  }
-  return model;
+lora_test::LinearModel make_model(const st::File& base, const std::string& which, bool writable) {
+  return lora_test::linear_model(base, peft::AdapterConfig::read(data_dir + "/" + which + "/adapter_config.json"),
+                                 module_paths.at(which), writable, false);
 }
 
 /// Copies folder `from` to `to` with adapter_config.json's init_lora_weights replaced by `value` (JSON text).
@@ -92,8 +78,8 @@ TEST_CASE("PiSSA and OLoRA adapters load over the residual PEFT computes, and gi
     const Mat<float> x = forward.matrix<float>(path + ".x");
     CHECK(lora_test::max_rel_diff(std::as_const(*layer).forward(x), forward.matrix<float>(path + ".y")) < 2e-5);
     layer->merge();
-    CHECK(lora_test::max_rel_diff(layer->frozen_weight().stored(), merged.matrix<float>(base_name(path) + ".weight")) <
-          2e-5);
+    CHECK(lora_test::max_rel_diff(layer->frozen_weight().stored(),
+                                  merged.matrix<float>(base_tensor(path) + ".weight")) < 2e-5);
   }
 }
 
@@ -238,7 +224,7 @@ TEST_CASE("Residual adapters that cannot be applied as PEFT does are refused, an
     std::map<std::string, lora::MultiLoRALinear<float>*> multi_model;
     for (const auto& path : module_paths.at("pissa")) {
       multis.push_back(std::make_unique<lora::MultiLoRALinear<float>>(
-          lora::FrozenWeight<float>::owned(base.matrix<float>(base_name(path) + ".weight"))));
+          lora::FrozenWeight<float>::owned(base.matrix<float>(base_tensor(path) + ".weight"))));
       multi_model[path] = multis.back().get();
     }
     CHECK_THAT(lora_test::error_of([&] { peft::load_adapter(adapter, "p", multi_model); }),
