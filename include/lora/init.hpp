@@ -74,14 +74,14 @@ struct TopSingular {
   Matrix<Scalar> v;
 };
 
-/// The top r singular triplets of `w`: with niter < 0 from a full SVD (Eigen's
-/// BDCSVD, as torch.linalg.svd), otherwise as torch.svd_lowrank(w, q = r,
-/// niter) computes them (the sketch drawn from `seed`).
-template <class Scalar>
-TopSingular<Scalar> top_singular(const Matrix<Scalar>& w, Index r, int niter, std::uint64_t seed) {
-  using Mat = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;  // column-major: what Eigen's solvers prefer
+namespace detail {
+/// top_singular in double (a template so that only a file that calls it compiles it).
+template <class Double>
+TopSingular<double> top_singular_double(const Matrix<double>& w, Index r, int niter, std::uint64_t seed) {
+  static_assert(std::is_same_v<Double, double>, "top_singular_double works in double");
+  using Mat = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic>;  // column-major: what Eigen's solvers prefer
   const Mat a = w;
-  TopSingular<Scalar> out;
+  TopSingular<double> out;
   if (niter < 0) {
     Eigen::BDCSVD<Mat> svd(a, Eigen::ComputeThinU | Eigen::ComputeThinV);
     out.u = svd.matrixU().leftCols(r);
@@ -96,6 +96,21 @@ TopSingular<Scalar> top_singular(const Matrix<Scalar>& w, Index r, int niter, st
   out.s = svd.singularValues();
   out.v = q * svd.matrixV();
   return out;
+}
+}  // namespace detail
+
+/// The top r singular triplets of `w`: with niter < 0 from a full SVD (Eigen's
+/// BDCSVD, as torch.linalg.svd), otherwise as torch.svd_lowrank(w, q = r,
+/// niter) computes them (the sketch drawn from `seed`). Computed in double for every Scalar and rounded: Eigen's
+/// SVDs and QR cost about 25 s of compile time per scalar type in every file that uses them.
+template <class Scalar>
+TopSingular<Scalar> top_singular(const Matrix<Scalar>& w, Index r, int niter, std::uint64_t seed) {
+  if constexpr (!std::is_same_v<Scalar, double>) {
+    const TopSingular<double> d = top_singular<double>(w.template cast<double>(), r, niter, seed);
+    return {d.u.template cast<Scalar>(), d.s.template cast<Scalar>(), d.v.template cast<Scalar>()};
+  } else {
+    return detail::top_singular_double<double>(w, r, niter, seed);
+  }
 }
 
 /// PEFT's pissa_init on `layer`: A and B from W's top r singular triplets,
@@ -130,13 +145,15 @@ void olora_init(LoRALinear<Scalar>& layer) {
         "the stored matrix there, so its adapter does not start at the base model's output, and an "
         "adapter started otherwise would not load as PEFT loads an \"olora\" one; use PiSSA, or a "
         "transposed (out, in) copy of the weight");
-  using Mat = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
-  const Mat w = layer.frozen_weight().to_dense();
+  // In double for every Scalar, as top_singular; W (O, I) factored as it is, as PEFT's olora_init does.
+  using Mat = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic>;
+  const Mat w = layer.frozen_weight().to_dense().template cast<double>();
   Eigen::HouseholderQR<Mat> qr(w);
   const Index r = layer.rank(), k = std::min(w.rows(), w.cols());
   const Mat q = qr.householderQ() * Mat::Identity(w.rows(), k);
-  const Matrix<Scalar> B = q.leftCols(r);
-  const Matrix<Scalar> A = qr.matrixQR().topRows(r).template triangularView<Eigen::Upper>();
+  const Matrix<Scalar> B = q.leftCols(r).template cast<Scalar>();
+  const Matrix<Scalar> A =
+      Mat(qr.matrixQR().topRows(r).template triangularView<Eigen::Upper>()).template cast<Scalar>();
   layer.init_with_residual(A, B);
 }
 
