@@ -157,7 +157,8 @@ class LoRAEmbedding {
   void gather(const std::vector<Index>& ids, MutRef<Scalar> y, Mat& H) const;
   Index magnitude_offset() const { return rank_ * (vocab_ + dim_); }
   RowVector<Scalar> dora_norm(const char* where) const {
-    return table_.low_rank_row_norms(where, "embedding dimension", w_sq_norms_, scaling_, lora_B(), lora_A());
+    return table_.low_rank_row_norms(where, "embedding dimension", dora_ ? w_sq_norms_ : table_.output_squared_norms(),
+                                     scaling_, lora_B(), lora_A());
   }
 
   FrozenWeight<Scalar> table_;
@@ -235,8 +236,7 @@ RowVector<Scalar> LoRAEmbedding<Scalar>::weight_norm() const {
   const char* where = "LoRAEmbedding::weight_norm";
   if (merged_)
     throw state_error(std::string(where) + ": the layer is merged (the table holds the adapter); unmerge() first");
-  return table_.low_rank_row_norms(where, "embedding dimension", dora_ ? w_sq_norms_ : table_.output_squared_norms(),
-                                   scaling_, lora_B(), lora_A());
+  return dora_norm(where);
 }
 
 template <class Scalar>
@@ -339,14 +339,9 @@ void LoRAEmbedding<Scalar>::merge(bool safe_merge) {
   const char* where = "LoRAEmbedding::merge";
   if (dora_) {
     // E ← (E + s·(B A)ᵀ) ⊙ c per column, c = m / n (PEFT's DoraEmbeddingVariant.merge_safe)
-    table_.require_writable(where);
+    table_.require_writable(where);  // before n is computed
     const RowVector<Scalar> c = magnitude().row(0).cwiseQuotient(dora_norm(where));
-    for (Index j = 0; j < dim_; ++j)
-      if (!(c(j) != 0) || !std::isfinite(static_cast<double>(c(j))))
-        throw numeric_error(std::string(where) + ": DoRA's scale m / n of embedding dimension " + std::to_string(j) +
-                            " is " + value_string(static_cast<double>(c(j))) +
-                            "; merging would make that column impossible to unmerge; the table is left unchanged");
-    table_.add_low_rank_scaled(where, scaling_, lora_B(), lora_A(), nullptr, c.data(), safe_merge);
+    table_.merge_dora(where, "embedding dimension", scaling_, lora_B(), lora_A(), c, safe_merge);
     merged_dora_scale_ = c;
   } else {
     table_.add_low_rank(where, scaling_, lora_B(), lora_A(), 0, safe_merge);

@@ -386,16 +386,15 @@ typename FusedLoRALinear<Scalar>::Mat FusedLoRALinear<Scalar>::placed_B(const Ve
 
 template <class Scalar>
 typename FusedLoRALinear<Scalar>::Row FusedLoRALinear<Scalar>::dora_norm(const char* where) const {
-  return weight_.low_rank_row_norms(where, "output row", w_sq_norms_, Scalar(1), placed_B(params_, scaling_),
-                                    stacked_A());
+  return weight_.low_rank_row_norms(where, "output row", dora_ ? w_sq_norms_ : weight_.output_squared_norms(),
+                                    Scalar(1), placed_B(params_, scaling_), stacked_A());
 }
 
 template <class Scalar>
 typename FusedLoRALinear<Scalar>::Row FusedLoRALinear<Scalar>::weight_norm() const {
   const char* where = "FusedLoRALinear::weight_norm";
   if (merged_) throw state_error(std::string(where) + ": the layer is merged (W holds the adapters); unmerge() first");
-  return weight_.low_rank_row_norms(where, "output row", dora_ ? w_sq_norms_ : weight_.output_squared_norms(),
-                                    Scalar(1), placed_B(params_, scaling_), stacked_A());
+  return dora_norm(where);
 }
 
 template <class Scalar>
@@ -613,13 +612,7 @@ void FusedLoRALinear<Scalar>::merge(bool safe_merge) {
   if (dora_) {
     // W ← c ⊙ (W + Σ_k s_k B_k A_k) per row, c = m / n (PEFT's DoraLinearVariant.merge_safe on the fused module)
     const Row c = magnitude().row(0).cwiseQuotient(dora_norm(where));
-    for (Index o = 0; o < out_; ++o)
-      if (!(c(o) != 0) || !std::isfinite(static_cast<double>(c(o))))
-        throw numeric_error(std::string(where) + ": DoRA's scale m / n of output row " + std::to_string(o) + " is " +
-                            value_string(static_cast<double>(c(o))) +
-                            "; merging would make that row impossible to unmerge; W is left unchanged");
-    weight_.add_low_rank_scaled(where, Scalar(1), placed_B(params_, scaling_), stacked_A(), nullptr, c.data(),
-                                safe_merge);
+    weight_.merge_dora(where, "output row", Scalar(1), placed_B(params_, scaling_), stacked_A(), c, safe_merge);
     merged_dora_scale_ = c;
     merged_params_ = params_;
     merged_scaling_ = scaling_;

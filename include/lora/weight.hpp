@@ -187,6 +187,20 @@ class FrozenWeight {
     low_rank_pass(where, s, B, A, 0, true, divide_first, multiply_after);
   }
 
+  /// DoRA's merge: W_o ← c_o · (W_o + s · (B A)_o) for every output o, in add_low_rank_scaled's pass. Refused,
+  /// before anything is written, for a read-only view (state_error) and when some c_o is zero or not finite
+  /// (numeric_error naming `where` and the `output`, as "output row"): unmerge could not divide by it.
+  void merge_dora(const char* where, const char* output, Scalar s, const ConstRef<Scalar>& B, const ConstRef<Scalar>& A,
+                  const RowVector<Scalar>& c, bool check_finite) {
+    require_writable(where);
+    for (Index o = 0; o < c.size(); ++o)
+      if (!(c(o) != 0) || !std::isfinite(static_cast<double>(c(o))))
+        throw numeric_error(std::string(where) + ": DoRA's scale m / n of " + output + " " + std::to_string(o) +
+                            " is " + value_string(static_cast<double>(c(o))) +
+                            "; merging would make it impossible to unmerge; W is left unchanged");
+    add_low_rank_scaled(where, s, B, A, nullptr, c.data(), check_finite);
+  }
+
   /// ‖W_o‖² for every output o (the squared norm of W's row o as (O, I)), accumulated in double: one pass over W.
   Eigen::Matrix<double, Eigen::Dynamic, 1> output_squared_norms() const {
     Eigen::Matrix<double, Eigen::Dynamic, 1> out(out_);

@@ -532,14 +532,9 @@ void LoRALinear<Scalar>::merge(bool safe_merge) {
   if (dora_) {
     // W ← c ⊙ (W + s·B A) per output row, c = m / n (PEFT's DoraLinearVariant.merge_safe)
     const char* where = "LoRALinear::merge";
-    weight_.require_writable(where);
+    weight_.require_writable(where);  // before n is computed
     const Row c = magnitude().row(0).cwiseQuotient(dora_norm(where));
-    for (Index o = 0; o < out_; ++o)
-      if (!(c(o) != 0) || !std::isfinite(static_cast<double>(c(o))))
-        throw numeric_error(std::string(where) + ": DoRA's scale m / n of output row " + std::to_string(o) + " is " +
-                            value_string(static_cast<double>(c(o))) +
-                            "; merging would make that row impossible to unmerge; W is left unchanged");
-    weight_.add_low_rank_scaled(where, scaling_, lora_B(), lora_A(), nullptr, c.data(), safe_merge);
+    weight_.merge_dora(where, "output row", scaling_, lora_B(), lora_A(), c, safe_merge);
     merged_dora_scale_ = c;
     merged_A_ = lora_A();
     merged_B_ = lora_B();
