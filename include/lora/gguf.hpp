@@ -41,6 +41,7 @@
 
 #include <lora/detail/file.hpp>
 #include <lora/errors.hpp>
+#include <lora/quant.hpp>        // block_q8_0
 #include <lora/safetensors.hpp>  // half / bfloat16 conversions, Access
 #include <lora/types.hpp>
 
@@ -426,28 +427,10 @@ inline bool is_convertible(TensorType type) {
   return type == TensorType::F32 || type == TensorType::F16 || type == TensorType::BF16 || type == TensorType::Q8_0;
 }
 
-/// ggml's block_q8_0: a half-precision scale d, then 32 int8 values q; value j is q[j] · d.
-inline constexpr std::size_t q8_0_block = 32;
-
-/// Quantises 32 floats into one block_q8_0 (34 bytes) exactly as ggml's
-/// quantize_row_q8_0_ref: d = amax / 127, q = roundf(x · (1/d)), d stored as f16.
-inline void quantize_q8_0_block(const float* x, std::uint8_t* out) {
-  float amax = 0.0f;
-  for (std::size_t j = 0; j < q8_0_block; ++j) amax = std::max(amax, std::fabs(x[j]));
-  const float d = amax / 127;
-  const float id = d != 0.0f ? 1.0f / d : 0.0f;
-  const std::uint16_t dh = lora::safetensors::float_to_half(d);
-  out[0] = static_cast<std::uint8_t>(dh & 0xff);
-  out[1] = static_cast<std::uint8_t>(dh >> 8);
-  for (std::size_t j = 0; j < q8_0_block; ++j)
-    out[2 + j] = static_cast<std::uint8_t>(static_cast<std::int8_t>(std::roundf(x[j] * id)));
-}
-
-/// One block_q8_0 back to 32 floats, as ggml's dequantize_row_q8_0 (q · d in float).
-inline void dequantize_q8_0_block(const std::uint8_t* block, float* out) {
-  const float d = lora::safetensors::half_to_float(static_cast<std::uint16_t>(block[0] | (block[1] << 8)));
-  for (std::size_t j = 0; j < q8_0_block; ++j) out[j] = static_cast<float>(static_cast<std::int8_t>(block[2 + j])) * d;
-}
+/// ggml's block_q8_0 (<lora/quant.hpp> holds the block and its conversions; these are their names here).
+inline constexpr std::size_t q8_0_block = static_cast<std::size_t>(lora::quant::q8_0_block);
+using lora::quant::dequantize_q8_0_block;
+using lora::quant::quantize_q8_0_block;
 
 // ---- the header ------------------------------------------------------------------
 

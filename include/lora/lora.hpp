@@ -14,6 +14,8 @@
 #include <lora/optim.hpp>
 #include <lora/params.hpp>
 #include <lora/peft.hpp>
+#include <lora/quant.hpp>
+#include <lora/quant_io.hpp>
 #include <lora/safetensors.hpp>
 #include <lora/schedule.hpp>
 #include <lora/sequential.hpp>

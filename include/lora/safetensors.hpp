@@ -23,6 +23,7 @@
 #endif
 
 #include <lora/detail/file.hpp>
+#include <lora/detail/half.hpp>
 #include <lora/errors.hpp>
 #include <lora/params.hpp>
 #include <lora/types.hpp>
@@ -78,72 +79,11 @@ inline bool is_float(Dtype dtype) {
 }
 
 // ---- half precision --------------------------------------------------------------
-
-/// IEEE binary16 bits -> float (exact).
-inline float half_to_float(std::uint16_t h) {
-  std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
-  std::uint32_t exponent = (h >> 10) & 0x1fu;
-  std::uint32_t mantissa = h & 0x3ffu;
-  std::uint32_t bits;
-  if (exponent == 0x1f) {
-    bits = sign | 0x7f800000u | (mantissa << 13);  // inf, NaN (payload kept)
-  } else if (exponent != 0) {
-    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
-  } else if (mantissa == 0) {
-    bits = sign;
-  } else {  // subnormal: normalise
-    int shift = 0;
-    while ((mantissa & 0x400u) == 0) {
-      mantissa <<= 1;
-      ++shift;
-    }
-    bits = sign | (static_cast<std::uint32_t>(113 - shift) << 23) | ((mantissa & 0x3ffu) << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-/// float -> IEEE binary16 bits, rounding to nearest even (as torch's .half()).
-inline std::uint16_t float_to_half(float f) {
-  std::uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
-  std::uint16_t sign = static_cast<std::uint16_t>((bits >> 16) & 0x8000u);
-  std::uint32_t abs = bits & 0x7fffffffu;
-  if (abs >= 0x7f800000u)  // inf or NaN (NaN stays a quiet NaN)
-    return static_cast<std::uint16_t>(sign | 0x7c00u | (abs > 0x7f800000u ? 0x200u | ((abs >> 13) & 0x3ffu) : 0u));
-  if (abs >= 0x477ff000u) return static_cast<std::uint16_t>(sign | 0x7c00u);  // rounds past 65504: inf
-  if (abs < 0x38800000u) {                                                    // below 2^-14: subnormal or zero
-    if (abs < 0x33000000u) return sign;                                       // below half the smallest subnormal
-    std::uint32_t exponent = abs >> 23;
-    std::uint32_t mantissa = (abs & 0x7fffffu) | 0x800000u;
-    std::uint32_t shift = 126 - exponent;  // 14..24
-    std::uint32_t value = mantissa >> shift;
-    std::uint32_t rest = mantissa & ((1u << shift) - 1);
-    std::uint32_t halfway = 1u << (shift - 1);
-    if (rest > halfway || (rest == halfway && (value & 1u))) ++value;
-    return static_cast<std::uint16_t>(sign | value);
-  }
-  std::uint32_t value = abs - 0x38000000u;  // rebias exponent 127 -> 15
-  std::uint32_t rounded = (value + 0xfffu + ((value >> 13) & 1u)) >> 13;
-  return static_cast<std::uint16_t>(sign | rounded);
-}
-
-/// bfloat16 bits -> float (exact).
-inline float bf16_to_float(std::uint16_t b) {
-  std::uint32_t bits = static_cast<std::uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-/// float -> bfloat16 bits, rounding to nearest even; NaN stays a quiet NaN.
-inline std::uint16_t float_to_bf16(float f) {
-  std::uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((bits >> 16) | 0x40u);
-  return static_cast<std::uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
+// The conversions live in <lora/detail/half.hpp> (the quantised weights use them too); these are their names here.
+using lora::detail::bf16_to_float;
+using lora::detail::float_to_bf16;
+using lora::detail::float_to_half;
+using lora::detail::half_to_float;
 
 // ---- the header ------------------------------------------------------------------
 
@@ -786,6 +726,20 @@ class Writer {
                         std::to_string(size));
     check_new_name(name);
     entries_.push_back(Entry{name, dtype, std::move(shape), {}, data, size});
+  }
+
+  /// As add_bytes, but the writer keeps `bytes` (moved in) until it is destroyed.
+  void add_owned_bytes(const std::string& name, Dtype dtype, std::vector<std::uint64_t> shape,
+                       std::vector<std::uint8_t> bytes) {
+    std::uint64_t numel = 1;
+    for (auto d : shape) numel *= d;
+    if (numel * dtype_size(dtype) != bytes.size())
+      throw shape_error("safetensors::Writer::add_owned_bytes(\"" + name + "\"): " + dtype_name(dtype) + " " +
+                        shape_text(shape) + " needs " + std::to_string(numel * dtype_size(dtype)) + " bytes, got " +
+                        std::to_string(bytes.size()));
+    check_new_name(name);
+    const std::size_t size = bytes.size();
+    entries_.push_back(Entry{name, dtype, std::move(shape), std::move(bytes), nullptr, size});
   }
 
   /// Adds tensor `t` of `file` unchanged under `name`, read from the file

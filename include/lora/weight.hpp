@@ -20,9 +20,22 @@
 // one the caller owns: read-only (view: never written, merging throws), or
 // writable (mutable_view: merge and unmerge write it in place, the only
 // writes ever made). A view's buffer must outlive every layer that holds it.
+//
+// Precision. A FrozenWeight<float> may instead hold W in a low-precision
+// format (quantized(): bf16, f16, q8_0, NF4; <lora/quant.hpp>), in either
+// layout. Its products decode W a tile at a time and compute in float; W is
+// never dequantised as a whole. Such a weight is never written: merging into
+// it is refused (state_error), since rounding the sum back to the format
+// would lose the adapter's smallest changes.
 #pragma once
 
+#ifndef LORA_INSIDE_LIBRARY
+#define LORA_INSIDE_LIBRARY
+#endif
+
+#include <lora/detail/qgemm.hpp>
 #include <lora/errors.hpp>
+#include <lora/quant.hpp>
 #include <lora/types.hpp>
 
 #include <algorithm>
@@ -31,6 +44,7 @@
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 namespace lora {
 
@@ -74,6 +88,21 @@ class FrozenWeight {
     return FrozenWeight(Kind::mutable_view, layout, data, out_features, in_features, "mutable_view");
   }
 
+  /// W in a low-precision format (FrozenWeight<float> only): `stored` is (O, I) for out_in and (I, O) for in_out,
+  /// owned by the QuantizedMatrix or a view it holds (QuantizedMatrix::view over a mapped BF16 tensor). Never
+  /// written: merging is refused.
+  static FrozenWeight quantized(QuantizedMatrix stored, WeightLayout layout = WeightLayout::out_in) {
+    static_assert(std::is_same_v<Scalar, float>, "FrozenWeight::quantized: low-precision weights compute in float");
+    if (stored.empty()) throw shape_error("FrozenWeight::quantized: the weight is empty");
+    FrozenWeight w;
+    w.kind_ = Kind::quantized;
+    w.layout_ = layout;
+    w.out_ = layout == WeightLayout::out_in ? stored.rows() : stored.cols();
+    w.in_ = layout == WeightLayout::out_in ? stored.cols() : stored.rows();
+    w.q_ = std::move(stored);
+    return w;
+  }
+
   // A copy of an owned weight owns a copy of the buffer; a copy of a view views the same buffer. data_ always
   // points at the weight's own buffer when it owns one (Eigen moves the allocation on a move).
   FrozenWeight(const FrozenWeight& other) { *this = other; }
@@ -81,12 +110,14 @@ class FrozenWeight {
   FrozenWeight& operator=(const FrozenWeight& other) {
     if (this == &other) return *this;
     owned_ = other.owned_;
+    q_ = other.q_;
     take_shape(other);
     return *this;
   }
   FrozenWeight& operator=(FrozenWeight&& other) noexcept {
     if (this == &other) return *this;
     owned_ = std::move(other.owned_);
+    q_ = std::move(other.q_);
     take_shape(other);
     other.data_ = nullptr;
     other.out_ = other.in_ = 0;
@@ -96,27 +127,51 @@ class FrozenWeight {
   Index out_features() const { return out_; }
   Index in_features() const { return in_; }
   WeightLayout layout() const { return layout_; }
-  /// True unless the buffer is the weight's own.
-  bool is_view() const { return kind_ != Kind::owned; }
+  /// True unless the buffer is the weight's own (a quantized weight counts as a view when its bytes are).
+  bool is_view() const { return kind_ == Kind::quantized ? q_.is_view() : kind_ != Kind::owned; }
   /// True when merging may write the buffer (owned or mutable_view).
-  bool is_writable() const { return kind_ != Kind::view; }
-  /// Bytes of the stored weight (owned or viewed).
-  std::size_t stored_bytes() const { return static_cast<std::size_t>(out_ * in_) * sizeof(Scalar); }
+  bool is_writable() const { return kind_ == Kind::owned || kind_ == Kind::mutable_view; }
+  /// True when W is held in a low-precision format (quantized()).
+  bool is_quantized() const { return kind_ == Kind::quantized; }
+  /// The format W is stored in: f32 for a Scalar matrix (whatever Scalar is) unless quantized.
+  WeightFormat format() const { return kind_ == Kind::quantized ? q_.format() : WeightFormat::f32; }
+  /// The low-precision matrix of a quantized weight (empty otherwise).
+  const QuantizedMatrix& quantized_matrix() const { return q_; }
+  /// Bytes of the stored weight (owned or viewed), in its format.
+  std::size_t stored_bytes() const {
+    if (kind_ == Kind::quantized) return q_.bytes();
+    return static_cast<std::size_t>(out_ * in_) * sizeof(Scalar);
+  }
 
   /// A read-only view of the same buffer and layout (the caller keeps this weight alive).
-  FrozenWeight read_only_view() const { return view(data_, out_, in_, layout_); }
+  FrozenWeight read_only_view() const {
+    if (kind_ == Kind::quantized) return *this;  // immutable, its bytes shared
+    return view(data_, out_, in_, layout_);
+  }
 
-  /// The buffer as it is stored: (O, I) for out_in, (I, O) for in_out.
-  ConstMatrixMap<Scalar> stored() const { return ConstMatrixMap<Scalar>(data_, stored_rows(), stored_cols()); }
+  /// The buffer as it is stored: (O, I) for out_in, (I, O) for in_out. Throws state_error for a quantized weight,
+  /// which has no Scalar buffer (to_dense() decodes it).
+  ConstMatrixMap<Scalar> stored() const {
+    if (kind_ == Kind::quantized)
+      throw state_error(std::string("FrozenWeight::stored: W is stored in ") + format_name(q_.format()) +
+                        ", not as a float matrix; use to_dense() for a decoded copy");
+    return ConstMatrixMap<Scalar>(data_, stored_rows(), stored_cols());
+  }
 
-  /// W as (O, I), copied: for inspection and tests, never used by the layers.
+  /// W as (O, I), copied (decoded when quantized): for inspection and tests, never used by the layers.
   Mat to_dense() const {
+    if (kind_ == Kind::quantized) {
+      Mat w = q_.dequantize().template cast<Scalar>();
+      if (layout_ == WeightLayout::out_in) return w;
+      return w.transpose();
+    }
     if (layout_ == WeightLayout::out_in) return stored();
     return stored().transpose();
   }
 
   /// y = x Wᵀ: x (N, I), y (N, O), y not overlapping x (the caller checks shapes).
   void forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) const {
+    if (kind_ == Kind::quantized) return quantized_product(x, y, layout_ == WeightLayout::out_in, false);
     if (layout_ == WeightLayout::out_in)
       y.noalias() = x * stored().transpose();
     else
@@ -127,6 +182,7 @@ class FrozenWeight {
   /// of W packs a copy of the whole of it, block by block each packed copy stays in cache. Measured on the Xeon
   /// (4096², R = 8, one thread): 9-12 ms against 19-26 ms for W (out, in), 19-22 against 27-36 for W (in, out).
   void forward_few_rows(const ConstRef<Scalar>& x, MutRef<Scalar> y) const {
+    if (kind_ == Kind::quantized) return forward(x, y);
     constexpr Index block = 128;
     const Index outputs = layout_ == WeightLayout::out_in ? stored().rows() : stored().cols();
     for (Index o = 0; o < outputs; o += block) {
@@ -140,6 +196,7 @@ class FrozenWeight {
 
   /// dx = dy W: dy (N, O), dx (N, I).
   void backward(const ConstRef<Scalar>& dy, MutRef<Scalar> dx) const {
+    if (kind_ == Kind::quantized) return quantized_product(dy, dx, layout_ == WeightLayout::in_out, false);
     if (layout_ == WeightLayout::out_in)
       dx.noalias() = dy * stored();
     else
@@ -150,12 +207,14 @@ class FrozenWeight {
   /// that writes its other terms (bias, adapters) into y first and adds the base product last makes no extra
   /// pass over y for them.
   void forward_add(const ConstRef<Scalar>& x, MutRef<Scalar> y) const {
+    if (kind_ == Kind::quantized) return quantized_product(x, y, layout_ == WeightLayout::out_in, true);
     if (layout_ == WeightLayout::out_in)
       y.noalias() += x * stored().transpose();
     else
       y.noalias() += x * stored();
   }
   void backward_add(const ConstRef<Scalar>& dy, MutRef<Scalar> dx) const {
+    if (kind_ == Kind::quantized) return quantized_product(dy, dx, layout_ == WeightLayout::in_out, true);
     if (layout_ == WeightLayout::out_in)
       dx.noalias() += dy * stored();
     else
@@ -204,7 +263,20 @@ class FrozenWeight {
   /// ‖W_o‖² for every output o (the squared norm of W's row o as (O, I)), accumulated in double: one pass over W.
   Eigen::Matrix<double, Eigen::Dynamic, 1> output_squared_norms() const {
     Eigen::Matrix<double, Eigen::Dynamic, 1> out(out_);
-    if (layout_ == WeightLayout::out_in) {
+    if (kind_ == Kind::quantized) {  // decoded a stored row at a time
+      out.setZero();
+      std::vector<float> row(static_cast<std::size_t>(stored_cols()));
+      for (Index r = 0; r < stored_rows(); ++r) {
+        q_.decode(r, 0, stored_cols(), row.data());
+        if (layout_ == WeightLayout::out_in) {
+          double s = 0;
+          for (float v : row) s += static_cast<double>(v) * static_cast<double>(v);
+          out(r) = s;
+        } else {
+          for (Index o = 0; o < out_; ++o) out(o) += static_cast<double>(row[o]) * static_cast<double>(row[o]);
+        }
+      }
+    } else if (layout_ == WeightLayout::out_in) {
       for (Index o = 0; o < out_; ++o) out(o) = stored().row(o).template cast<double>().squaredNorm();
     } else {
       out.setZero();
@@ -249,6 +321,11 @@ class FrozenWeight {
 
   /// Throws state_error, naming `where`, unless merging may write the buffer.
   void require_writable(const char* where) const {
+    if (kind_ == Kind::quantized)
+      throw state_error(std::string(where) + ": the weight is stored in " + format_name(q_.format()) +
+                        " and is never written: rounding W + s·B A back to " + format_name(q_.format()) +
+                        " would lose the adapter's smallest changes; serve the adapter unmerged, or merge into a "
+                        "float copy of W (to_dense())");
     if (!is_writable())
       throw state_error(std::string(where) +
                         ": the weight is a read-only view of the host's memory and is never written; wrap it as a "
@@ -260,12 +337,23 @@ class FrozenWeight {
   /// then add them all, so that a refusal leaves W as it was.
   void check_low_rank_finite(const char* where, Scalar s, const ConstRef<Scalar>& B, const ConstRef<Scalar>& A,
                              Index out_begin = 0) const {
+    if (kind_ == Kind::quantized) require_writable(where);
     check_low_rank_shapes(where, B, A, out_begin);
     const_cast<FrozenWeight*>(this)->low_rank_pass(where, s, B, A, out_begin, false);
   }
 
  private:
-  enum class Kind { owned, view, mutable_view };
+  enum class Kind { owned, view, mutable_view, quantized };
+
+  // y (=|+=) x · op(S), S the stored matrix: op = Sᵀ when `transposed` (S is (rows of y's columns, x's columns)).
+  void quantized_product(const ConstRef<Scalar>& x, MutRef<Scalar> y, bool transposed, bool accumulate) const {
+    if constexpr (std::is_same_v<Scalar, float>) {
+      detail::QGemm::run(x.data(), x.outerStride(), x.rows(), x.cols(), q_, transposed, y.data(), y.outerStride(),
+                         accumulate);
+    } else {
+      (void)x, (void)y, (void)transposed, (void)accumulate;
+    }
+  }
 
   FrozenWeight(Kind kind, WeightLayout layout, const Scalar* data, Index out_features, Index in_features,
                const char* how)
@@ -363,6 +451,7 @@ class FrozenWeight {
   WeightLayout layout_ = WeightLayout::out_in;
   Index out_ = 0, in_ = 0;
   Mat owned_;
+  QuantizedMatrix q_;  // kind_ == quantized
   Scalar* data_ = nullptr;  // owned_.data(), or the caller's buffer (written only when mutable_view)
 };
 

@@ -1,0 +1,372 @@
+// Low-precision frozen weights (<lora/quant.hpp>): bf16, f16, q8_0 and NF4 storage against the bytes ggml and
+// bitsandbytes write (tests/data/gguf/ggml_rounding.gguf, tests/data/quant/ from bitsandbytes' own code), the
+// AVX-512 decoders and products against the portable ones and against float products over the decoded matrix,
+// layers over a quantized base against the same layers over its float copy, and the refusals.
+#include <catch2/catch.hpp>
+#include <lora/gguf.hpp>
+#include <lora/lora.hpp>
+
+#include "test_files.hpp"
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace unit_quant {
+
+using Catch::Contains;
+using lora::FrozenWeight;
+using lora::Index;
+using lora::QuantizedMatrix;
+using lora::WeightFormat;
+using lora::WeightLayout;
+using Mat = lora::Matrix<float>;
+using lora_test::error_of;
+
+namespace {
+
+const std::string quant_dir = std::string(LORA_TEST_DATA_DIR) + "/quant";
+const std::string gguf_dir = std::string(LORA_TEST_DATA_DIR) + "/gguf";
+
+Mat random_matrix(Index rows, Index cols, unsigned seed) {
+  std::srand(seed);
+  return Mat::Random(rows, cols);
+}
+
+// The tensor's raw bytes from a safetensors file.
+std::vector<std::uint8_t> raw(const lora::safetensors::File& f, const std::string& name) {
+  const auto& t = f.at(name);
+  const std::uint8_t* p = f.bytes(t);
+  return std::vector<std::uint8_t>(p, p + t.nbytes());
+}
+std::vector<float> floats(const lora::safetensors::File& f, const std::string& name) {
+  const Mat m = f.matrix<float>(name);
+  return std::vector<float>(m.data(), m.data() + m.size());
+}
+
+// Runs `check` with the AVX-512 kernels (when this CPU has them) and with the portable ones.
+template <class F>
+void with_each_kernel(F&& check) {
+  for (bool portable : {false, true}) {
+    if (!portable && !QuantizedMatrix::has_avx512()) continue;
+    QuantizedMatrix::force_portable_kernels(portable);
+    INFO((portable ? "portable kernels" : "AVX-512 kernels"));
+    try {
+      check();
+    } catch (...) {
+      QuantizedMatrix::force_portable_kernels(false);
+      throw;
+    }
+  }
+  QuantizedMatrix::force_portable_kernels(false);
+}
+
+const WeightFormat all_formats[] = {WeightFormat::f32, WeightFormat::bf16, WeightFormat::f16, WeightFormat::q8_0,
+                                    WeightFormat::nf4};
+
+// The largest error a format's rounding may make on values of magnitude ≤ amax (per element, loose).
+float format_tolerance(WeightFormat f, float amax) {
+  switch (f) {
+    case WeightFormat::f32: return 0;
+    case WeightFormat::bf16: return amax / 256;
+    case WeightFormat::f16: return amax / 2048;
+    case WeightFormat::q8_0: return amax / 127 * 0.51f + amax / 1024;
+    case WeightFormat::nf4: return amax * 0.17f;  // half the widest NF4 gap (1 - 0.723) / 2 and a margin
+  }
+  return 0;
+}
+
+}  // namespace
+
+TEST_CASE("quant: bf16, f16 and q8_0 quantisation gives ggml's bytes (ggml_rounding.gguf)", "[quant][golden]") {
+  const auto bytes = lora_test::read_bytes(gguf_dir + "/ggml_rounding.gguf");
+  REQUIRE(!bytes.empty());
+  const auto f = lora::gguf::File::from_bytes(bytes, "ggml_rounding.gguf");
+  // x_k = ((37 k) mod 101 − 50) / 7, as tests/golden/make_gguf_golden.sh wrote them through ggml's converters.
+  const auto rounding_x = [](int k) { return static_cast<float>((37 * k) % 101 - 50) / 7.0f; };
+  Mat x(3, 32), xq(4, 32);
+  for (int k = 0; k < 96; ++k) x(k / 32, k % 32) = xq(k / 32, k % 32) = rounding_x(k);
+  xq.row(3).setZero();
+  const struct {
+    const char* name;
+    WeightFormat format;
+    const Mat& values;
+  } cases[] = {{"r.bf16", WeightFormat::bf16, x}, {"r.f16", WeightFormat::f16, x}, {"r.q8_0", WeightFormat::q8_0, xq}};
+  for (const auto& c : cases) {
+    INFO(c.name);
+    const auto& t = f.at(c.name);
+    const std::uint8_t* ggml = f.bytes(t);
+    const QuantizedMatrix q = QuantizedMatrix::quantize(c.values, c.format);
+    REQUIRE(q.data_bytes() == t.nbytes);
+    CHECK(std::vector<std::uint8_t>(q.data(), q.data() + q.data_bytes()) ==
+          std::vector<std::uint8_t>(ggml, ggml + t.nbytes));
+    // Decoding ggml's bytes in place gives what the GGUF reader (ggml's dequantize_row_q8_0) gives.
+    const QuantizedMatrix view = QuantizedMatrix::view(c.format, ggml, c.values.rows(), c.values.cols());
+    CHECK(view.is_view());
+    with_each_kernel([&] { CHECK(view.dequantize() == f.matrix<float>(c.name)); });
+  }
+}
+
+TEST_CASE("quant: NF4 quantisation and decoding give bitsandbytes' bytes (nf4_blocks: ties, zeros, a short block)",
+          "[quant][golden]") {
+  const auto f = lora::safetensors::File::open(quant_dir + "/nf4_blocks.safetensors");
+  const Mat x = f.matrix<float>("x");  // (6, 100): 600 values, 9 blocks of 64 and one of 24
+  const QuantizedMatrix q = QuantizedMatrix::quantize(x, WeightFormat::nf4);
+  CHECK(q.block_size() == 64);
+  CHECK(std::vector<float>(q.code().begin(), q.code().end()) == floats(f, "quant_map"));
+  CHECK(std::vector<std::uint8_t>(q.data(), q.data() + q.data_bytes()) == raw(f, "packed"));
+  CHECK(q.absmax() == floats(f, "absmax"));
+  // The codes one by one, so a nibble-order mistake shows apart from a rounding one.
+  const auto codes = raw(f, "codes");
+  for (std::size_t e = 0; e < codes.size(); ++e) {
+    const std::uint8_t byte = q.data()[e / 2];
+    const int code = e % 2 == 0 ? byte >> 4 : byte & 0xf;
+    if (code != codes[e]) FAIL_CHECK("element " << e << ": code " << code << ", bitsandbytes " << int(codes[e]));
+  }
+  const Mat dequant = f.matrix<float>("dequant");
+  with_each_kernel([&] { CHECK(q.dequantize() == dequant); });
+  // Built from bitsandbytes' tensors instead of quantised here: the same values.
+  const auto packed = raw(f, "packed");
+  const QuantizedMatrix loaded = QuantizedMatrix::nf4(6, 100, 64, packed, floats(f, "absmax"));
+  with_each_kernel([&] { CHECK(loaded.dequantize() == dequant); });
+  // Decoding from any offset: the SIMD decoder's head and tail against the reference.
+  with_each_kernel([&] {
+    std::vector<float> a(100), b(100);
+    for (Index col : {0, 1, 7, 31, 33, 63, 64, 65}) {
+      const Index n = 100 - col;
+      q.decode(2, col, n, a.data());
+      q.decode_reference(2, col, n, b.data());
+      CHECK(a == b);
+    }
+  });
+}
+
+TEST_CASE("quant: NF4 with double-quantised absmax gives bitsandbytes' tensors (nf4_double)", "[quant][golden]") {
+  const auto f = lora::safetensors::File::open(quant_dir + "/nf4_double.safetensors");
+  const Mat x = f.matrix<float>("x");  // (128, 160): 320 blocks, nested blocks of 256 and 64
+  lora::QuantizeOptions options;
+  options.double_quant = true;
+  const QuantizedMatrix q = QuantizedMatrix::quantize(x, WeightFormat::nf4, options);
+  REQUIRE(q.double_quant());
+  CHECK(std::vector<std::uint8_t>(q.data(), q.data() + q.data_bytes()) == raw(f, "packed"));
+  CHECK(q.offset() == floats(f, "offset")[0]);
+  CHECK(std::vector<float>(q.nested_code().begin(), q.nested_code().end()) == floats(f, "nested_quant_map"));
+  CHECK(q.nested_absmax() == floats(f, "nested_absmax"));
+  CHECK(q.absmax_q() == raw(f, "absmax_q"));
+  CHECK(q.absmax() == floats(f, "absmax_dequant"));
+  const Mat dequant = f.matrix<float>("dequant");
+  with_each_kernel([&] { CHECK(q.dequantize() == dequant); });
+
+  std::array<float, 256> nested_code{};
+  const auto map = floats(f, "nested_quant_map");
+  std::copy(map.begin(), map.end(), nested_code.begin());
+  const QuantizedMatrix loaded = QuantizedMatrix::nf4_double(128, 160, 64, raw(f, "packed"), raw(f, "absmax_q"),
+                                                             floats(f, "nested_absmax"), nested_code,
+                                                             floats(f, "offset")[0]);
+  with_each_kernel([&] { CHECK(loaded.dequantize() == dequant); });
+  // 0.5 bytes a parameter and one byte per 64 for absmax, plus the small tables.
+  CHECK(loaded.bytes() == 10240 + 320 + 2 * 4 + 16 * 4 + 256 * 4 + 4);
+}
+
+TEST_CASE("quant: products through a quantized matrix equal float products over its decoded values",
+          "[quant][gemm]") {
+  // Shapes that leave partial micro-tiles (MR = 12, NR = 32) and partial depth blocks (KC = 256), few-row and
+  // many-row paths, both orientations, and accumulation.
+  struct Shape {
+    Index rows, cols;
+  };
+  const Shape shapes[] = {{70, 96}, {33, 288}, {300, 64}};
+  for (WeightFormat format : all_formats) {
+    for (const Shape& sh : shapes) {
+      const Mat S = random_matrix(sh.rows, sh.cols, 11);
+      const QuantizedMatrix q = QuantizedMatrix::quantize(S, format);
+      const Mat Sd = q.dequantize();
+      for (Index M : {1, 3, 4, 5, 13, 40}) {
+        INFO(lora::format_name(format) << " S " << sh.rows << "x" << sh.cols << ", M = " << M);
+        const Mat At = random_matrix(M, sh.cols, 5), A = random_matrix(M, sh.rows, 6);
+        const Mat want_t = (At.cast<double>() * Sd.cast<double>().transpose()).cast<float>();
+        const Mat want = (A.cast<double>() * Sd.cast<double>()).cast<float>();
+        with_each_kernel([&] {
+          Mat C(M, sh.rows);
+          lora::detail::QGemm::run(At.data(), At.cols(), M, sh.cols, q, true, C.data(), C.cols(), false);
+          CHECK((C - want_t).cwiseAbs().maxCoeff() <= 1e-5f * static_cast<float>(sh.cols));
+          Mat D = Mat::Constant(M, sh.cols, 1.0f);
+          lora::detail::QGemm::run(A.data(), A.cols(), M, sh.rows, q, false, D.data(), D.cols(), true);
+          CHECK((D - want - Mat::Constant(M, sh.cols, 1.0f)).cwiseAbs().maxCoeff() <= 1e-5f * static_cast<float>(sh.rows));
+        });
+      }
+    }
+  }
+}
+
+TEST_CASE("quant: LoRALinear over a quantized W, both layouts, matches the layer over W's decoded float copy",
+          "[quant][layer]") {
+  const Index O = 64, I = 96, N = 9;
+  for (WeightFormat format : all_formats) {
+    for (WeightLayout layout : {WeightLayout::out_in, WeightLayout::in_out}) {
+      INFO(lora::format_name(format) << " " << lora::layout_name(layout));
+      const Mat W = random_matrix(O, I, 3);
+      const Mat stored = layout == WeightLayout::out_in ? W : Mat(W.transpose());
+      const QuantizedMatrix q = QuantizedMatrix::quantize(stored, format);
+      lora::LoraConfig cfg;
+      cfg.r = 4;
+      cfg.lora_alpha = 8;
+      cfg.seed = 9;
+      lora::LoRALinear<float> low(FrozenWeight<float>::quantized(q, layout), cfg);
+      lora::LoRALinear<float> ref(FrozenWeight<float>::owned(q.dequantize(), layout), cfg);
+      REQUIRE(low.frozen_weight().is_quantized());
+      CHECK(low.frozen_weight().format() == format);
+      CHECK((low.frozen_weight().to_dense() - W).cwiseAbs().maxCoeff() <= format_tolerance(format, 1.0f));
+      low.lora_B() = ref.lora_B() = random_matrix(O, 4, 4) * 0.1f;
+      const Mat x = random_matrix(N, I, 8), dy = random_matrix(N, O, 9);
+      Mat y(N, O), y_ref(N, O), dx(N, I), dx_ref(N, I);
+      low.forward(x, y);
+      ref.forward(x, y_ref);
+      CHECK((y - y_ref).cwiseAbs().maxCoeff() <= 1e-4f);
+      low.backward(x, dy, dx);
+      ref.backward(x, dy, dx_ref);
+      CHECK((dx - dx_ref).cwiseAbs().maxCoeff() <= 1e-4f);
+      CHECK((low.dA() - ref.dA()).cwiseAbs().maxCoeff() <= 1e-4f);
+      CHECK((low.dB() - ref.dB()).cwiseAbs().maxCoeff() <= 1e-4f);
+
+      // Merging into a low-precision W is refused, and nothing changes.
+      const Mat before = low.frozen_weight().to_dense();
+      CHECK_THROWS_AS(low.merge(), lora::state_error);
+      CHECK_THAT(error_of([&] { low.merge(); }), Contains(std::string("stored in ") + lora::format_name(format)));
+      CHECK(!low.is_merged());
+      CHECK(low.frozen_weight().to_dense() == before);
+    }
+  }
+}
+
+TEST_CASE("quant: bitsandbytes' NF4 model file reads, serves a layer and writes back byte for byte (nf4_model)",
+          "[quant][golden][files]") {
+  const std::string path = quant_dir + "/nf4_model.safetensors";
+  const auto f = lora::safetensors::File::open(path);
+  const auto dense = lora::safetensors::File::open(quant_dir + "/nf4_model_dense.safetensors");
+  const std::string down = "model.layers.0.mlp.down_proj.weight", q_proj = "model.layers.0.self_attn.q_proj.weight";
+  REQUIRE(lora::safetensors::has_nf4(f, down));
+  CHECK(!lora::safetensors::has_nf4(f, "model.norm.weight"));
+  const QuantizedMatrix qd = lora::safetensors::read_nf4(f, down);  // double-quantised absmax
+  const QuantizedMatrix qq = lora::safetensors::read_nf4(f, q_proj);
+  CHECK(qd.double_quant());
+  CHECK(!qq.double_quant());
+  CHECK((qd.rows() == 48 && qd.cols() == 64));
+  CHECK((qq.rows() == 32 && qq.cols() == 96));
+  with_each_kernel([&] {
+    CHECK(qd.dequantize() == dense.matrix<float>(down + ".dequant"));
+    CHECK(qq.dequantize() == dense.matrix<float>(q_proj + ".dequant"));
+  });
+  // Quantising the original weights here gives the same bytes bitsandbytes saved.
+  lora::QuantizeOptions dq;
+  dq.double_quant = true;
+  const QuantizedMatrix again = QuantizedMatrix::quantize(dense.matrix<float>(down + ".original"), WeightFormat::nf4, dq);
+  CHECK(std::vector<std::uint8_t>(again.data(), again.data() + again.data_bytes()) == raw(f, down));
+  CHECK(again.absmax_q() == raw(f, down + ".absmax"));
+
+  // Written back in bitsandbytes' layout: the same file, byte for byte (the quant state's JSON included).
+  lora::safetensors::Writer w;
+  w.set_metadata("format", "pt");
+  lora::safetensors::add_nf4(w, down, qd);
+  lora::safetensors::add_nf4(w, q_proj, qq);
+  w.add_from("model.norm.weight", f, f.at("model.norm.weight"));
+  CHECK(w.serialize() == lora_test::read_bytes(path));
+
+  // A LoRA layer over the NF4 base: the same outputs as over its decoded float copy.
+  lora::LoraConfig cfg;
+  cfg.r = 4;
+  cfg.seed = 3;
+  lora::LoRALinear<float> low(FrozenWeight<float>::quantized(qd), cfg);
+  lora::LoRALinear<float> ref(FrozenWeight<float>::owned(qd.dequantize()), cfg);
+  low.lora_B() = ref.lora_B() = random_matrix(48, 4, 2);
+  const Mat x = random_matrix(5, 64, 4);
+  Mat y(5, 48), y_ref(5, 48);
+  low.forward(x, y);
+  ref.forward(x, y_ref);
+  CHECK((y - y_ref).cwiseAbs().maxCoeff() <= 1e-4f);
+}
+
+TEST_CASE("quant: a BF16 or F16 tensor of a mapped safetensors file is viewed in place", "[quant][files]") {
+  const auto dir = lora_test::scratch_dir("quant_view");
+  const Mat W = random_matrix(8, 48, 21);
+  lora::safetensors::Writer w;
+  w.add("w.bf16", W, lora::safetensors::Dtype::BF16);
+  w.add("w.f16", W, lora::safetensors::Dtype::F16);
+  w.add("w.f64", W.cast<double>(), lora::safetensors::Dtype::F64);
+  w.save((dir / "w.safetensors").string());
+  const auto f = lora::safetensors::File::open((dir / "w.safetensors").string());
+  for (const char* name : {"w.bf16", "w.f16"}) {
+    INFO(name);
+    const QuantizedMatrix v = lora::safetensors::view_low_precision(f, name);
+    CHECK(v.is_view());
+    CHECK(v.data() == f.bytes(f.at(name)));  // the file's own bytes, not a copy
+    CHECK(v.dequantize() == f.matrix<float>(name));
+    const auto layer = FrozenWeight<float>::quantized(v, WeightLayout::in_out);  // stored (I, O) = (8, 48)
+    CHECK(layer.out_features() == 48);
+    CHECK(layer.is_view());
+  }
+  CHECK_THAT(error_of([&] { lora::safetensors::view_low_precision(f, "w.f64"); }),
+             Contains("tensor \"w.f64\" is F64, expected F32, BF16 or F16 to view in place"));
+}
+
+TEST_CASE("quant: a bad NF4 file gets a clear error", "[quant][files][errors]") {
+  const auto src = lora::safetensors::File::open(quant_dir + "/nf4_model.safetensors");
+  const std::string q_proj = "model.layers.0.self_attn.q_proj.weight";
+  const auto dir = lora_test::scratch_dir("quant_bad");
+  // Rewrites the file with `edit` applied to the q_proj tensors, and returns what reading it says.
+  const auto refused = [&](const std::string& drop, const std::string& state, std::size_t absmax_count) {
+    lora::safetensors::Writer w;
+    const auto qq = lora::safetensors::read_nf4(src, q_proj);
+    std::vector<float> absmax = qq.absmax();
+    absmax.resize(absmax_count);
+    std::vector<std::uint8_t> bytes(state.begin(), state.end());
+    const auto packed = raw(src, q_proj);
+    w.add_owned_bytes(q_proj, lora::safetensors::Dtype::U8, {packed.size(), 1}, packed);
+    std::vector<std::uint8_t> absmax_bytes(4 * absmax.size());
+    std::memcpy(absmax_bytes.data(), absmax.data(), absmax_bytes.size());
+    w.add_owned_bytes(q_proj + ".absmax", lora::safetensors::Dtype::F32, {absmax.size()}, absmax_bytes);
+    if (drop != "quant_map") w.add_from(q_proj + ".quant_map", src, src.at(q_proj + ".quant_map"));
+    w.add_owned_bytes(q_proj + ".quant_state.bitsandbytes__nf4", lora::safetensors::Dtype::U8, {bytes.size()}, bytes);
+    const std::string path = (dir / "bad.safetensors").string();
+    w.save(path);
+    return error_of([&] { lora::safetensors::read_nf4(lora::safetensors::File::open(path), q_proj); });
+  };
+  const std::string good = R"({"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [32, 96]})";
+  CHECK(refused("", good, 48) == "accepted");
+  CHECK_THAT(refused("", R"({"quant_type": "fp4", "blocksize": 64, "dtype": "float32", "shape": [32, 96]})", 48),
+             Contains("quantised as \"fp4\"; only bitsandbytes' \"nf4\" is supported"));
+  CHECK_THAT(refused("", good, 47), Contains("absmax expected 48 values"));
+  CHECK_THAT(refused("quant_map", good, 48), Contains(".quant_map\" (the NF4 code table), which is missing"));
+  CHECK_THAT(refused("", R"({"quant_type": "nf4", "blocksize": 64, "shape": [32, 97]})", 48),
+             Contains("the packed weight expected 1552 bytes"));
+  CHECK_THAT(refused("", "{not json", 48), Contains("is not JSON"));
+}
+
+TEST_CASE("quant: bad input gets a clear error", "[quant][errors]") {
+  Mat m = random_matrix(4, 64, 1);
+  m(2, 5) = std::numeric_limits<float>::quiet_NaN();
+  CHECK_THAT(error_of([&] { QuantizedMatrix::quantize(m, WeightFormat::nf4); }),
+             Contains("the value at row 2, column 5 is nan"));
+  m(2, 5) = std::numeric_limits<float>::infinity();
+  CHECK_THROWS_AS(QuantizedMatrix::quantize(m, WeightFormat::bf16), lora::numeric_error);
+  CHECK_THAT(error_of([] { QuantizedMatrix::quantize(Mat::Zero(3, 40), WeightFormat::q8_0); }),
+             Contains("must be a multiple of 32, got (3, 40)"));
+  lora::QuantizeOptions odd;
+  odd.block_size = 48;
+  CHECK_THAT(error_of([&] { QuantizedMatrix::quantize(Mat::Zero(3, 64), WeightFormat::nf4, odd); }),
+             Contains("power of two from 32 to 4096, got 48"));
+  CHECK_THAT(error_of([] { QuantizedMatrix::nf4(4, 64, 64, std::vector<std::uint8_t>(128), std::vector<float>(3)); }),
+             Contains("absmax expected 4 values"));
+  CHECK_THAT(error_of([] { QuantizedMatrix::nf4(4, 64, 64, std::vector<std::uint8_t>(100), std::vector<float>(4)); }),
+             Contains("the packed weight expected 128 bytes"));
+  CHECK_THAT(error_of([] { QuantizedMatrix::view(WeightFormat::nf4, "x", 1, 1); }), Contains("use QuantizedMatrix::nf4()"));
+  const FrozenWeight<float> w = FrozenWeight<float>::quantized(QuantizedMatrix::quantize(Mat::Zero(2, 32), WeightFormat::bf16));
+  CHECK_THAT(error_of([&] { w.stored(); }), Contains("W is stored in bf16, not as a float matrix"));
+  CHECK(lora::parse_format("q8_0") == WeightFormat::q8_0);
+  CHECK(!lora::parse_format("q4_0"));
+}
+
+}  // namespace unit_quant
