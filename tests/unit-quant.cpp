@@ -345,6 +345,61 @@ TEST_CASE("quant: a bad NF4 file gets a clear error", "[quant][files][errors]") 
   CHECK_THAT(refused("", "{not json", 48), Contains("is not JSON"));
 }
 
+TEST_CASE("quant: merge_quantized rounds W + s·B A back to the format, reports the error, and unmerges exactly",
+          "[quant][layer][merge]") {
+  const Index O = 64, I = 96;
+  for (WeightFormat format : {WeightFormat::bf16, WeightFormat::f16, WeightFormat::q8_0, WeightFormat::nf4}) {
+    for (bool dora : {false, true}) {
+      INFO(lora::format_name(format) << (dora ? " DoRA" : " LoRA"));
+      const Mat W = random_matrix(O, I, 31);
+      const QuantizedMatrix q = QuantizedMatrix::quantize(Mat(W.transpose()), format);  // a Conv1D layout
+      lora::LoraConfig cfg;
+      cfg.r = 4;
+      cfg.lora_alpha = 8;
+      cfg.use_dora = dora;
+      cfg.seed = 5;
+      lora::LoRALinear<float> layer(FrozenWeight<float>::quantized(q, WeightLayout::in_out), cfg);
+      layer.lora_B() = random_matrix(O, 4, 6) * 0.05f;
+      // The exact merge, computed here from the decoded W: the same layer over a float copy, merged.
+      lora::LoRALinear<float> ref(FrozenWeight<float>::owned(q.dequantize(), WeightLayout::in_out), cfg);
+      ref.lora_A() = layer.lora_A();
+      ref.lora_B() = layer.lora_B();
+      if (dora) ref.magnitude() = layer.magnitude();
+      ref.merge();
+      const Mat exact = ref.frozen_weight().to_dense();
+      const Mat before = layer.frozen_weight().to_dense();
+      const Mat x = random_matrix(7, I, 8);
+      Mat y_unmerged(7, O), y_merged(7, O);
+      layer.eval();
+      layer.forward(x, y_unmerged);
+
+      const lora::QuantizedMergeReport report = layer.merge_quantized();
+      REQUIRE(layer.is_merged());
+      CHECK(layer.frozen_weight().format() == format);
+      const Mat merged = layer.frozen_weight().to_dense();
+      const Mat diff = (merged - exact).cwiseAbs();
+      Index r = 0, c = 0;
+      const float worst = diff.maxCoeff(&r, &c);
+      CHECK(report.max_abs_error == Approx(worst).margin(1e-6));
+      CHECK(report.max_abs_error <= format_tolerance(format, exact.cwiseAbs().maxCoeff()));
+      if (worst > 0) CHECK((report.row == r && report.col == c));
+      CHECK(report.max_abs_update > 0);
+      layer.forward(x, y_merged);
+      CHECK((y_merged - y_unmerged).cwiseAbs().maxCoeff() <= static_cast<float>(I) * static_cast<float>(report.max_abs_error) + 1e-4f);  // |x| ≤ 1
+      CHECK_THROWS_AS(layer.merge_quantized(), lora::state_error);
+
+      layer.unmerge();
+      CHECK(!layer.is_merged());
+      CHECK(layer.frozen_weight().to_dense() == before);  // the original W, not a second rounding
+      Mat y_again(7, O);
+      layer.forward(x, y_again);
+      CHECK(y_again == y_unmerged);
+    }
+  }
+  lora::LoRALinear<float> plain(FrozenWeight<float>::owned(random_matrix(8, 8, 1)), lora::LoraConfig{});
+  CHECK_THAT(error_of([&] { plain.merge_quantized(); }), Contains("W is stored in float"));
+}
+
 TEST_CASE("quant: bad input gets a clear error", "[quant][errors]") {
   Mat m = random_matrix(4, 64, 1);
   m(2, 5) = std::numeric_limits<float>::quiet_NaN();

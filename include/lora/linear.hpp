@@ -132,8 +132,16 @@ class LoRALinear {
   /// unmerge() restores W even if A or B changed in between.
   void merge(bool safe_merge = true);
 
-  /// W -= s · B A with the A, B, s of the merge (DoRA: W ← W / c − s · B A with the c of the merge); does
-  /// nothing when not merged.
+  /// Merging into a low-precision W (FrozenWeight::quantized), which merge() refuses: W' = W + s · B A (DoRA:
+  /// (m / n) ⊙ (W + s · B A)) is computed in float and rounded back to W's format (same NF4 block size and double
+  /// quantisation), and replaces W. Rounding loses the adapter's smallest changes, so the report gives the largest
+  /// |W'_q − W'| it made and where. The original W is kept (both are held while merged), so unmerge() restores it
+  /// exactly. Throws state_error for a float W (use merge()) or a merged layer, numeric_error for a non-finite sum
+  /// (nothing changes). Makes one float copy of W while it runs.
+  QuantizedMergeReport merge_quantized();
+
+  /// W -= s · B A with the A, B, s of the merge (DoRA: W ← W / c − s · B A with the c of the merge); after
+  /// merge_quantized(), the original W back. Does nothing when not merged.
   void unmerge();
   bool is_merged() const { return merged_; }
 
@@ -277,6 +285,7 @@ class LoRALinear {
   Mat merged_A_, merged_B_;  // the adapter as merged, so unmerge() subtracts exactly what merge() added
   Scalar merged_scaling_ = 0;
   Row merged_dora_scale_;  // DoRA: c = m / n of the merge, so unmerge() divides by what merge() multiplied
+  FrozenWeight<Scalar> unmerged_weight_;  // merge_quantized(): the W before the merge, put back by unmerge()
 
   bool dora_ = false;
   bool dora_output_backward_ = false;

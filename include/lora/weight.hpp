@@ -58,6 +58,16 @@ inline const char* layout_name(WeightLayout layout) {
   return layout == WeightLayout::out_in ? "(out, in)" : "(in, out) (fan_in_fan_out)";
 }
 
+/// What LoRALinear::merge_quantized() reports: the largest error rounding the merged weight back to its format made,
+/// |W'_q − W'| with W' the merged weight in float, at output `row` and input `col` (W as (O, I)); and the largest
+/// |s · (B A)| entry, the size of the update it was added to.
+struct QuantizedMergeReport {
+  WeightFormat format = WeightFormat::f32;
+  double max_abs_error = 0;
+  Index row = 0, col = 0;
+  double max_abs_update = 0;
+};
+
 template <class Scalar>
 class FrozenWeight {
   static_assert(std::is_floating_point_v<Scalar>, "FrozenWeight<Scalar>: Scalar must be float, double or long double");

@@ -577,8 +577,69 @@ void LoRALinear<Scalar>::init_with_residual(const ConstRef<Scalar>& A, const Con
 }
 
 template <class Scalar>
+QuantizedMergeReport LoRALinear<Scalar>::merge_quantized() {
+  const char* where = "LoRALinear::merge_quantized";
+  if (!weight_.is_quantized())
+    throw state_error(std::string(where) + ": W is stored in float, so nothing is lost to rounding; use merge()");
+  if (merged_) throw state_error(std::string(where) + ": the layer is merged already; unmerge() first");
+  QuantizedMergeReport report;
+  report.format = weight_.format();
+  if (rank_ == 0) return report;
+  // The exact merged weight, in float and in W's stored layout, by the float merge itself.
+  const WeightLayout layout = weight_.layout();
+  const Mat dense = weight_.to_dense();  // (O, I)
+  FrozenWeight<Scalar> exact =
+      FrozenWeight<Scalar>::owned(layout == WeightLayout::out_in ? dense : Mat(dense.transpose()), layout);
+  Row c;
+  if (dora_) {
+    c = magnitude().row(0).cwiseQuotient(dora_norm(where));
+    exact.merge_dora(where, "output row", scaling_, lora_B(), lora_A(), c, true);
+  } else {
+    exact.add_low_rank(where, scaling_, lora_B(), lora_A(), 0, true);
+  }
+  const QuantizedMatrix& q = weight_.quantized_matrix();
+  QuantizeOptions options;
+  if (q.format() == WeightFormat::nf4) {
+    options.block_size = q.block_size();
+    options.double_quant = q.double_quant();
+  }
+  QuantizedMatrix rounded = QuantizedMatrix::quantize(exact.stored().template cast<float>(), q.format(), options);
+  const auto E = exact.stored();
+  std::vector<float> row(static_cast<std::size_t>(E.cols()));
+  for (Index r = 0; r < E.rows(); ++r) {
+    rounded.decode(r, 0, E.cols(), row.data());
+    for (Index k = 0; k < E.cols(); ++k) {
+      const double err = std::abs(static_cast<double>(row[static_cast<std::size_t>(k)]) - static_cast<double>(E(r, k)));
+      if (err > report.max_abs_error) {
+        report.max_abs_error = err;
+        report.row = layout == WeightLayout::out_in ? r : k;
+        report.col = layout == WeightLayout::out_in ? k : r;
+      }
+    }
+  }
+  report.max_abs_update = (scaling_ * (lora_B() * lora_A())).cwiseAbs().maxCoeff();
+  unmerged_weight_ = std::move(weight_);
+  if constexpr (std::is_same_v<Scalar, float>) weight_ = FrozenWeight<Scalar>::quantized(std::move(rounded), layout);
+  merged_dora_scale_ = c;
+  merged_A_ = lora_A();
+  merged_B_ = lora_B();
+  merged_scaling_ = scaling_;
+  merged_ = true;
+  return report;
+}
+
+template <class Scalar>
 void LoRALinear<Scalar>::unmerge() {
   if (!merged_) return;
+  if (unmerged_weight_.out_features() > 0) {  // merge_quantized(): the original W, exactly
+    weight_ = std::move(unmerged_weight_);
+    unmerged_weight_ = FrozenWeight<Scalar>();
+    merged_dora_scale_.resize(0);
+    merged_A_.resize(0, 0);
+    merged_B_.resize(0, 0);
+    merged_ = false;
+    return;
+  }
   if (dora_) {
     // W ← W / c − s·B A (PEFT's DoraLinearVariant.unmerge); ‖W_o‖² again, as rounding moved W by a few ulps
     weight_.add_low_rank_scaled("LoRALinear::unmerge", -merged_scaling_, merged_B_, merged_A_,
