@@ -8,9 +8,11 @@
 //   lowp_paired   LoRALinear over W in `format` (decoded tile by tile, products in float) against LoRALinear over
 //                 the float W (Eigen's product, or OpenBLAS's with LORA_USE_BLAS): "time fmt/f32" for the forward
 //                 (step 0) or forward + backward with dx (step 1), and "GFLOP/s" of the low-precision layer's base
-//                 products. Format "f32" here is the float W through the same tiled kernels (QuantizedMatrix
+//                 products. Variants 0-4 are the formats f32, bf16, f16, q8_0, nf4 with float products; 5-7 are
+//                 bf16, q8_0 and nf4 with bf16 products (x and W's values rounded to bf16; AMX or AVX512_BF16). Format "f32" here is the float W through the same tiled kernels (QuantizedMatrix
 //                 format f32), so its ratio measures those kernels against the backend's GEMM.
-// and, before the runs, the resident bytes per parameter of each format.
+// and, before the runs, the resident bytes per parameter of each format and the peak RSS of a training step over 8
+// layers in each (a child process each: --rss=V).
 //
 // Flags besides google benchmark's: --smoke (small shapes, for CI). One thread: the tiled kernels are
 // single-threaded.
@@ -21,6 +23,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <cstdlib>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -31,6 +35,18 @@ using lora::WeightFormat;
 
 const WeightFormat formats[] = {WeightFormat::f32, WeightFormat::bf16, WeightFormat::f16, WeightFormat::q8_0,
                                 WeightFormat::nf4};
+// The benchmark's variants: the five formats with float products (0-4), then bf16, q8_0 and nf4 with bf16
+// products (5-7: x and W's values rounded to bf16, on AMX tiles where the CPU has them).
+constexpr int bf16_products = 5, variants = 8;
+const WeightFormat bf16_product_formats[] = {WeightFormat::bf16, WeightFormat::q8_0, WeightFormat::nf4};
+WeightFormat variant_format(int v) { return v >= bf16_products ? bf16_product_formats[v - bf16_products] : formats[v]; }
+std::string variant_name(int v) {
+  return std::string(lora::format_name(variant_format(v))) + (v >= bf16_products ? " (bf16 products)" : "");
+}
+lora::QuantizedMatrix stored_as(const Mat& W, int v) {
+  auto q = lora::QuantizedMatrix::quantize(W, variant_format(v));
+  return v >= bf16_products ? q.with_products(lora::Products::bf16) : q;
+}
 
 lora::LoraConfig config(int r) {
   lora::LoraConfig c;
@@ -50,14 +66,13 @@ double seconds(F&& f) {
 void lowp_paired(benchmark::State& state) {
   const lora::Index N = state.range(0), D = state.range(1);
   const int R = static_cast<int>(state.range(2));
-  const auto format = static_cast<WeightFormat>(state.range(3));
+  const int variant = static_cast<int>(state.range(3));
   const bool step = state.range(4) != 0;
   const Mat W = Mat::Random(D, D) / std::sqrt(static_cast<float>(D));
   const Mat x = Mat::Random(N, D), dy = Mat::Random(N, D);
   Mat y(N, D), dx(N, D);
   lora::LoRALinear<float> dense(lora::FrozenWeight<float>::view(W.data(), D, D), config(R));
-  lora::LoRALinear<float> low(lora::FrozenWeight<float>::quantized(lora::QuantizedMatrix::quantize(W, format)),
-                              config(R));
+  lora::LoRALinear<float> low(lora::FrozenWeight<float>::quantized(stored_as(W, variant)), config(R));
   dense.lora_B().setRandom();
   low.lora_B() = dense.lora_B();
   low.lora_A() = dense.lora_A();
@@ -94,7 +109,72 @@ void lowp_paired(benchmark::State& state) {
   const double base_flops = 2.0 * static_cast<double>(N) * static_cast<double>(D) * static_cast<double>(D) * (step ? 2 : 1);
   state.counters["base GFLOP/s"] = base_flops / median(low_times) * 1e-9;
   state.counters["low ms"] = median(low_times) * 1e3;
-  state.SetLabel(lora::format_name(format));
+  state.SetLabel(variant_name(variant));
+}
+
+// --rss=V: the peak resident memory (VmHWM) of a process that builds 8 LoRA layers of D x D over a base stored as
+// variant V (-1: float W, Eigen's product), each W made and quantised 64 rows at a time so no float copy of a whole W
+// ever exists, then runs one training step (forward through the 8 layers, backward with dx) on N rows. Prints
+// "rss V kib".
+int rss_child(int variant, lora::Index D, lora::Index N) {
+  std::vector<lora::LoRALinear<float>> layers;
+  layers.reserve(8);
+  std::vector<Mat> owned;
+  for (int l = 0; l < 8; ++l) {
+    if (variant < 0) {
+      owned.push_back(Mat::Random(D, D) / std::sqrt(static_cast<float>(D)));
+      layers.emplace_back(lora::FrozenWeight<float>::view(owned.back().data(), D, D), config(8));
+      continue;
+    }
+    const WeightFormat f = variant_format(variant);
+    std::vector<std::uint8_t> bytes;
+    std::vector<float> absmax;
+    for (lora::Index r = 0; r < D; r += 64) {
+      const Mat block = Mat::Random(std::min<lora::Index>(64, D - r), D) / std::sqrt(static_cast<float>(D));
+      const auto q = lora::QuantizedMatrix::quantize(block, f);
+      bytes.insert(bytes.end(), q.data(), q.data() + q.data_bytes());
+      if (f == WeightFormat::nf4) {
+        const auto a = q.absmax();
+        absmax.insert(absmax.end(), a.begin(), a.end());
+      }
+    }
+    auto q = f == WeightFormat::nf4 ? lora::QuantizedMatrix::nf4(D, D, 64, std::move(bytes), std::move(absmax))
+                                    : lora::QuantizedMatrix::from_bytes(f, D, D, std::move(bytes));
+    if (variant >= bf16_products) q = q.with_products(lora::Products::bf16);
+    layers.emplace_back(lora::FrozenWeight<float>::quantized(std::move(q)), config(8));
+  }
+  std::vector<Mat> acts(9, Mat(N, D));
+  acts[0].setRandom();
+  for (int l = 0; l < 8; ++l) layers[l].forward(acts[l], acts[l + 1]);
+  Mat dy = Mat::Random(N, D), dx(N, D);
+  for (int l = 7; l >= 0; --l) {
+    layers[l].backward(acts[l], dy, dx);
+    dy.swap(dx);
+  }
+  benchmark::DoNotOptimize(dy.data());
+  std::printf("rss %d %ld\n", variant, lora_bench::status_kib("VmHWM"));
+  return 0;
+}
+
+// Runs rss_child in a fresh process for the float base and each variant, and prints each peak over the float one.
+void rss_table(const char* self, lora::Index D, lora::Index N) {
+  std::printf("# peak RSS of a training step over 8 LoRA layers of %ld x %ld, N = %ld, r = 8 (a process each):\n",
+              static_cast<long>(D), static_cast<long>(D), static_cast<long>(N));
+  long float_kib = 0;
+  for (int v = -1; v < bf16_products; ++v) {  // bf16 products change no storage
+    const std::string cmd = std::string(self) + " --rss=" + std::to_string(v) + " --rss-d=" + std::to_string(D) +
+                            " --rss-n=" + std::to_string(N);
+    std::FILE* p = popen(cmd.c_str(), "r");
+    long kib = -1;
+    int got = -2;
+    if (p != nullptr) {
+      if (std::fscanf(p, "rss %d %ld", &got, &kib) != 2) kib = -1;
+      pclose(p);
+    }
+    if (v < 0) float_kib = kib;
+    std::printf("#   %-22s %8.1f MiB  %.3f of float\n", v < 0 ? "float (Eigen)" : variant_name(v).c_str(), kib / 1024.0,
+                float_kib > 0 ? static_cast<double>(kib) / static_cast<double>(float_kib) : 0.0);
+  }
 }
 
 void register_all(bool smoke) {
@@ -103,10 +183,10 @@ void register_all(bool smoke) {
   for (int step = 0; step < 2; ++step)
     for (lora::Index N : rows) {
       if (step == 1 && N == 1) continue;  // a training step on one row is not the case this measures
-      for (WeightFormat f : formats)
+      for (int v = 0; v < variants; ++v)
         benchmark::RegisterBenchmark("lowp_paired", lowp_paired)
             ->ArgNames({"N", "D", "R", "fmt", "step"})
-            ->Args({N, D, 8, static_cast<int64_t>(f), step})
+            ->Args({N, D, 8, v, step})
             ->Iterations(smoke ? 2 : (N == 1 ? 201 : 11))
             ->Unit(benchmark::kMillisecond)
             ->UseRealTime();
@@ -117,11 +197,24 @@ void register_all(bool smoke) {
 
 int main(int argc, char** argv) {
   const auto options = lora_bench::take_options(argc, argv);
+  int rss = -2;
+  long rss_d = 4096, rss_n = 512;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a.rfind("--rss=", 0) == 0) rss = std::atoi(a.c_str() + 6);
+    if (a.rfind("--rss-d=", 0) == 0) rss_d = std::atol(a.c_str() + 8);
+    if (a.rfind("--rss-n=", 0) == 0) rss_n = std::atol(a.c_str() + 8);
+  }
+  if (rss >= -1) return rss_child(rss, rss_d, rss_n);
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   lora_bench::set_threads(1, argv[0]);
   std::fputs(lora_bench::context_lines().c_str(), stdout);
-  std::printf("# kernels: %s\n", lora::QuantizedMatrix::has_avx512() ? "AVX-512 (chosen at run time)" : "portable");
+  std::printf("# kernels (chosen at run time): %s; bf16 products on %s\n",
+              lora::QuantizedMatrix::has_avx512() ? "AVX-512" : "portable",
+              lora::detail::QGemm::has_amx_bf16()         ? "AMX tiles"
+              : lora::QuantizedMatrix::has_avx512_bf16() ? "AVX512_BF16"
+                                                          : "the portable kernel");
   // Resident bytes per parameter of each format, for a 4096 x 4096 W (smoke: 128 x 128).
   const lora::Index D = options.smoke ? 128 : 4096;
   const Mat W = Mat::Random(D, D);
@@ -135,6 +228,7 @@ int main(int argc, char** argv) {
                   static_cast<double>(lora::QuantizedMatrix::quantize(W, f, dq).bytes()) / (D * D));
     std::printf("\n");
   }
+  for (lora::Index n : {lora::Index(512), lora::Index(64)}) rss_table(argv[0], options.smoke ? 128 : 4096, options.smoke ? 16 : n);
   register_all(options.smoke);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

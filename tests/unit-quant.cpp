@@ -178,9 +178,11 @@ TEST_CASE("quant: products through a quantized matrix equal float products over 
   struct Shape {
     Index rows, cols;
   };
-  const Shape shapes[] = {{70, 96}, {33, 288}, {300, 64}};
+  // Row lengths that are and are not multiples of 32 and 64, for the fused few-row kernels and their fallbacks.
+  const Shape shapes[] = {{70, 96}, {33, 288}, {300, 64}, {50, 128}, {24, 100}};
   for (WeightFormat format : all_formats) {
     for (const Shape& sh : shapes) {
+      if (format == WeightFormat::q8_0 && sh.cols % 32 != 0) continue;  // refused (tested below)
       const Mat S = random_matrix(sh.rows, sh.cols, 11);
       const QuantizedMatrix q = QuantizedMatrix::quantize(S, format);
       const Mat Sd = q.dequantize();
@@ -198,6 +200,53 @@ TEST_CASE("quant: products through a quantized matrix equal float products over 
           CHECK((D - want - Mat::Constant(M, sh.cols, 1.0f)).cwiseAbs().maxCoeff() <= 1e-5f * static_cast<float>(sh.rows));
         });
       }
+    }
+  }
+}
+
+TEST_CASE("quant: bf16 products round the other operand to bf16 and sum exact products in float", "[quant][gemm]") {
+  // The reference: bf16(A) · op(S) in double over the same bf16 values, so only the float sums differ.
+  const auto round_bf16 = [](const Mat& m) {
+    return m.unaryExpr([](float v) { return lora::detail::bf16_to_float(lora::detail::float_to_bf16(v)); }).eval();
+  };
+  for (Index K : {96, 600, 1030, 1088, 97}) {  // multiples of 32 run on AMX tiles where the CPU has them
+    const Index N = 70;
+    const Mat S = random_matrix(N, K, 12), St = random_matrix(K, N, 13);
+    const QuantizedMatrix q = QuantizedMatrix::quantize(S, WeightFormat::bf16).with_products(lora::Products::bf16);
+    const QuantizedMatrix qt = QuantizedMatrix::quantize(St, WeightFormat::bf16).with_products(lora::Products::bf16);
+    CHECK(q.products() == lora::Products::bf16);
+    for (Index M : {1, 4, 5, 40}) {
+      INFO("K = " << K << ", M = " << M);
+      const Mat A = random_matrix(M, K, 14);
+      const Mat want = (round_bf16(A).cast<double>() * q.dequantize().cast<double>().transpose()).cast<float>();
+      const Mat want_t = (round_bf16(A).cast<double>() * qt.dequantize().cast<double>()).cast<float>();
+      with_each_kernel([&] {
+        Mat C(M, N), D = Mat::Constant(M, N, 2.0f);
+        lora::detail::QGemm::run(A.data(), K, M, K, q, true, C.data(), N, false);
+        lora::detail::QGemm::run(A.data(), K, M, K, qt, false, D.data(), N, true);
+        CHECK((C - want).cwiseAbs().maxCoeff() <= 1e-6f * static_cast<float>(K));
+        CHECK((D - Mat::Constant(M, N, 2.0f) - want_t).cwiseAbs().maxCoeff() <= 1e-6f * static_cast<float>(K));
+      });
+    }
+  }
+  // Other formats with bf16 products: S's decoded values are rounded to bf16 as well, on every path.
+  for (WeightFormat format : {WeightFormat::q8_0, WeightFormat::nf4, WeightFormat::f32}) {
+    const Index K = 1024, N = 96;
+    const Mat S = random_matrix(N, K, 15), St = random_matrix(K, N, 16);
+    const QuantizedMatrix q = QuantizedMatrix::quantize(S, format).with_products(lora::Products::bf16);
+    const QuantizedMatrix qt = QuantizedMatrix::quantize(St, format).with_products(lora::Products::bf16);
+    for (Index M : {2, 37}) {
+      INFO(lora::format_name(format) << ", M = " << M);
+      const Mat A = random_matrix(M, K, 17);
+      const Mat want = (round_bf16(A).cast<double>() * round_bf16(q.dequantize()).cast<double>().transpose()).cast<float>();
+      const Mat want_t = (round_bf16(A).cast<double>() * round_bf16(qt.dequantize()).cast<double>()).cast<float>();
+      with_each_kernel([&] {
+        Mat C(M, N), D(M, N);
+        lora::detail::QGemm::run(A.data(), K, M, K, q, true, C.data(), N, false);
+        lora::detail::QGemm::run(A.data(), K, M, K, qt, false, D.data(), N, false);
+        CHECK((C - want).cwiseAbs().maxCoeff() <= 1e-6f * static_cast<float>(K));
+        CHECK((D - want_t).cwiseAbs().maxCoeff() <= 1e-6f * static_cast<float>(K));
+      });
     }
   }
 }

@@ -2,7 +2,8 @@
 //
 // Pretrains a 784-512-512-10 GELU MLP on task A (classes 0-4), then adapts it to task B (classes 5-9,
 // which the base never saw) with the frozen base, the classifier head only, LoRA on every layer at
-// several ranks, LoRA's variants at r = 8 (DoRA also at r = 4, PiSSA, LoRA+), and full fine-tuning, all with the
+// several ranks, LoRA's variants at r = 8 (DoRA also at r = 4, PiSSA, LoRA+), LoRA at r = 8 over the base
+// stored in bf16, 8-bit (q8_0) and 4-bit (NF4) blocks (QLoRA's setting), and full fine-tuning, all with the
 // same AdamW, schedule, batches and steps. Prints one
 // table (trainable parameters, optimizer state, time, task B accuracy, task A accuracy after adapting),
 // writes CSVs of the curves and the rank sweep, a PNG plot when gnuplot is installed, and the best LoRA
@@ -45,7 +46,16 @@ struct Method {
   bool a_bitwise_roundtrip = true;  // LoRA: the same after merge() then unmerge()
   double max_w_change = 0;          // LoRA: max |W - W_pretrained| after merge() then unmerge()
   double acc_b_merged = NAN;        // LoRA: task B accuracy served merged
+  bool low_precision = false;       // the frozen W is stored in bf16, q8_0 or nf4 (QLoRA's setting)
+  double merge_error = 0;           // low precision: the largest |W'_q - W'| merge_quantized() reported
 };
+
+// Task B accuracy of plain LoRA at r = 8 over the float base (NaN when that row was not run).
+double float_lora8_acc(const std::vector<Method>& methods) {
+  for (const auto& m : methods)
+    if (m.rank == 8 && !m.variant) return m.acc_b;
+  return NAN;
+}
 
 bool same_bits(const Mat& a, const Mat& b) {
   return a.rows() == b.rows() && a.cols() == b.cols() &&
@@ -113,7 +123,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--data", data_dir, "Folder with the gzip'd IDX files")->capture_default_str();
   app.add_flag("!--no-plot", plot, "Do not run gnuplot");
-  app.add_flag("!--no-variants", variants, "Leave out the DoRA (r = 4, 8), PiSSA and LoRA+ (r = 8) rows");
+  app.add_flag("!--no-variants", variants,
+               "Leave out the DoRA (r = 4, 8), PiSSA and LoRA+ (r = 8) rows and LoRA over bf16, q8_0 and NF4 bases");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -259,7 +270,36 @@ int main(int argc, char** argv) {
     methods.push_back(m);
   };
   for (int r : ranks) adapt_lora("LoRA r=" + std::to_string(r), r, {}, 0);
+  // LoRA over a base stored in low precision: the adapter trains in float over bf16, 8-bit or 4-bit W (QLoRA).
+  // Task A "after" is then the quantized base with the adapter off, which need not equal the pretrained float
+  // model; served merged means merge_quantized(), W + s·B·A rounded back to the format, and unmerge() restores W.
+  auto adapt_low_precision = [&](const std::string& name, lora::WeightFormat format) {
+    Method m;
+    m.name = name;
+    m.rank = 8;
+    m.variant = true;
+    m.low_precision = true;
+    finetune::LoraVariant v;
+    v.base_format = format;
+    auto model = finetune::lora_model(base, 8, seed, v);
+    m.train = finetune::train(model, train_b, adapt, m.name, stdout);
+    model.eval();
+    m.acc_b = finetune::accuracy(finetune::predict(model, x_test_b), 5, test_b.labels);
+    const Mat off_a = finetune::predict(finetune::adapter_off(model), x_test_a);
+    m.acc_a = finetune::accuracy(off_a, 0, test_a.labels);
+    for (std::size_t k = 0; k < base.layers.size(); ++k)
+      m.merge_error = std::max(m.merge_error, model.linear(2 * k).merge_quantized().max_abs_error);
+    m.acc_b_merged = finetune::accuracy(finetune::predict(model, x_test_b), 5, test_b.labels);
+    model.unmerge();
+    const Mat roundtrip_a = finetune::predict(finetune::adapter_off(model), x_test_a);
+    m.acc_a_roundtrip = finetune::accuracy(roundtrip_a, 0, test_a.labels);
+    m.a_bitwise_roundtrip = same_bits(roundtrip_a, off_a);
+    methods.push_back(m);
+  };
   if (variants) {
+    adapt_low_precision("LoRA r=8, bf16 base", lora::WeightFormat::bf16);
+    adapt_low_precision("LoRA r=8, q8_0 base", lora::WeightFormat::q8_0);
+    adapt_low_precision("LoRA r=8, NF4 base", lora::WeightFormat::nf4);
     adapt_lora("DoRA r=4", 4, {true, false}, 0);
     adapt_lora("DoRA r=8", 8, {true, false}, 0);
     adapt_lora("PiSSA r=8", 8, {false, true}, 0);
@@ -302,6 +342,19 @@ int main(int argc, char** argv) {
   bool roundtrip_acc_equal = true, roundtrip_bitwise = true;
   double max_w_change = 0;
   for (const auto& m : methods) {
+    if (m.low_precision) {  // its own base: adapter off gives the quantized model, which merge/unmerge must keep
+      if (!m.a_bitwise_roundtrip) {
+        std::printf("FAIL: %s merged then unmerged does not give its base's task A logits bit for bit\n",
+                    m.name.c_str());
+        ok = false;
+      }
+      std::printf("%s: task B %.2f%% (%+.2f points vs LoRA r=8 over the float base), served merged %.2f%% "
+                  "(largest rounding of W + s·B·A back to the format: %.2e); task A with the adapter off %.2f%% "
+                  "(the quantized base; pretrained %.2f%%)\n",
+                  m.name.c_str(), 100 * m.acc_b, 100 * (m.acc_b - float_lora8_acc(methods)), 100 * m.acc_b_merged,
+                  m.merge_error, 100 * m.acc_a, 100 * pretrained_acc_a);
+      continue;
+    }
     if (m.rank <= 0) continue;
     if (!m.a_bitwise_off) {
       std::printf("FAIL: %s with the adapter off does not give the pretrained task A logits bit for bit\n",

@@ -248,6 +248,10 @@ using DenseMLP = BasicDenseMLP<float>;
 struct LoraVariant {
   bool dora = false;   ///< DoRA (LoraConfig::use_dora)
   bool pissa = false;  ///< PiSSA initialisation (full SVD): A, B from W's top r singular triplets, W the residual
+  /// The frozen W stored in low precision (QLoRA's setting): bf16, q8_0 or nf4; f32 keeps the float W. q8_0's
+  /// blocks run along a stored row, so a W whose input width is not a multiple of 32 (the 784 pixels) is stored
+  /// transposed, (in, out), as a Conv1D checkpoint is.
+  lora::WeightFormat base_format = lora::WeightFormat::f32;
 };
 
 /// The base's layers as LoRALinear layers that own a copy of W and b, with rank r on every layer
@@ -262,6 +266,17 @@ inline lora::Sequential<float> lora_model(const DenseMLP& base, int r, std::uint
     cfg.lora_alpha = 2.0 * r;
     cfg.seed = seed * 1000 + 100 + k;
     cfg.use_dora = variant.dora;
+    if (variant.base_format != lora::WeightFormat::f32) {
+      const Mat& W = base.layers[k].W;
+      const bool transposed = variant.base_format == lora::WeightFormat::q8_0 && W.cols() % 32 != 0;
+      auto q = lora::QuantizedMatrix::quantize(transposed ? Mat(W.transpose()) : W, variant.base_format);
+      m.add(lora::LoRALinear<float>(
+          lora::FrozenWeight<float>::quantized(std::move(q), transposed ? lora::WeightLayout::in_out
+                                                                        : lora::WeightLayout::out_in),
+          base.layers[k].b, cfg));
+      if (k + 1 < base.layers.size()) m.add(lora::GELU{});
+      continue;
+    }
     lora::LoRALinear<float> layer(base.layers[k].W, base.layers[k].b, cfg);
     if (variant.pissa) lora::pissa_init(layer);
     m.add(std::move(layer));
@@ -283,6 +298,10 @@ inline lora::Sequential<float> adapter_off(lora::Sequential<float>& adapted) {
       continue;
     }
     auto& l = adapted.linear(i);
+    if (l.frozen_weight().is_quantized()) {  // the same low-precision bytes, shared (the bias copied)
+      m.add(lora::LoRALinear<float>(l.frozen_weight().read_only_view(), lora::RowVector<float>(l.bias()), cfg));
+      continue;
+    }
     m.add(lora::LoRALinear<float>::view(l.weight().data(), l.out_features(), l.in_features(), cfg,
                                         l.has_bias() ? l.bias().data() : nullptr));
   }

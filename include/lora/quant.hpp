@@ -55,7 +55,19 @@
 #define LORA_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
 #endif
 
+// GCC before 13 reports -W(maybe-)uninitialized inside its own AVX-512 intrinsics once they are inlined into the
+// kernels below (_mm512_undefined_*, GCC bug 105593): false positives, silenced here only.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 namespace lora {
+
+namespace detail {
+struct QGemm;
+}
 
 /// How a frozen weight's values are stored.
 enum class WeightFormat { f32, bf16, f16, q8_0, nf4 };
@@ -205,6 +217,14 @@ struct QuantizeOptions {
   bool double_quant = false;
 };
 
+/// How products with a low-precision matrix are computed.
+///   float32  S is decoded exactly to float and every product and sum is float (the default).
+///   bf16     S's values (decoded, when not stored in bf16) and the other operand (x, or dy in backward) are
+///            rounded to bf16; products of two bf16 values are exact in float and summed in float: PyTorch's bf16
+///            Linear, and QLoRA's compute (bitsandbytes dequantises NF4 to bf16). Runs on AMX tiles where the CPU
+///            and the OS allow them (several times float's rate), else AVX512_BF16, else portable code.
+enum class Products { float32, bf16 };
+
 class QuantizedMatrix {
  public:
   /// An empty matrix (0 x 0).
@@ -273,6 +293,25 @@ class QuantizedMatrix {
     return QuantizedMatrix(std::move(s));
   }
 
+  /// As view(), but the matrix keeps `bytes` (moved in): e.g. a matrix quantised a block of rows at a time.
+  static QuantizedMatrix from_bytes(WeightFormat format, Index rows, Index cols, std::vector<std::uint8_t> bytes) {
+    if (format == WeightFormat::nf4)
+      throw config_error("QuantizedMatrix::from_bytes: NF4 needs its absmax values; use QuantizedMatrix::nf4()");
+    check_shape("QuantizedMatrix::from_bytes", format, rows, cols);
+    auto s = std::make_shared<State>();
+    s->format = format;
+    s->rows = rows;
+    s->cols = cols;
+    const std::size_t want = QuantizedMatrix(s).bytes();
+    if (bytes.size() != want)
+      throw shape_error("QuantizedMatrix::from_bytes: " + std::string(format_name(format)) + " " +
+                        shape_string(rows, cols) + " needs " + std::to_string(want) + " bytes, got " +
+                        std::to_string(bytes.size()));
+    s->owned = std::move(bytes);
+    s->data = s->owned.data();
+    return QuantizedMatrix(std::move(s));
+  }
+
   /// An NF4 matrix from bitsandbytes' tensors, copied: `packed` ((rows·cols + 1) / 2 bytes, the first element in
   /// the high nibble), `absmax` (one float per block of `block_size` flat elements, the last block possibly short)
   /// and the 16-entry `code` (bitsandbytes' quant_map). Sizes are checked against the shape (shape_error naming
@@ -328,6 +367,14 @@ class QuantizedMatrix {
     s->nested_block = nested_block_size;
     return QuantizedMatrix(std::move(s));
   }
+
+  /// This matrix with products computed as `products` says (a copy sharing the bytes).
+  QuantizedMatrix with_products(Products products) const {
+    QuantizedMatrix q = *this;
+    q.products_ = products;
+    return q;
+  }
+  Products products() const { return products_; }
 
   WeightFormat format() const { return s_ ? s_->format : WeightFormat::f32; }
   Index rows() const { return s_ ? s_->rows : 0; }
@@ -396,6 +443,16 @@ class QuantizedMatrix {
     return out;
   }
 
+  /// True when the bf16 dot-product kernels run: has_avx512() and this CPU has AVX512_BF16.
+  static bool has_avx512_bf16() {
+#ifdef LORA_X86_KERNELS
+    static const bool has = __builtin_cpu_supports("avx512bf16");
+    return has && has_avx512();
+#else
+    return false;
+#endif
+  }
+
   /// True when the AVX-512 kernels run: this CPU has AVX-512 (F, BW, VL, DQ; read once) and they are not turned off.
   static bool has_avx512() {
 #ifdef LORA_X86_KERNELS
@@ -410,6 +467,8 @@ class QuantizedMatrix {
   static void force_portable_kernels(bool on) { portable_only().store(on, std::memory_order_relaxed); }
 
  private:
+  friend struct detail::QGemm;  // its fused kernels read the blocks directly
+
   struct State {
     WeightFormat format = WeightFormat::f32;
     Index rows = 0, cols = 0;
@@ -430,6 +489,14 @@ class QuantizedMatrix {
     std::size_t packed_bytes() const { return (elements() + 1) / 2; }
     std::size_t block_count() const {
       return (elements() + static_cast<std::size_t>(block) - 1) / static_cast<std::size_t>(block);
+    }
+    /// The absmax of the block holding flat element e (blocks are powers of two: a shift, not a division).
+    float absmax_at(std::size_t e) const {
+#if defined(__GNUC__) || defined(__clang__)
+      return absmax_of(e >> __builtin_ctzll(static_cast<unsigned long long>(block)));
+#else
+      return absmax_of(e / static_cast<std::size_t>(block));
+#endif
     }
     float absmax_of(std::size_t b) const {
       if (!double_quant) return absmax[b];
@@ -573,7 +640,7 @@ class QuantizedMatrix {
           const std::size_t k = e + j;
           const std::uint8_t byte = p[k / 2];
           const int q = (k % 2 == 0) ? byte >> 4 : byte & 0xf;
-          out[j] = s.code[static_cast<std::size_t>(q)] * s.absmax_of(k / static_cast<std::size_t>(s.block));
+          out[j] = s.code[static_cast<std::size_t>(q)] * s.absmax_at(k);
         }
         return;
     }
@@ -622,7 +689,7 @@ class QuantizedMatrix {
         const __m512i low4 = _mm512_set1_epi32(0xf);
         for (j = head; j + 32 <= count; j += 32) {
           const std::size_t k = e + j;  // a multiple of 32, so within one block (blocks are ≥ 32, powers of two)
-          const __m512 scale = _mm512_set1_ps(s.absmax_of(k / static_cast<std::size_t>(s.block)));
+          const __m512 scale = _mm512_set1_ps(s.absmax_at(k));
           const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k / 2)));
           const __m512i hi = _mm512_srli_epi32(bytes, 4), lo = _mm512_and_si512(bytes, low4);
           const __m512i c0 = _mm512_permutex2var_epi32(hi, first, lo), c1 = _mm512_permutex2var_epi32(hi, second, lo);
@@ -637,6 +704,11 @@ class QuantizedMatrix {
 #endif
 
   std::shared_ptr<const State> s_;
+  Products products_ = Products::float32;
 };
 
 }  // namespace lora
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif

@@ -25,9 +25,24 @@
 
 #include <lora/quant.hpp>
 
+#if defined(LORA_X86_KERNELS) && defined(__linux__)
+#define LORA_AMX_KERNELS 1
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include <algorithm>
 #include <cstring>
 #include <vector>
+
+// GCC before 13 reports -W(maybe-)uninitialized inside its own AVX-512 intrinsics once they are inlined into the
+// kernels below (_mm512_undefined_*, GCC bug 105593): false positives, silenced here only.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 namespace lora::detail {
 
@@ -35,19 +50,24 @@ struct QGemm {
   static constexpr Index MR = 12, NR = 32;       // micro-tile of C: 24 AVX-512 accumulators
   static constexpr Index KC = 256;               // depth of a packed panel: B's micro-panel (32 KiB) stays in L1
   static constexpr Index MC = 12 * MR;           // rows of A packed at once (144 × 256 floats, in L2)
-  static constexpr Index NC = 4096;              // columns of B packed at once (256 × 4096 floats)
+  static constexpr Index NC = 1024;              // columns of B packed at once (256 × 1024 floats: 1 MiB, in L2)
   static constexpr Index gemv_rows = 4;          // M at or below this: decode and use row by row
   static constexpr Index chunk = 1024;           // GEMV: values of S decoded at a time
 
+  static constexpr Index KP = 256;               // bf16 products: k-pairs of a packed panel (512 values)
+
   // Grow-only buffers, one set per thread: a steady-state product allocates nothing.
   struct Buffers {
-    std::vector<float> a, b, row;
+    std::vector<float> a, b, row, rounded, split;
+    std::vector<std::uint32_t> a16, b16;
+    std::vector<std::uint16_t> x16, x16_row;
   };
   static Buffers& buffers() {
     thread_local Buffers buf;
     return buf;
   }
-  static float* reserve(std::vector<float>& v, std::size_t n) {
+  template <class T>
+  static T* reserve(std::vector<T>& v, std::size_t n) {
     if (v.size() < n) v.resize(n);
     return v.data();
   }
@@ -61,14 +81,36 @@ struct QGemm {
         for (Index m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, 0.0f);
       return;
     }
+    if (S.products() == Products::bf16) {
+      // The other operand rounded to bf16: with more than a few rows (and an even depth, so k-pairs never straddle
+      // two rows of S) the bf16 dot-product kernel; otherwise the float path over the rounded rows, which gives the
+      // same exact products.
+      if (M > gemv_rows && K % 2 == 0) return gemm_bf16(A, lda, M, K, N, S, transposed, C, ldc, accumulate);
+      float* rounded = reserve(buffers().rounded, static_cast<std::size_t>(M * K));
+      for (Index m = 0; m < M; ++m)
+        for (Index k = 0; k < K; ++k) rounded[m * K + k] = bf16_to_float(float_to_bf16(A[m * lda + k]));
+      A = rounded;
+      lda = K;
+    }
     if (M <= gemv_rows) return gemv(A, lda, M, K, S, transposed, C, ldc, accumulate);
     gemm(A, lda, M, K, N, S, transposed, C, ldc, accumulate);
   }
 
  private:
+  // S's values from (row, col) into out, rounded to bf16 when S's products are bf16 (bf16 storage needs no rounding).
+  static void decode_for_products(const QuantizedMatrix& S, Index row, Index col, Index count, float* out) {
+    S.decode(row, col, count, out);
+    if (S.products() == Products::bf16 && S.format() != WeightFormat::bf16)
+      for (Index i = 0; i < count; ++i) out[i] = bf16_to_float(float_to_bf16(out[i]));
+  }
+
   // ---- few rows ----
   static void gemv(const float* A, Index lda, Index M, Index K, const QuantizedMatrix& S, bool transposed, float* C,
                    Index ldc, bool accumulate) {
+#ifdef LORA_X86_KERNELS
+    const bool rounds = S.products() == Products::bf16 && S.format() != WeightFormat::bf16;
+    if (!rounds && QuantizedMatrix::has_avx512() && gemv_fused(A, lda, M, K, S, transposed, C, ldc, accumulate)) return;
+#endif
     float* buf = reserve(buffers().row, chunk);
     const bool simd = QuantizedMatrix::has_avx512();
     if (transposed) {  // C[m, n] (+)= Σ_k A[m, k] S[n, k]: dots along S's rows
@@ -77,7 +119,7 @@ struct QGemm {
         float acc[gemv_rows] = {0, 0, 0, 0};
         for (Index k0 = 0; k0 < K; k0 += chunk) {
           const Index len = std::min(chunk, K - k0);
-          S.decode(n, k0, len, buf);
+          decode_for_products(S, n, k0, len, buf);
           for (Index m = 0; m < M; ++m) acc[m] += dot(simd, A + m * lda + k0, buf, len);
         }
         for (Index m = 0; m < M; ++m) C[m * ldc + n] = accumulate ? C[m * ldc + n] + acc[m] : acc[m];
@@ -90,11 +132,257 @@ struct QGemm {
     for (Index n0 = 0; n0 < N; n0 += chunk) {
       const Index len = std::min(chunk, N - n0);
       for (Index k = 0; k < K; ++k) {
-        S.decode(k, n0, len, buf);
+        decode_for_products(S, k, n0, len, buf);
         for (Index m = 0; m < M; ++m) axpy(simd, A[m * lda + k], buf, C + m * ldc + n0, len);
       }
     }
   }
+
+#ifdef LORA_X86_KERNELS
+  // Fused few-row products: S decoded 32 (Sᵀ) or 64 (S) values at a time straight into registers and used there.
+  // Returns false when S's blocks do not line up with those runs (an NF4 row length that is not a multiple of 32,
+  // or, for S, column counts that are not a multiple of 64), leaving the work to the buffered path.
+  using State = QuantizedMatrix::State;
+
+  static bool gemv_fused(const float* A, Index lda, Index M, Index K, const QuantizedMatrix& S, bool transposed,
+                         float* C, Index ldc, bool accumulate) {
+    const State& s = *S.s_;
+    const Index cols = s.cols;
+    if (transposed ? (s.format == WeightFormat::nf4 && cols % 32 != 0) : cols % 64 != 0) return false;
+    switch (s.format) {
+      case WeightFormat::f32: return gemv_fused_m<WeightFormat::f32>(s, A, lda, M, K, transposed, C, ldc, accumulate);
+      case WeightFormat::bf16: return gemv_fused_m<WeightFormat::bf16>(s, A, lda, M, K, transposed, C, ldc, accumulate);
+      case WeightFormat::f16: return gemv_fused_m<WeightFormat::f16>(s, A, lda, M, K, transposed, C, ldc, accumulate);
+      case WeightFormat::q8_0: return gemv_fused_m<WeightFormat::q8_0>(s, A, lda, M, K, transposed, C, ldc, accumulate);
+      case WeightFormat::nf4: return gemv_fused_m<WeightFormat::nf4>(s, A, lda, M, K, transposed, C, ldc, accumulate);
+    }
+    return false;
+  }
+  template <WeightFormat F>
+  static bool gemv_fused_m(const State& s, const float* A, Index lda, Index M, Index K, bool transposed, float* C,
+                           Index ldc, bool accumulate) {
+    switch (M) {
+      case 1: transposed ? gemv_dots<F, 1>(s, A, lda, K, C, ldc, accumulate) : gemv_axpys<F, 1>(s, A, lda, K, C, ldc, accumulate); return true;
+      case 2: transposed ? gemv_dots<F, 2>(s, A, lda, K, C, ldc, accumulate) : gemv_axpys<F, 2>(s, A, lda, K, C, ldc, accumulate); return true;
+      case 3: transposed ? gemv_dots<F, 3>(s, A, lda, K, C, ldc, accumulate) : gemv_axpys<F, 3>(s, A, lda, K, C, ldc, accumulate); return true;
+      case 4: transposed ? gemv_dots<F, 4>(s, A, lda, K, C, ldc, accumulate) : gemv_axpys<F, 4>(s, A, lda, K, C, ldc, accumulate); return true;
+      default: return false;
+    }
+  }
+
+  // Values e .. e + 31 of S's flat array into two registers (e a multiple of 32 for q8_0 and NF4).
+  template <WeightFormat F>
+  LORA_AVX512 static void load32(const State& s, std::size_t e, __m512& w0, __m512& w1) {
+    const std::uint8_t* p = s.data;
+    if constexpr (F == WeightFormat::f32) {
+      w0 = _mm512_loadu_ps(reinterpret_cast<const float*>(p) + e);
+      w1 = _mm512_loadu_ps(reinterpret_cast<const float*>(p) + e + 16);
+    } else if constexpr (F == WeightFormat::bf16) {
+      const __m512i h = _mm512_loadu_si512(p + 2 * e);
+      w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
+      w1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
+    } else if constexpr (F == WeightFormat::f16) {
+      w0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2 * e)));
+      w1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2 * e + 32)));
+    } else if constexpr (F == WeightFormat::q8_0) {
+      const std::uint8_t* blk = p + e / quant::q8_0_block * quant::q8_0_block_bytes;
+      const __m512 d = _mm512_set1_ps(_cvtsh_ss(static_cast<unsigned short>(blk[0] | (blk[1] << 8))));
+      w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)))), d);
+      w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18)))), d);
+    } else {
+      const __m512 table = _mm512_loadu_ps(s.code.data());
+      const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+      const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+      const __m512 scale = _mm512_set1_ps(s.absmax_at(e));
+      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + e / 2)));
+      const __m512i hi = _mm512_srli_epi32(bytes, 4), lo = _mm512_and_si512(bytes, _mm512_set1_epi32(0xf));
+      w0 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_permutex2var_epi32(hi, first, lo), table), scale);
+      w1 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_permutex2var_epi32(hi, second, lo), table), scale);
+    }
+  }
+
+  // bf16 and NF4 hold 32 values as 16 pairs (a 32-bit word; a byte): splitting a pair needs no shuffle when x is
+  // split the same way. xd holds A's rows with each run of 32 reordered as its 16 even then its 16 odd values.
+  template <WeightFormat F>
+  LORA_AVX512 static void load32_split(const State& s, std::size_t e, __m512& even, __m512& odd) {
+    const std::uint8_t* p = s.data;
+    if constexpr (F == WeightFormat::bf16) {
+      const __m512i v = _mm512_loadu_si512(p + 2 * e);  // lane i: value 2i in the low half, 2i + 1 in the high
+      even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+      odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+    } else {  // NF4: byte i holds value 2i (high nibble) and 2i + 1 (low); scaled by the block's absmax by the caller
+      const __m512 table = _mm512_loadu_ps(s.code.data());
+      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + e / 2)));
+      even = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+      odd = _mm512_permutexvar_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(0xf)), table);
+    }
+  }
+
+  template <WeightFormat F, int M>
+  LORA_AVX512 static void gemv_dots_split(const State& s, const float* A, Index lda, Index K, float* C, Index ldc,
+                                          bool accumulate) {
+    constexpr int RS = M <= 2 ? 4 : 2;
+    const Index N = s.rows, K32 = K / 32 * 32;
+    float* xd = reserve(buffers().split, static_cast<std::size_t>(M * K32));  // A may be in `rounded`
+    for (int m = 0; m < M; ++m)
+      for (Index k = 0; k < K32; k += 32)
+        for (int i = 0; i < 16; ++i) {
+          xd[m * K32 + k + i] = A[m * lda + k + 2 * i];
+          xd[m * K32 + k + 16 + i] = A[m * lda + k + 2 * i + 1];
+        }
+    float tail[32];
+    for (Index n0 = 0; n0 < N; n0 += RS) {
+      const int rs = static_cast<int>(std::min<Index>(RS, N - n0));
+      __m512 acc[RS][M];
+      for (int r = 0; r < RS; ++r)
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+      for (Index k = 0; k < K32; k += 32) {
+        for (int r = 0; r < rs; ++r) {
+          const std::size_t e = static_cast<std::size_t>(n0 + r) * static_cast<std::size_t>(K) + static_cast<std::size_t>(k);
+          __m512 even, odd;
+          load32_split<F>(s, e, even, odd);
+          if constexpr (F == WeightFormat::nf4) {
+            const __m512 scale = _mm512_set1_ps(s.absmax_at(e));
+            for (int m = 0; m < M; ++m) {
+              const __m512 part = _mm512_fmadd_ps(_mm512_loadu_ps(xd + m * K32 + k + 16), odd,
+                                                  _mm512_mul_ps(_mm512_loadu_ps(xd + m * K32 + k), even));
+              acc[r][m] = _mm512_fmadd_ps(part, scale, acc[r][m]);
+            }
+          } else {
+            for (int m = 0; m < M; ++m) {
+              acc[r][m] = _mm512_fmadd_ps(_mm512_loadu_ps(xd + m * K32 + k), even, acc[r][m]);
+              acc[r][m] = _mm512_fmadd_ps(_mm512_loadu_ps(xd + m * K32 + k + 16), odd, acc[r][m]);
+            }
+          }
+        }
+      }
+      for (int r = 0; r < rs; ++r) {
+        const std::size_t row = static_cast<std::size_t>(n0 + r) * static_cast<std::size_t>(K);
+        float extra[M] = {};
+        if (K32 < K) {
+          QuantizedMatrix::decode_portable(s, row + static_cast<std::size_t>(K32), static_cast<std::size_t>(K - K32), tail);
+          for (int m = 0; m < M; ++m)
+            for (Index k = K32; k < K; ++k) extra[m] += A[m * lda + k] * tail[k - K32];
+        }
+        for (int m = 0; m < M; ++m) {
+          const float v = _mm512_reduce_add_ps(acc[r][m]) + extra[m];
+          C[m * ldc + n0 + r] = accumulate ? C[m * ldc + n0 + r] + v : v;
+        }
+      }
+    }
+  }
+
+  // C[m, n] (+)= Σ_k A[m, k] S[n, k], m < M: each row of S read once, 32 values a step, RS rows of S side by side
+  // (independent streams and accumulator chains: one row at a time leaves the core waiting on memory).
+  template <WeightFormat F, int M>
+  LORA_AVX512 static void gemv_dots(const State& s, const float* A, Index lda, Index K, float* C, Index ldc,
+                                    bool accumulate) {
+    if constexpr (F == WeightFormat::bf16 || F == WeightFormat::nf4) {
+      // NF4 runs of 32 must start at an even element: rows of a length that is a multiple of 32 (checked above)
+      return gemv_dots_split<F, M>(s, A, lda, K, C, ldc, accumulate);
+    }
+    constexpr int RS = M <= 2 ? 4 : 2;
+    const Index N = s.rows, K32 = K / 32 * 32;
+    float tail[32];
+    Index n = 0;
+    for (; n + RS <= N; n += RS) {
+      __m512 acc[RS][M];
+      for (int r = 0; r < RS; ++r)
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+      for (Index k = 0; k < K32; k += 32) {
+        for (int r = 0; r < RS; ++r) {
+          const std::size_t e = static_cast<std::size_t>(n + r) * static_cast<std::size_t>(K) + static_cast<std::size_t>(k);
+          if constexpr (F == WeightFormat::q8_0) {  // Σ q·x over the block, then one multiply by its scale d
+            const std::uint8_t* blk = s.data + e / quant::q8_0_block * quant::q8_0_block_bytes;
+            const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2))));
+            const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18))));
+            const __m512 d = _mm512_set1_ps(_cvtsh_ss(static_cast<unsigned short>(blk[0] | (blk[1] << 8))));
+            for (int m = 0; m < M; ++m) {
+              const __m512 part = _mm512_fmadd_ps(_mm512_loadu_ps(A + m * lda + k + 16), q1,
+                                                  _mm512_mul_ps(_mm512_loadu_ps(A + m * lda + k), q0));
+              acc[r][m] = _mm512_fmadd_ps(part, d, acc[r][m]);
+            }
+            continue;
+          }
+          __m512 w0, w1;
+          load32<F>(s, e, w0, w1);
+          for (int m = 0; m < M; ++m) {
+            acc[r][m] = _mm512_fmadd_ps(_mm512_loadu_ps(A + m * lda + k), w0, acc[r][m]);
+            acc[r][m] = _mm512_fmadd_ps(_mm512_loadu_ps(A + m * lda + k + 16), w1, acc[r][m]);
+          }
+        }
+      }
+      for (int r = 0; r < RS; ++r) {
+        float extra[M] = {};
+        if (K32 < K) {
+          QuantizedMatrix::decode_portable(s, static_cast<std::size_t>(n + r) * static_cast<std::size_t>(K) + static_cast<std::size_t>(K32),
+                                           static_cast<std::size_t>(K - K32), tail);
+          for (int m = 0; m < M; ++m)
+            for (Index k = K32; k < K; ++k) extra[m] += A[m * lda + k] * tail[k - K32];
+        }
+        for (int m = 0; m < M; ++m) {
+          const float v = _mm512_reduce_add_ps(acc[r][m]) + extra[m];
+          C[m * ldc + n + r] = accumulate ? C[m * ldc + n + r] + v : v;
+        }
+      }
+    }
+    for (; n < N; ++n) {  // the last rows, one at a time
+      const std::size_t row = static_cast<std::size_t>(n) * static_cast<std::size_t>(K);
+      __m512 acc[M];
+      for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+      for (Index k = 0; k < K32; k += 32) {
+        __m512 w0, w1;
+        load32<F>(s, row + static_cast<std::size_t>(k), w0, w1);
+        for (int m = 0; m < M; ++m) {
+          acc[m] = _mm512_fmadd_ps(_mm512_loadu_ps(A + m * lda + k), w0, acc[m]);
+          acc[m] = _mm512_fmadd_ps(_mm512_loadu_ps(A + m * lda + k + 16), w1, acc[m]);
+        }
+      }
+      float extra[M] = {};
+      if (K32 < K) {
+        QuantizedMatrix::decode_portable(s, row + static_cast<std::size_t>(K32), static_cast<std::size_t>(K - K32), tail);
+        for (int m = 0; m < M; ++m)
+          for (Index k = K32; k < K; ++k) extra[m] += A[m * lda + k] * tail[k - K32];
+      }
+      for (int m = 0; m < M; ++m) {
+        const float v = _mm512_reduce_add_ps(acc[m]) + extra[m];
+        C[m * ldc + n] = accumulate ? C[m * ldc + n] + v : v;
+      }
+    }
+  }
+
+  // C[m, n] (+)= Σ_k A[m, k] S[k, n], m < M: 16 rows of S at a time (16 streams the prefetcher follows), 64
+  // columns of C held in registers while those rows pass.
+  template <WeightFormat F, int M>
+  LORA_AVX512 static void gemv_axpys(const State& s, const float* A, Index lda, Index K, float* C, Index ldc,
+                                     bool accumulate) {
+    const Index N = s.cols;  // a multiple of 64 (gemv_fused checked)
+    constexpr Index rows = 16;
+    for (Index k0 = 0; k0 < K; k0 += rows)
+    for (Index n0 = 0; n0 < N; n0 += 64) {
+      __m512 acc[M][4];
+      const bool load = accumulate || k0 > 0;
+      for (int m = 0; m < M; ++m)
+        for (int j = 0; j < 4; ++j)
+          acc[m][j] = load ? _mm512_loadu_ps(C + m * ldc + n0 + 16 * j) : _mm512_setzero_ps();
+      for (Index k = k0; k < std::min(K, k0 + rows); ++k) {
+        const std::size_t e = static_cast<std::size_t>(k) * static_cast<std::size_t>(N) + static_cast<std::size_t>(n0);
+        __m512 w0, w1, w2, w3;
+        load32<F>(s, e, w0, w1);
+        load32<F>(s, e + 32, w2, w3);
+        for (int m = 0; m < M; ++m) {
+          const __m512 a = _mm512_set1_ps(A[m * lda + k]);
+          acc[m][0] = _mm512_fmadd_ps(a, w0, acc[m][0]);
+          acc[m][1] = _mm512_fmadd_ps(a, w1, acc[m][1]);
+          acc[m][2] = _mm512_fmadd_ps(a, w2, acc[m][2]);
+          acc[m][3] = _mm512_fmadd_ps(a, w3, acc[m][3]);
+        }
+      }
+      for (int m = 0; m < M; ++m)
+        for (int j = 0; j < 4; ++j) _mm512_storeu_ps(C + m * ldc + n0 + 16 * j, acc[m][j]);
+    }
+  }
+#endif
 
   static float dot(bool simd, const float* x, const float* y, Index n) {
 #ifdef LORA_X86_KERNELS
@@ -137,13 +425,14 @@ struct QGemm {
         for (Index ic = 0; ic < M; ic += MC) {
           const Index mc = std::min(MC, M - ic);
           pack_a(A + ic * lda + pc, lda, mc, kc, apack);
-          for (Index jr = 0; jr < nc; jr += NR) {
-            const Index nr = std::min(NR, nc - jr);
-            const float* bp = bpack + (jr / NR) * KC * NR;
-            for (Index ir = 0; ir < mc; ir += MR) {
-              const Index mr = std::min(MR, mc - ir);
+          // A's micro-panel (MR rows, 12 KiB) stays in L1 while B's panels stream from L2 (the block of B is
+          // KC x NC floats, 1 MiB), as BLIS orders its loops.
+          for (Index ir = 0; ir < mc; ir += MR) {
+            const Index mr = std::min(MR, mc - ir);
+            for (Index jr = 0; jr < nc; jr += NR) {
+              const Index nr = std::min(NR, nc - jr);
               float* c = C + (ic + ir) * ldc + jc + jr;
-              kernel(simd, kc, apack + (ir / MR) * MR * KC, bp, c, ldc, mr, nr, add);
+              kernel(simd, kc, apack + (ir / MR) * MR * KC, bpack + (jr / NR) * KC * NR, c, ldc, mr, nr, add);
             }
           }
         }
@@ -162,14 +451,14 @@ struct QGemm {
     }
     if (transposed) {  // B(k, n) = S(n, k): S's row n gives column n of B
       for (Index n = 0; n < nc; ++n) {
-        S.decode(jc + n, pc, kc, row);
+        decode_for_products(S, jc + n, pc, kc, row);
         float* panel = bpack + (n / NR) * KC * NR + n % NR;
         for (Index k = 0; k < kc; ++k) panel[k * NR] = row[k];
       }
       return;
     }
     for (Index k = 0; k < kc; ++k) {  // B(k, n) = S(k, n): S's row k gives row k of every panel
-      S.decode(pc + k, jc, nc, row);
+      decode_for_products(S, pc + k, jc, nc, row);
       for (Index p = 0; p < panels; ++p)
         std::memcpy(bpack + p * KC * NR + k * NR, row + p * NR, static_cast<std::size_t>(std::min(NR, nc - p * NR)) * 4);
     }
@@ -205,6 +494,288 @@ struct QGemm {
     for (Index i = 0; i < mr; ++i)
       for (Index j = 0; j < nr; ++j) C[i * ldc + j] = add ? C[i * ldc + j] + acc[i][j] : acc[i][j];
   }
+
+  // ---- bf16 products: C (M, N) (+)= bf16(A) · op(S), S bf16 ----
+  // Panels hold k-pairs: a 32-bit word is two bf16 values, the even k in the low half, as AVX512_BF16's dot product
+  // pairs them. A is rounded once per call into x16 (M, K); B's panel p holds b[q * NR + j] = (B(2q, j), B(2q+1, j)).
+  static void gemm_bf16(const float* A, Index lda, Index M, Index K, Index N, const QuantizedMatrix& S,
+                        bool transposed, float* C, Index ldc, bool accumulate) {
+    Buffers& buf = buffers();
+    const bool amx = K % 32 == 0 && has_amx_bf16();  // AMX tiles take 32 k at a time
+    const Index rows = amx ? (M + 31) / 32 * 32 : M;  // AMX: rows padded with zeros to whole 32-row blocks
+    std::uint16_t* x16 = reserve(buf.x16, static_cast<std::size_t>(rows * K));
+    for (Index m = 0; m < M; ++m) to_bf16(A + m * lda, x16 + m * K, K);
+    std::fill(x16 + M * K, x16 + rows * K, std::uint16_t{0});
+    std::uint32_t* bpack = reserve(buf.b16, static_cast<std::size_t>(KP * NC));
+    std::uint32_t* apack = reserve(buf.a16, static_cast<std::size_t>(MC * KP));
+    const bool simd = QuantizedMatrix::has_avx512_bf16();
+    const auto* s16 = reinterpret_cast<const std::uint16_t*>(S.data());
+    const Index KC2 = 2 * KP;
+    for (Index jc = 0; jc < N; jc += NC) {
+      const Index nc = std::min(NC, N - jc);
+      for (Index pc = 0; pc < K; pc += KC2) {
+        const Index kp = (std::min(KC2, K - pc) + 1) / 2;
+        if (S.format() == WeightFormat::bf16)
+          pack_b_bf16(s16, S.cols(), K, transposed, pc, kp, jc, nc, bpack);
+        else
+          pack_b_decoded(S, transposed, pc, kp, jc, nc, bpack, buf);
+        const bool add = accumulate || pc > 0;
+#ifdef LORA_AMX_KERNELS
+        if (amx) {
+          gemm_bf16_amx(x16 + pc, K, M, bpack, kp, nc, C + jc, ldc, add);
+          continue;
+        }
+#endif
+        for (Index ic = 0; ic < M; ic += MC) {
+          const Index mc = std::min(MC, M - ic);
+          pack_a_bf16(x16 + ic * K, K, pc, mc, kp, apack);
+          for (Index jr = 0; jr < nc; jr += NR) {
+            const Index nr = std::min(NR, nc - jr);
+            const std::uint32_t* bp = bpack + (jr / NR) * KP * NR;
+            for (Index ir = 0; ir < mc; ir += MR) {
+              const Index mr = std::min(MR, mc - ir);
+              float* c = C + (ic + ir) * ldc + jc + jr;
+              kernel_bf16(simd, kp, apack + (ir / MR) * MR * KP, bp, c, ldc, mr, nr, add);
+            }
+          }
+        }
+      }
+    }
+  }
+
+  // (public: tests and benchmarks report which kernel ran)
+ public:
+  /// True when bf16 products run on AMX tiles: the CPU has AMX-BF16 and AMX-TILE (CPUID leaf 7), Linux granted this
+  /// process the tile state (arch_prctl ARCH_REQ_XCOMP_PERM, asked once), and the AVX-512 kernels are on.
+  static bool has_amx_bf16() {
+#ifdef LORA_AMX_KERNELS
+    static const bool ok = [] {
+      unsigned a = 0, b = 0, c = 0, d = 0;
+      if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+      if (((d >> 22) & 1u) == 0 || ((d >> 24) & 1u) == 0) return false;
+      return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+    }();
+    return ok && QuantizedMatrix::has_avx512();
+#else
+    return false;
+#endif
+  }
+
+ private:
+  static std::uint32_t pair(std::uint16_t even, std::uint16_t odd) {
+    return static_cast<std::uint32_t>(even) | (static_cast<std::uint32_t>(odd) << 16);
+  }
+
+  // A's rows (bf16, leading dimension K) from depth pc: apack panel ir: a[q * MR + i] = (A(i, pc+2q), A(i, pc+2q+1)).
+  static void pack_a_bf16(const std::uint16_t* x16, Index K, Index pc, Index mc, Index kp, std::uint32_t* apack) {
+    for (Index ir = 0; ir < mc; ir += MR) {
+      std::uint32_t* panel = apack + (ir / MR) * MR * KP;
+      const Index mr = std::min(MR, mc - ir);
+      for (Index i = 0; i < MR; ++i) {
+        if (i >= mr) {
+          for (Index q = 0; q < kp; ++q) panel[q * MR + i] = 0;
+          continue;
+        }
+        const std::uint16_t* row = x16 + (ir + i) * K + pc;
+        for (Index q = 0; q < kp; ++q) panel[q * MR + i] = pair(row[2 * q], row[2 * q + 1]);
+      }
+    }
+  }
+
+  // n floats to bf16 (round to nearest even), 32 at a time with AVX512_BF16's conversion where the CPU has it.
+  static void to_bf16(const float* in, std::uint16_t* out, Index n) {
+    Index i = 0;
+#ifdef LORA_X86_KERNELS
+    if (QuantizedMatrix::has_avx512_bf16()) i = to_bf16_avx512(in, out, n);
+#endif
+    for (; i < n; ++i) out[i] = float_to_bf16(in[i]);
+  }
+#ifdef LORA_X86_KERNELS
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16"))) static Index to_bf16_avx512(
+      const float* in, std::uint16_t* out, Index n) {
+    Index i = 0;
+    for (; i + 32 <= n; i += 32) {
+      const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(in + i + 16), _mm512_loadu_ps(in + i));
+      _mm512_storeu_si512(out + i, (__m512i)v);
+    }
+    return i;
+  }
+#endif
+
+  // As pack_b_bf16 for a matrix stored in another format: S's rows decoded to float, then rounded to bf16.
+  static void pack_b_decoded(const QuantizedMatrix& S, bool transposed, Index pc, Index kp, Index jc, Index nc,
+                             std::uint32_t* bpack, Buffers& buf) {
+    const Index panels = (nc + NR - 1) / NR;
+    if (nc % NR != 0) {
+      std::uint32_t* last = bpack + (panels - 1) * KP * NR;
+      for (Index q = 0; q < kp; ++q) std::fill(last + q * NR + nc % NR, last + (q + 1) * NR, 0u);
+    }
+    float* row = reserve(buf.row, static_cast<std::size_t>(2 * std::max(2 * KP, NC)));
+    std::uint16_t* r16 = reserve(buf.x16_row, static_cast<std::size_t>(2 * std::max(2 * KP, NC)));
+    if (transposed) {  // S's row n: 2 kp values from pc, the pairs of column n
+      for (Index n = 0; n < nc; ++n) {
+        S.decode(jc + n, pc, 2 * kp, row);
+        to_bf16(row, r16, 2 * kp);
+        const auto* pairs = reinterpret_cast<const std::uint32_t*>(r16);
+        std::uint32_t* panel = bpack + (n / NR) * KP * NR + n % NR;
+        for (Index q = 0; q < kp; ++q) panel[q * NR] = pairs[q];
+      }
+      return;
+    }
+    for (Index q = 0; q < kp; ++q) {  // rows pc + 2q and pc + 2q + 1 of S
+      S.decode(pc + 2 * q, jc, nc, row);
+      to_bf16(row, r16, nc);
+      if (pc + 2 * q + 1 < S.rows()) {
+        S.decode(pc + 2 * q + 1, jc, nc, row);
+        to_bf16(row, r16 + nc, nc);
+      } else {
+        std::fill(r16 + nc, r16 + 2 * nc, std::uint16_t{0});
+      }
+      for (Index p = 0; p < panels; ++p) {
+        std::uint32_t* out = bpack + p * KP * NR + q * NR;
+        const Index n0 = p * NR, w = std::min(NR, nc - n0);
+        for (Index j = 0; j < w; ++j) out[j] = pair(r16[n0 + j], r16[nc + n0 + j]);
+      }
+    }
+  }
+
+  // B = op(S) over depth [pc, pc + 2 kp) and columns [jc, jc + nc), S's bf16 values s16 with `cols` per row.
+  static void pack_b_bf16(const std::uint16_t* s16, Index cols, Index K, bool transposed, Index pc, Index kp, Index jc,
+                          Index nc, std::uint32_t* bpack) {
+    const Index panels = (nc + NR - 1) / NR;
+    if (nc % NR != 0) {
+      std::uint32_t* last = bpack + (panels - 1) * KP * NR;
+      for (Index q = 0; q < kp; ++q) std::fill(last + q * NR + nc % NR, last + (q + 1) * NR, 0u);
+    }
+    if (transposed) {  // B(k, n) = S(n, k): S's row n holds the pairs of column n back to back
+      for (Index n = 0; n < nc; ++n) {
+        const std::uint16_t* row = s16 + (jc + n) * cols + pc;
+        std::uint32_t* panel = bpack + (n / NR) * KP * NR + n % NR;
+        for (Index q = 0; q < kp; ++q) panel[q * NR] = pair(row[2 * q], row[2 * q + 1]);
+      }
+      return;
+    }
+    for (Index q = 0; q < kp; ++q) {  // B(k, n) = S(k, n): rows pc + 2q and pc + 2q + 1 of S, interleaved
+      const std::uint16_t* even = s16 + (pc + 2 * q) * cols + jc;
+      const std::uint16_t* odd = pc + 2 * q + 1 < K ? even + cols : nullptr;
+      for (Index p = 0; p < panels; ++p) {
+        std::uint32_t* out = bpack + p * KP * NR + q * NR;
+        const Index n0 = p * NR, w = std::min(NR, nc - n0);
+        for (Index j = 0; j < w; ++j) out[j] = pair(even[n0 + j], odd != nullptr ? odd[n0 + j] : 0);
+      }
+    }
+  }
+
+  // C (mr, nr) (+)= Σ_q a_q · b_q over kp pairs; the portable kernel sums the odd product first, as the instruction.
+  static void kernel_bf16(bool simd, Index kp, const std::uint32_t* a, const std::uint32_t* b, float* C, Index ldc,
+                          Index mr, Index nr, bool add) {
+#ifdef LORA_X86_KERNELS
+    if (simd) return kernel_bf16_avx512(kp, a, b, C, ldc, mr, nr, add);
+#endif
+    (void)simd;
+    float acc[MR][NR] = {};
+    for (Index q = 0; q < kp; ++q, a += MR, b += NR)
+      for (Index i = 0; i < MR; ++i) {
+        const float a0 = bf16_to_float(static_cast<std::uint16_t>(a[i])), a1 = bf16_to_float(static_cast<std::uint16_t>(a[i] >> 16));
+        for (Index j = 0; j < NR; ++j)
+          acc[i][j] = (acc[i][j] + a1 * bf16_to_float(static_cast<std::uint16_t>(b[j] >> 16))) +
+                      a0 * bf16_to_float(static_cast<std::uint16_t>(b[j]));
+      }
+    for (Index i = 0; i < mr; ++i)
+      for (Index j = 0; j < nr; ++j) C[i * ldc + j] = add ? C[i * ldc + j] + acc[i][j] : acc[i][j];
+  }
+
+#ifdef LORA_X86_KERNELS
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma"))) static void kernel_bf16_avx512(
+      Index kp, const std::uint32_t* a, const std::uint32_t* b, float* C, Index ldc, Index mr, Index nr, bool add) {
+#define LORA_QG_ZERO(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = _mm512_setzero_ps();
+#define LORA_QG_DOT(i)                                                        \
+  {                                                                           \
+    const __m512bh ai = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[i])); \
+    c##i##0 = _mm512_dpbf16_ps(c##i##0, ai, b0);                              \
+    c##i##1 = _mm512_dpbf16_ps(c##i##1, ai, b1);                              \
+  }
+#define LORA_QG_ALL(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+    LORA_QG_ALL(LORA_QG_ZERO)
+    for (Index q = 0; q < kp; ++q, a += MR, b += NR) {
+      const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b), b1 = (__m512bh)_mm512_loadu_si512(b + 16);
+      LORA_QG_ALL(LORA_QG_DOT)
+    }
+    alignas(64) float tile[MR][NR];
+#define LORA_QG_STORE(i)             \
+  _mm512_store_ps(tile[i], c##i##0); \
+  _mm512_store_ps(tile[i] + 16, c##i##1);
+    LORA_QG_ALL(LORA_QG_STORE)
+#undef LORA_QG_STORE
+#undef LORA_QG_ALL
+#undef LORA_QG_DOT
+#undef LORA_QG_ZERO
+    store_tile(&tile[0][0], C, ldc, mr, nr, add);
+  }
+
+#ifdef LORA_AMX_KERNELS
+  // C (M, nc) (+)= x16 (M rows padded to 32, leading dimension K, from the block's first k) · the packed B block
+  // (kp pairs, a multiple of 16). Per 32 × 32 block of C: tiles 0-3 hold C, 4-5 two 16-row slices of A (32 k),
+  // 6-7 two 16-column halves of B's panel (16 k-pairs: the panel's rows are the VNNI layout AMX reads).
+  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,fma"))) static void gemm_bf16_amx(
+      const std::uint16_t* x16, Index K, Index M, const std::uint32_t* bpack, Index kp, Index nc, float* C, Index ldc,
+      bool add) {
+    struct alignas(64) Config {
+      std::uint8_t palette = 1, start_row = 0, reserved[14] = {};
+      std::uint16_t colsb[16] = {};
+      std::uint8_t rows[16] = {};
+    } cfg;
+    for (int t = 0; t < 8; ++t) {
+      cfg.colsb[t] = 64;
+      cfg.rows[t] = 16;
+    }
+    _tile_loadconfig(&cfg);
+    alignas(64) float tile[32 * NR];
+    const Index stride_a = 2 * K, stride_b = 4 * NR;
+    for (Index ir = 0; ir < M; ir += 32) {
+      for (Index jr = 0; jr < nc; jr += NR) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        const std::uint32_t* panel = bpack + (jr / NR) * KP * NR;
+        const std::uint16_t* a = x16 + ir * K;
+        for (Index q = 0; q < kp; q += 16) {
+          _tile_loadd(4, a + 2 * q, stride_a);
+          _tile_loadd(5, a + 16 * K + 2 * q, stride_a);
+          _tile_loadd(6, panel + q * NR, stride_b);
+          _tile_loadd(7, panel + q * NR + 16, stride_b);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, tile, 4 * NR);
+        _tile_stored(1, tile + 16, 4 * NR);
+        _tile_stored(2, tile + 16 * NR, 4 * NR);
+        _tile_stored(3, tile + 16 * NR + 16, 4 * NR);
+        store_tile(tile, C + ir * ldc + jr, ldc, std::min<Index>(32, M - ir), std::min(NR, nc - jr), add);
+      }
+    }
+    _tile_release();
+  }
+#endif
+
+  LORA_AVX512 static void store_tile(const float* tile, float* C, Index ldc, Index mr, Index nr, bool add) {
+    const __mmask16 m0 = static_cast<__mmask16>(nr >= 16 ? 0xffff : (1u << nr) - 1);
+    const __mmask16 m1 = static_cast<__mmask16>(nr >= 32 ? 0xffff : nr <= 16 ? 0 : (1u << (nr - 16)) - 1);
+    for (Index i = 0; i < mr; ++i) {
+      float* c = C + i * ldc;
+      __m512 v0 = _mm512_load_ps(tile + i * NR), v1 = _mm512_load_ps(tile + i * NR + 16);
+      if (add) {
+        v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, c));
+        v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, c + 16));
+      }
+      _mm512_mask_storeu_ps(c, m0, v0);
+      _mm512_mask_storeu_ps(c + 16, m1, v1);
+    }
+  }
+#endif
 
 #ifdef LORA_X86_KERNELS
   LORA_AVX512 static float dot_avx512(const float* x, const float* y, Index n) {
@@ -257,20 +828,13 @@ struct QGemm {
 #undef LORA_QG_ALL
 #undef LORA_QG_FMA
 #undef LORA_QG_ZERO
-    const __mmask16 m0 = static_cast<__mmask16>(nr >= 16 ? 0xffff : (1u << nr) - 1);
-    const __mmask16 m1 = static_cast<__mmask16>(nr >= 32 ? 0xffff : nr <= 16 ? 0 : (1u << (nr - 16)) - 1);
-    for (Index i = 0; i < mr; ++i) {
-      float* c = C + i * ldc;
-      __m512 v0 = _mm512_load_ps(tile[i]), v1 = _mm512_load_ps(tile[i] + 16);
-      if (add) {
-        v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, c));
-        v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, c + 16));
-      }
-      _mm512_mask_storeu_ps(c, m0, v0);
-      _mm512_mask_storeu_ps(c + 16, m1, v1);
-    }
+    store_tile(&tile[0][0], C, ldc, mr, nr, add);
   }
 #endif
 };
 
 }  // namespace lora::detail
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
