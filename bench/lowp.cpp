@@ -4,7 +4,10 @@
 //
 //   x (N, I), W (O, I) in `format`, A (R, I), B (O, R), y (N, O); I = O = D.
 //
-// Registered over (N, D, R, format, step):
+// Registered over (N, D, fmt):
+//   base_paired   the base product x Wᵀ alone through the low-precision kernels against Eigen's float product
+//                 ("base fmt/f32"), at N = 1, where it is bound by the bytes of W.
+// Registered over (N, D, R, fmt, step):
 //   lowp_paired   LoRALinear over W in `format` (decoded tile by tile, products in float) against LoRALinear over
 //                 the float W (Eigen's product, or OpenBLAS's with LORA_USE_BLAS): "time fmt/f32" for the forward
 //                 (step 0) or forward + backward with dx (step 1), and "GFLOP/s" of the low-precision layer's base
@@ -112,6 +115,38 @@ void lowp_paired(benchmark::State& state) {
   state.SetLabel(variant_name(variant));
 }
 
+// The base product alone, y = x Wᵀ, through the low-precision kernels against Eigen's float product, paired as above
+// ("base fmt/f32"). Without the LoRA path and the layer's bookkeeping this isolates the kernels.
+void base_paired(benchmark::State& state) {
+  const lora::Index N = state.range(0), D = state.range(1);
+  const int variant = static_cast<int>(state.range(2));
+  const Mat W = Mat::Random(D, D);
+  const Mat x = Mat::Random(N, D);
+  Mat y(N, D);
+  const auto q = stored_as(W, variant);
+  const auto low = [&] { lora::detail::QGemm::run(x.data(), D, N, D, q, true, y.data(), D, false); };
+  const auto dense = [&] { y.noalias() = x * W.transpose(); };
+  low();
+  dense();
+  std::vector<double> ratios;
+  bool low_first = false;
+  for (auto _ : state) {
+    double tl = 0, td = 0;
+    if (low_first) {
+      tl = seconds(low);
+      td = seconds(dense);
+    } else {
+      td = seconds(dense);
+      tl = seconds(low);
+    }
+    ratios.push_back(tl / td);
+    low_first = !low_first;
+  }
+  std::nth_element(ratios.begin(), ratios.begin() + ratios.size() / 2, ratios.end());
+  state.counters["base fmt/f32"] = ratios[ratios.size() / 2];
+  state.SetLabel(variant_name(variant));
+}
+
 // --rss=V: the peak resident memory (VmHWM) of a process that builds 8 LoRA layers of D x D over a base stored as
 // variant V (-1: float W, Eigen's product), each W made and quantised 64 rows at a time so no float copy of a whole W
 // ever exists, then runs one training step (forward through the 8 layers, backward with dx) on N rows. Prints
@@ -179,6 +214,13 @@ void rss_table(const char* self, lora::Index D, lora::Index N) {
 
 void register_all(bool smoke) {
   const lora::Index D = smoke ? 128 : 4096;
+  for (int v = 0; v < variants; ++v)
+    benchmark::RegisterBenchmark("base_paired", base_paired)
+        ->ArgNames({"N", "D", "fmt"})
+        ->Args({1, D, v})
+        ->Iterations(smoke ? 2 : 201)
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
   const std::vector<lora::Index> rows = smoke ? std::vector<lora::Index>{1, 16} : std::vector<lora::Index>{1, 512};
   for (int step = 0; step < 2; ++step)
     for (lora::Index N : rows) {
