@@ -12,8 +12,9 @@
 //                 the float W (Eigen's product, or OpenBLAS's with LORA_USE_BLAS): "time fmt/f32" for the forward
 //                 (step 0) or forward + backward with dx (step 1), and "GFLOP/s" of the low-precision layer's base
 //                 products. Variants 0-4 are the formats f32, bf16, f16, q8_0, nf4 with float products; 5-7 are
-//                 bf16, q8_0 and nf4 with bf16 products (x and W's values rounded to bf16; AMX or AVX512_BF16). Format "f32" here is the float W through the same tiled kernels (QuantizedMatrix
-//                 format f32), so its ratio measures those kernels against the backend's GEMM.
+//                 bf16, q8_0 and nf4 with bf16 products (x and W's values rounded to bf16; AMX or AVX512_BF16). Format
+//                 "f32" here is the float W through the same tiled kernels (QuantizedMatrix format f32), so its ratio
+//                 measures those kernels against the backend's GEMM.
 // and, before the runs, the resident bytes per parameter of each format and the peak RSS of a training step over 8
 // layers in each (a child process each: --rss=V).
 //
@@ -27,8 +28,8 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <cstdlib>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -109,7 +110,8 @@ void lowp_paired(benchmark::State& state) {
     return v[v.size() / 2];
   };
   state.counters["time fmt/f32"] = median(ratios);
-  const double base_flops = 2.0 * static_cast<double>(N) * static_cast<double>(D) * static_cast<double>(D) * (step ? 2 : 1);
+  const double base_flops =
+      2.0 * static_cast<double>(N) * static_cast<double>(D) * static_cast<double>(D) * (step ? 2 : 1);
   state.counters["base GFLOP/s"] = base_flops / median(low_times) * 1e-9;
   state.counters["low ms"] = median(low_times) * 1e3;
   state.SetLabel(variant_name(variant));
@@ -254,9 +256,9 @@ int main(int argc, char** argv) {
   std::fputs(lora_bench::context_lines().c_str(), stdout);
   std::printf("# kernels (chosen at run time): %s; bf16 products on %s\n",
               lora::QuantizedMatrix::has_avx512() ? "AVX-512" : "portable",
-              lora::detail::QGemm::has_amx_bf16()         ? "AMX tiles"
+              lora::detail::QGemm::has_amx_bf16()        ? "AMX tiles"
               : lora::QuantizedMatrix::has_avx512_bf16() ? "AVX512_BF16"
-                                                          : "the portable kernel");
+                                                         : "the portable kernel");
   // Resident bytes per parameter of each format, for a 4096 x 4096 W (smoke: 128 x 128).
   const lora::Index D = options.smoke ? 128 : 4096;
   const Mat W = Mat::Random(D, D);
@@ -270,7 +272,8 @@ int main(int argc, char** argv) {
                   static_cast<double>(lora::QuantizedMatrix::quantize(W, f, dq).bytes()) / (D * D));
     std::printf("\n");
   }
-  for (lora::Index n : {lora::Index(512), lora::Index(64)}) rss_table(argv[0], options.smoke ? 128 : 4096, options.smoke ? 16 : n);
+  for (lora::Index n : {lora::Index(512), lora::Index(64)})
+    rss_table(argv[0], options.smoke ? 128 : 4096, options.smoke ? 16 : n);
   register_all(options.smoke);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

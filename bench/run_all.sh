@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds and runs every benchmark (bench_params, bench_compute, bench_memory,
-# bench/peers/pytorch_lora.py) and prints one table of ratios at the end.
+# bench_lowp, bench/peers/pytorch_lora.py) and prints one table of ratios at the end.
 #
 #   bench/run_all.sh            Eigen and OpenBLAS backends, 1 and 2 threads, the issue's headline
 #                               shapes with 5 interleaved repetitions
@@ -31,7 +31,7 @@ out=${OUT:-build-bench/results}
 jobs=${JOBS:-2}
 python=${PYTHON:-/usr/bin/python3}
 mkdir -p "$out"
-rm -f "$out"/compute-*.json "$out"/pytorch-*.json "$out"/memory.txt
+rm -f "$out"/compute-*.json "$out"/pytorch-*.json "$out"/memory.txt "$out"/lowp.txt
 
 section() { printf '\n===== %s\n' "$*"; }
 
@@ -48,14 +48,14 @@ for backend in "${backends[@]}"; do
   esac
   if [ "$backend" = eigen ] && [ -n "${EIGEN_BUILD:-}" ]; then
     section "build: eigen backend from EIGEN_BUILD=$EIGEN_BUILD (built already)"
-    cmake --build "$EIGEN_BUILD" -j"$jobs" --target bench_params bench_compute bench_memory
+    cmake --build "$EIGEN_BUILD" -j"$jobs" --target bench_params bench_compute bench_memory bench_lowp
     bench_dir[$backend]="$EIGEN_BUILD/bench"
     continue
   fi
   section "build: $backend backend in build-bench/$backend"
   cmake -S . -B "build-bench/$backend" -DCMAKE_BUILD_TYPE=Release -DLORA_BUILD_TESTS=OFF \
     -DLORA_BUILD_EXAMPLES=OFF -DLORA_INSTALL=OFF "${flags[@]}" >/dev/null
-  cmake --build "build-bench/$backend" -j"$jobs" --target bench_params bench_compute bench_memory
+  cmake --build "build-bench/$backend" -j"$jobs" --target bench_params bench_compute bench_memory bench_lowp
   bench_dir[$backend]="build-bench/$backend/bench"
 done
 first="${bench_dir[${backends[0]}]}"
@@ -87,6 +87,13 @@ for backend in "${backends[@]}"; do
       --benchmark_out="$out/compute-$backend-t$threads.json" --benchmark_out_format=json
   done
 done
+
+section "bench_lowp (low-precision bases; ${backends[0]}'s float layer as the baseline, 1 thread)"
+if [ "$smoke" = 1 ]; then
+  "$first/bench_lowp" --smoke --benchmark_min_time=0.01 --benchmark_color=false
+else
+  "$first/bench_lowp" --benchmark_color=false | tee "$out/lowp.txt"
+fi
 
 section "bench_memory (${backends[0]}, 1 thread)"
 "$first/bench_memory" "${smoke_flag[@]}" | tee "$out/memory.txt"

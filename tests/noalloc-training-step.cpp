@@ -48,6 +48,40 @@ TEST_CASE("a steady-state LoRALinear training step allocates nothing", "[noalloc
   CHECK(counted.second == 0);
 }
 
+TEST_CASE("a steady-state training step over a low-precision W allocates nothing", "[noalloc]") {
+  // The tiled kernels' packing buffers grow on the first call and are reused (one set per thread), for every
+  // format, every product path (few rows, many rows, bf16 products) and both layouts.
+  lora::LoraConfig cfg;
+  cfg.r = 4;
+  cfg.lora_alpha = 8;
+  for (const auto format : {lora::WeightFormat::bf16, lora::WeightFormat::q8_0, lora::WeightFormat::nf4}) {
+    for (const auto products : {lora::Products::float32, lora::Products::bf16}) {
+      for (const lora::Index N : {lora::Index(3), lora::Index(40)}) {
+        INFO(lora::format_name(format) << (products == lora::Products::bf16 ? ", bf16 products" : "") << ", N = " << N);
+        const lora::Matrix<float> W = lora::Matrix<float>::Random(64, 96);
+        auto q = lora::QuantizedMatrix::quantize(W, format).with_products(products);
+        lora::LoRALinear<float> layer(lora::FrozenWeight<float>::quantized(q), cfg);
+        const lora::Matrix<float> x = lora::Matrix<float>::Random(N, 96), target = lora::Matrix<float>::Random(N, 64);
+        lora::Matrix<float> y(N, 64), dy(N, 64), dx(N, 96);
+        lora::AdamW<float> opt(layer.parameters());
+        auto step = [&] {
+          layer.forward(x, y);
+          lora::mse_loss<float>(y, target, dy);
+          layer.backward(x, dy, dx);
+          opt.step();
+          opt.zero_grad();
+        };
+        step();  // sizes the layer's workspace and the kernels' buffers
+        const auto counted = allocations_in([&] {
+          for (int i = 0; i < 3; ++i) step();
+        });
+        CHECK(counted.first == 0);
+        CHECK(counted.second == 0);
+      }
+    }
+  }
+}
+
 TEST_CASE("a steady-state Sequential training step allocates nothing", "[noalloc]") {
   lora::LoraConfig cfg;
   cfg.r = 4;

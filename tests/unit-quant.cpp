@@ -70,11 +70,16 @@ const WeightFormat all_formats[] = {WeightFormat::f32, WeightFormat::bf16, Weigh
 // The largest error a format's rounding may make on values of magnitude ≤ amax (per element, loose).
 float format_tolerance(WeightFormat f, float amax) {
   switch (f) {
-    case WeightFormat::f32: return 0;
-    case WeightFormat::bf16: return amax / 256;
-    case WeightFormat::f16: return amax / 2048;
-    case WeightFormat::q8_0: return amax / 127 * 0.51f + amax / 1024;
-    case WeightFormat::nf4: return amax * 0.17f;  // half the widest NF4 gap (1 - 0.723) / 2 and a margin
+    case WeightFormat::f32:
+      return 0;
+    case WeightFormat::bf16:
+      return amax / 256;
+    case WeightFormat::f16:
+      return amax / 2048;
+    case WeightFormat::q8_0:
+      return amax / 127 * 0.51f + amax / 1024;
+    case WeightFormat::nf4:
+      return amax * 0.17f;  // half the widest NF4 gap (1 - 0.723) / 2 and a margin
   }
   return 0;
 }
@@ -163,16 +168,15 @@ TEST_CASE("quant: NF4 with double-quantised absmax gives bitsandbytes' tensors (
   std::array<float, 256> nested_code{};
   const auto map = floats(f, "nested_quant_map");
   std::copy(map.begin(), map.end(), nested_code.begin());
-  const QuantizedMatrix loaded = QuantizedMatrix::nf4_double(128, 160, 64, raw(f, "packed"), raw(f, "absmax_q"),
-                                                             floats(f, "nested_absmax"), nested_code,
-                                                             floats(f, "offset")[0]);
+  const QuantizedMatrix loaded =
+      QuantizedMatrix::nf4_double(128, 160, 64, raw(f, "packed"), raw(f, "absmax_q"), floats(f, "nested_absmax"),
+                                  nested_code, floats(f, "offset")[0]);
   with_each_kernel([&] { CHECK(loaded.dequantize() == dequant); });
   // 0.5 bytes a parameter and one byte per 64 for absmax, plus the small tables.
   CHECK(loaded.bytes() == 10240 + 320 + 2 * 4 + 16 * 4 + 256 * 4 + 4);
 }
 
-TEST_CASE("quant: products through a quantized matrix equal float products over its decoded values",
-          "[quant][gemm]") {
+TEST_CASE("quant: products through a quantized matrix equal float products over its decoded values", "[quant][gemm]") {
   // Shapes that leave partial micro-tiles (MR = 12, NR = 32) and partial depth blocks (KC = 256), few-row and
   // many-row paths, both orientations, and accumulation.
   struct Shape {
@@ -197,7 +201,8 @@ TEST_CASE("quant: products through a quantized matrix equal float products over 
           CHECK((C - want_t).cwiseAbs().maxCoeff() <= 1e-5f * static_cast<float>(sh.cols));
           Mat D = Mat::Constant(M, sh.cols, 1.0f);
           lora::detail::QGemm::run(A.data(), A.cols(), M, sh.rows, q, false, D.data(), D.cols(), true);
-          CHECK((D - want - Mat::Constant(M, sh.cols, 1.0f)).cwiseAbs().maxCoeff() <= 1e-5f * static_cast<float>(sh.rows));
+          CHECK((D - want - Mat::Constant(M, sh.cols, 1.0f)).cwiseAbs().maxCoeff() <=
+                1e-5f * static_cast<float>(sh.rows));
         });
       }
     }
@@ -238,7 +243,8 @@ TEST_CASE("quant: bf16 products round the other operand to bf16 and sum exact pr
     for (Index M : {2, 37}) {
       INFO(lora::format_name(format) << ", M = " << M);
       const Mat A = random_matrix(M, K, 17);
-      const Mat want = (round_bf16(A).cast<double>() * round_bf16(q.dequantize()).cast<double>().transpose()).cast<float>();
+      const Mat want =
+          (round_bf16(A).cast<double>() * round_bf16(q.dequantize()).cast<double>().transpose()).cast<float>();
       const Mat want_t = (round_bf16(A).cast<double>() * round_bf16(qt.dequantize()).cast<double>()).cast<float>();
       with_each_kernel([&] {
         Mat C(M, N), D(M, N);
@@ -312,7 +318,8 @@ TEST_CASE("quant: bitsandbytes' NF4 model file reads, serves a layer and writes 
   // Quantising the original weights here gives the same bytes bitsandbytes saved.
   lora::QuantizeOptions dq;
   dq.double_quant = true;
-  const QuantizedMatrix again = QuantizedMatrix::quantize(dense.matrix<float>(down + ".original"), WeightFormat::nf4, dq);
+  const QuantizedMatrix again =
+      QuantizedMatrix::quantize(dense.matrix<float>(down + ".original"), WeightFormat::nf4, dq);
   CHECK(std::vector<std::uint8_t>(again.data(), again.data() + again.data_bytes()) == raw(f, down));
   CHECK(again.absmax_q() == raw(f, down + ".absmax"));
 
@@ -434,7 +441,8 @@ TEST_CASE("quant: merge_quantized rounds W + s·B A back to the format, reports 
       if (worst > 0) CHECK((report.row == r && report.col == c));
       CHECK(report.max_abs_update > 0);
       layer.forward(x, y_merged);
-      CHECK((y_merged - y_unmerged).cwiseAbs().maxCoeff() <= static_cast<float>(I) * static_cast<float>(report.max_abs_error) + 1e-4f);  // |x| ≤ 1
+      CHECK((y_merged - y_unmerged).cwiseAbs().maxCoeff() <=
+            static_cast<float>(I) * static_cast<float>(report.max_abs_error) + 1e-4f);  // |x| ≤ 1
       CHECK_THROWS_AS(layer.merge_quantized(), lora::state_error);
 
       layer.unmerge();
@@ -466,8 +474,10 @@ TEST_CASE("quant: bad input gets a clear error", "[quant][errors]") {
              Contains("absmax expected 4 values"));
   CHECK_THAT(error_of([] { QuantizedMatrix::nf4(4, 64, 64, std::vector<std::uint8_t>(100), std::vector<float>(4)); }),
              Contains("the packed weight expected 128 bytes"));
-  CHECK_THAT(error_of([] { QuantizedMatrix::view(WeightFormat::nf4, "x", 1, 1); }), Contains("use QuantizedMatrix::nf4()"));
-  const FrozenWeight<float> w = FrozenWeight<float>::quantized(QuantizedMatrix::quantize(Mat::Zero(2, 32), WeightFormat::bf16));
+  CHECK_THAT(error_of([] { QuantizedMatrix::view(WeightFormat::nf4, "x", 1, 1); }),
+             Contains("use QuantizedMatrix::nf4()"));
+  const FrozenWeight<float> w =
+      FrozenWeight<float>::quantized(QuantizedMatrix::quantize(Mat::Zero(2, 32), WeightFormat::bf16));
   CHECK_THAT(error_of([&] { w.stored(); }), Contains("W is stored in bf16, not as a float matrix"));
   CHECK(lora::parse_format("q8_0") == WeightFormat::q8_0);
   CHECK(!lora::parse_format("q4_0"));

@@ -348,11 +348,12 @@ int main(int argc, char** argv) {
                     m.name.c_str());
         ok = false;
       }
-      std::printf("%s: task B %.2f%% (%+.2f points vs LoRA r=8 over the float base), served merged %.2f%% "
-                  "(largest rounding of W + s·B·A back to the format: %.2e); task A with the adapter off %.2f%% "
-                  "(the quantized base; pretrained %.2f%%)\n",
-                  m.name.c_str(), 100 * m.acc_b, 100 * (m.acc_b - float_lora8_acc(methods)), 100 * m.acc_b_merged,
-                  m.merge_error, 100 * m.acc_a, 100 * pretrained_acc_a);
+      std::printf(
+          "%s: task B %.2f%% (%+.2f points vs LoRA r=8 over the float base), served merged %.2f%% "
+          "(largest rounding of W + s·B·A back to the format: %.2e); task A with the adapter off %.2f%% "
+          "(the quantized base; pretrained %.2f%%)\n",
+          m.name.c_str(), 100 * m.acc_b, 100 * (m.acc_b - float_lora8_acc(methods)), 100 * m.acc_b_merged,
+          m.merge_error, 100 * m.acc_a, 100 * pretrained_acc_a);
       continue;
     }
     if (m.rank <= 0) continue;

@@ -271,8 +271,8 @@ inline lora::Sequential<float> lora_model(const DenseMLP& base, int r, std::uint
       const bool transposed = variant.base_format == lora::WeightFormat::q8_0 && W.cols() % 32 != 0;
       auto q = lora::QuantizedMatrix::quantize(transposed ? Mat(W.transpose()) : W, variant.base_format);
       m.add(lora::LoRALinear<float>(
-          lora::FrozenWeight<float>::quantized(std::move(q), transposed ? lora::WeightLayout::in_out
-                                                                        : lora::WeightLayout::out_in),
+          lora::FrozenWeight<float>::quantized(std::move(q),
+                                               transposed ? lora::WeightLayout::in_out : lora::WeightLayout::out_in),
           base.layers[k].b, cfg));
       if (k + 1 < base.layers.size()) m.add(lora::GELU{});
       continue;

@@ -74,18 +74,24 @@ enum class WeightFormat { f32, bf16, f16, q8_0, nf4 };
 
 inline const char* format_name(WeightFormat format) {
   switch (format) {
-    case WeightFormat::f32: return "f32";
-    case WeightFormat::bf16: return "bf16";
-    case WeightFormat::f16: return "f16";
-    case WeightFormat::q8_0: return "q8_0";
-    case WeightFormat::nf4: return "nf4";
+    case WeightFormat::f32:
+      return "f32";
+    case WeightFormat::bf16:
+      return "bf16";
+    case WeightFormat::f16:
+      return "f16";
+    case WeightFormat::q8_0:
+      return "q8_0";
+    case WeightFormat::nf4:
+      return "nf4";
   }
   return "?";
 }
 
 /// "f32", "bf16", "f16", "q8_0" or "nf4" (as format_name writes them); nullopt for anything else.
 inline std::optional<WeightFormat> parse_format(std::string_view name) {
-  for (WeightFormat f : {WeightFormat::f32, WeightFormat::bf16, WeightFormat::f16, WeightFormat::q8_0, WeightFormat::nf4})
+  for (WeightFormat f :
+       {WeightFormat::f32, WeightFormat::bf16, WeightFormat::f16, WeightFormat::q8_0, WeightFormat::nf4})
     if (name == format_name(f)) return f;
   return std::nullopt;
 }
@@ -185,7 +191,8 @@ inline std::array<float, 256> dynamic_map() {
       for (int h = 0; h < 16; h += 8) {
         const float base = at(i + h);
         for (int lane = 0; lane < 8; ++lane)
-          v[static_cast<std::size_t>(i + h + lane)] = detail::add_rounded(base, detail::mul_rounded(static_cast<float>(lane), step));
+          v[static_cast<std::size_t>(i + h + lane)] =
+              detail::add_rounded(base, detail::mul_rounded(static_cast<float>(lane), step));
       }
     for (; i < steps; ++i) v[static_cast<std::size_t>(i)] = at(i);
     return v;
@@ -249,7 +256,9 @@ class QuantizedMatrix {
     switch (format) {
       case WeightFormat::f32:
         s->owned.resize(n * 4);
-        for (Index r = 0; r < rows; ++r) std::memcpy(s->owned.data() + 4 * r * cols, m.data() + r * m.outerStride(), 4 * static_cast<std::size_t>(cols));
+        for (Index r = 0; r < rows; ++r)
+          std::memcpy(s->owned.data() + 4 * r * cols, m.data() + r * m.outerStride(),
+                      4 * static_cast<std::size_t>(cols));
         break;
       case WeightFormat::bf16:
       case WeightFormat::f16:
@@ -389,10 +398,13 @@ class QuantizedMatrix {
     if (!s_) return 0;
     const std::size_t n = static_cast<std::size_t>(rows()) * static_cast<std::size_t>(cols());
     switch (s_->format) {
-      case WeightFormat::f32: return 4 * n;
+      case WeightFormat::f32:
+        return 4 * n;
       case WeightFormat::bf16:
-      case WeightFormat::f16: return 2 * n;
-      case WeightFormat::q8_0: return n / quant::q8_0_block * quant::q8_0_block_bytes;
+      case WeightFormat::f16:
+        return 2 * n;
+      case WeightFormat::q8_0:
+        return n / quant::q8_0_block * quant::q8_0_block_bytes;
       case WeightFormat::nf4:
         return s_->packed_bytes() + 4 * s_->absmax.size() + s_->absmax_q.size() + 4 * s_->nested_absmax.size() +
                4 * 16 + (s_->double_quant ? 4 * 256 + 4 : 0);
@@ -424,7 +436,8 @@ class QuantizedMatrix {
 
   /// Decodes `count` values of row `row` from column `col` into out (float), with the fastest kernel this CPU has.
   void decode(Index row, Index col, Index count, float* out) const {
-    const std::size_t e = static_cast<std::size_t>(row) * static_cast<std::size_t>(cols()) + static_cast<std::size_t>(col);
+    const std::size_t e =
+        static_cast<std::size_t>(row) * static_cast<std::size_t>(cols()) + static_cast<std::size_t>(col);
 #ifdef LORA_X86_KERNELS
     if (has_avx512()) return decode_avx512(*s_, e, static_cast<std::size_t>(count), out);
 #endif
@@ -432,7 +445,8 @@ class QuantizedMatrix {
   }
   /// decode() with the portable kernel whatever the CPU: the reference the SIMD kernels are tested against.
   void decode_reference(Index row, Index col, Index count, float* out) const {
-    decode_portable(*s_, static_cast<std::size_t>(row) * static_cast<std::size_t>(cols()) + static_cast<std::size_t>(col),
+    decode_portable(*s_,
+                    static_cast<std::size_t>(row) * static_cast<std::size_t>(cols()) + static_cast<std::size_t>(col),
                     static_cast<std::size_t>(count), out);
   }
 
@@ -518,8 +532,10 @@ class QuantizedMatrix {
     if (rows <= 0 || cols <= 0)
       throw shape_error(std::string(where) + ": the matrix must not be empty, got " + shape_string(rows, cols));
     if (format == WeightFormat::q8_0 && cols % quant::q8_0_block != 0)
-      throw shape_error(std::string(where) + ": q8_0 stores blocks of 32 along a row, so the row length (columns) must "
-                        "be a multiple of 32, got " + shape_string(rows, cols) + " (as stored); ggml refuses it too");
+      throw shape_error(std::string(where) +
+                        ": q8_0 stores blocks of 32 along a row, so the row length (columns) must "
+                        "be a multiple of 32, got " +
+                        shape_string(rows, cols) + " (as stored); ggml refuses it too");
   }
 
   static void check_block_size(const char* where, Index block) {
@@ -664,7 +680,8 @@ class QuantizedMatrix {
         break;
       case WeightFormat::f16:
         for (; j + 16 <= count; j += 16)
-          _mm512_storeu_ps(out + j, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2 * (e + j)))));
+          _mm512_storeu_ps(out + j,
+                           _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2 * (e + j)))));
         break;
       case WeightFormat::q8_0: {
         const std::size_t head = std::min(count, (quant::q8_0_block - e % quant::q8_0_block) % quant::q8_0_block);

@@ -40,9 +40,15 @@ inline QuantizedMatrix view_low_precision(const File& file, std::string_view nam
   const TensorInfo& t = file.at(name);
   WeightFormat format;
   switch (t.dtype) {
-    case Dtype::F32: format = WeightFormat::f32; break;
-    case Dtype::BF16: format = WeightFormat::bf16; break;
-    case Dtype::F16: format = WeightFormat::f16; break;
+    case Dtype::F32:
+      format = WeightFormat::f32;
+      break;
+    case Dtype::BF16:
+      format = WeightFormat::bf16;
+      break;
+    case Dtype::F16:
+      format = WeightFormat::f16;
+      break;
     default:
       throw format_error(file.source() + ": tensor \"" + std::string(name) + "\" is " + dtype_name(t.dtype) +
                          ", expected F32, BF16 or F16 to view in place");

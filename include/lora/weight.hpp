@@ -461,7 +461,7 @@ class FrozenWeight {
   WeightLayout layout_ = WeightLayout::out_in;
   Index out_ = 0, in_ = 0;
   Mat owned_;
-  QuantizedMatrix q_;  // kind_ == quantized
+  QuantizedMatrix q_;       // kind_ == quantized
   Scalar* data_ = nullptr;  // owned_.data(), or the caller's buffer (written only when mutable_view)
 };
 

@@ -47,14 +47,14 @@
 namespace lora::detail {
 
 struct QGemm {
-  static constexpr Index MR = 12, NR = 32;       // micro-tile of C: 24 AVX-512 accumulators
-  static constexpr Index KC = 256;               // depth of a packed panel: B's micro-panel (32 KiB) stays in L1
-  static constexpr Index MC = 12 * MR;           // rows of A packed at once (144 × 256 floats, in L2)
-  static constexpr Index NC = 1024;              // columns of B packed at once (256 × 1024 floats: 1 MiB, in L2)
-  static constexpr Index gemv_rows = 4;          // M at or below this: decode and use row by row
-  static constexpr Index chunk = 1024;           // GEMV: values of S decoded at a time
+  static constexpr Index MR = 12, NR = 32;  // micro-tile of C: 24 AVX-512 accumulators
+  static constexpr Index KC = 256;          // depth of a packed panel: B's micro-panel (32 KiB) stays in L1
+  static constexpr Index MC = 12 * MR;      // rows of A packed at once (144 × 256 floats, in L2)
+  static constexpr Index NC = 1024;         // columns of B packed at once (256 × 1024 floats: 1 MiB, in L2)
+  static constexpr Index gemv_rows = 4;     // M at or below this: decode and use row by row
+  static constexpr Index chunk = 1024;      // GEMV: values of S decoded at a time
 
-  static constexpr Index KP = 256;               // bf16 products: k-pairs of a packed panel (512 values)
+  static constexpr Index KP = 256;  // bf16 products: k-pairs of a packed panel (512 values)
 
   // Grow-only buffers, one set per thread: a steady-state product allocates nothing.
   struct Buffers {
@@ -150,11 +150,16 @@ struct QGemm {
     const Index cols = s.cols;
     if (transposed ? (s.format == WeightFormat::nf4 && cols % 32 != 0) : cols % 64 != 0) return false;
     switch (s.format) {
-      case WeightFormat::f32: return gemv_fused_m<WeightFormat::f32>(s, A, lda, M, K, transposed, C, ldc, accumulate);
-      case WeightFormat::bf16: return gemv_fused_m<WeightFormat::bf16>(s, A, lda, M, K, transposed, C, ldc, accumulate);
-      case WeightFormat::f16: return gemv_fused_m<WeightFormat::f16>(s, A, lda, M, K, transposed, C, ldc, accumulate);
-      case WeightFormat::q8_0: return gemv_fused_m<WeightFormat::q8_0>(s, A, lda, M, K, transposed, C, ldc, accumulate);
-      case WeightFormat::nf4: return gemv_fused_m<WeightFormat::nf4>(s, A, lda, M, K, transposed, C, ldc, accumulate);
+      case WeightFormat::f32:
+        return gemv_fused_m<WeightFormat::f32>(s, A, lda, M, K, transposed, C, ldc, accumulate);
+      case WeightFormat::bf16:
+        return gemv_fused_m<WeightFormat::bf16>(s, A, lda, M, K, transposed, C, ldc, accumulate);
+      case WeightFormat::f16:
+        return gemv_fused_m<WeightFormat::f16>(s, A, lda, M, K, transposed, C, ldc, accumulate);
+      case WeightFormat::q8_0:
+        return gemv_fused_m<WeightFormat::q8_0>(s, A, lda, M, K, transposed, C, ldc, accumulate);
+      case WeightFormat::nf4:
+        return gemv_fused_m<WeightFormat::nf4>(s, A, lda, M, K, transposed, C, ldc, accumulate);
     }
     return false;
   }
@@ -162,11 +167,24 @@ struct QGemm {
   static bool gemv_fused_m(const State& s, const float* A, Index lda, Index M, Index K, bool transposed, float* C,
                            Index ldc, bool accumulate) {
     switch (M) {
-      case 1: transposed ? gemv_dots<F, 1>(s, A, lda, K, C, ldc, accumulate) : gemv_axpys<F, 1>(s, A, lda, K, C, ldc, accumulate); return true;
-      case 2: transposed ? gemv_dots<F, 2>(s, A, lda, K, C, ldc, accumulate) : gemv_axpys<F, 2>(s, A, lda, K, C, ldc, accumulate); return true;
-      case 3: transposed ? gemv_dots<F, 3>(s, A, lda, K, C, ldc, accumulate) : gemv_axpys<F, 3>(s, A, lda, K, C, ldc, accumulate); return true;
-      case 4: transposed ? gemv_dots<F, 4>(s, A, lda, K, C, ldc, accumulate) : gemv_axpys<F, 4>(s, A, lda, K, C, ldc, accumulate); return true;
-      default: return false;
+      case 1:
+        transposed ? gemv_dots<F, 1>(s, A, lda, K, C, ldc, accumulate)
+                   : gemv_axpys<F, 1>(s, A, lda, K, C, ldc, accumulate);
+        return true;
+      case 2:
+        transposed ? gemv_dots<F, 2>(s, A, lda, K, C, ldc, accumulate)
+                   : gemv_axpys<F, 2>(s, A, lda, K, C, ldc, accumulate);
+        return true;
+      case 3:
+        transposed ? gemv_dots<F, 3>(s, A, lda, K, C, ldc, accumulate)
+                   : gemv_axpys<F, 3>(s, A, lda, K, C, ldc, accumulate);
+        return true;
+      case 4:
+        transposed ? gemv_dots<F, 4>(s, A, lda, K, C, ldc, accumulate)
+                   : gemv_axpys<F, 4>(s, A, lda, K, C, ldc, accumulate);
+        return true;
+      default:
+        return false;
     }
   }
 
@@ -187,8 +205,10 @@ struct QGemm {
     } else if constexpr (F == WeightFormat::q8_0) {
       const std::uint8_t* blk = p + e / quant::q8_0_block * quant::q8_0_block_bytes;
       const __m512 d = _mm512_set1_ps(_cvtsh_ss(static_cast<unsigned short>(blk[0] | (blk[1] << 8))));
-      w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)))), d);
-      w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18)))), d);
+      w0 = _mm512_mul_ps(
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)))), d);
+      w1 = _mm512_mul_ps(
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18)))), d);
     } else {
       const __m512 table = _mm512_loadu_ps(s.code.data());
       const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
@@ -238,7 +258,8 @@ struct QGemm {
         for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
       for (Index k = 0; k < K32; k += 32) {
         for (int r = 0; r < rs; ++r) {
-          const std::size_t e = static_cast<std::size_t>(n0 + r) * static_cast<std::size_t>(K) + static_cast<std::size_t>(k);
+          const std::size_t e =
+              static_cast<std::size_t>(n0 + r) * static_cast<std::size_t>(K) + static_cast<std::size_t>(k);
           __m512 even, odd;
           load32_split<F>(s, e, even, odd);
           if constexpr (F == WeightFormat::nf4) {
@@ -260,7 +281,8 @@ struct QGemm {
         const std::size_t row = static_cast<std::size_t>(n0 + r) * static_cast<std::size_t>(K);
         float extra[M] = {};
         if (K32 < K) {
-          QuantizedMatrix::decode_portable(s, row + static_cast<std::size_t>(K32), static_cast<std::size_t>(K - K32), tail);
+          QuantizedMatrix::decode_portable(s, row + static_cast<std::size_t>(K32), static_cast<std::size_t>(K - K32),
+                                           tail);
           for (int m = 0; m < M; ++m)
             for (Index k = K32; k < K; ++k) extra[m] += A[m * lda + k] * tail[k - K32];
         }
@@ -291,11 +313,14 @@ struct QGemm {
         for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
       for (Index k = 0; k < K32; k += 32) {
         for (int r = 0; r < RS; ++r) {
-          const std::size_t e = static_cast<std::size_t>(n + r) * static_cast<std::size_t>(K) + static_cast<std::size_t>(k);
+          const std::size_t e =
+              static_cast<std::size_t>(n + r) * static_cast<std::size_t>(K) + static_cast<std::size_t>(k);
           if constexpr (F == WeightFormat::q8_0) {  // Σ q·x over the block, then one multiply by its scale d
             const std::uint8_t* blk = s.data + e / quant::q8_0_block * quant::q8_0_block_bytes;
-            const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2))));
-            const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18))));
+            const __m512 q0 =
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2))));
+            const __m512 q1 =
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18))));
             const __m512 d = _mm512_set1_ps(_cvtsh_ss(static_cast<unsigned short>(blk[0] | (blk[1] << 8))));
             for (int m = 0; m < M; ++m) {
               const __m512 part = _mm512_fmadd_ps(_mm512_loadu_ps(A + m * lda + k + 16), q1,
@@ -315,8 +340,9 @@ struct QGemm {
       for (int r = 0; r < RS; ++r) {
         float extra[M] = {};
         if (K32 < K) {
-          QuantizedMatrix::decode_portable(s, static_cast<std::size_t>(n + r) * static_cast<std::size_t>(K) + static_cast<std::size_t>(K32),
-                                           static_cast<std::size_t>(K - K32), tail);
+          QuantizedMatrix::decode_portable(
+              s, static_cast<std::size_t>(n + r) * static_cast<std::size_t>(K) + static_cast<std::size_t>(K32),
+              static_cast<std::size_t>(K - K32), tail);
           for (int m = 0; m < M; ++m)
             for (Index k = K32; k < K; ++k) extra[m] += A[m * lda + k] * tail[k - K32];
         }
@@ -340,7 +366,8 @@ struct QGemm {
       }
       float extra[M] = {};
       if (K32 < K) {
-        QuantizedMatrix::decode_portable(s, row + static_cast<std::size_t>(K32), static_cast<std::size_t>(K - K32), tail);
+        QuantizedMatrix::decode_portable(s, row + static_cast<std::size_t>(K32), static_cast<std::size_t>(K - K32),
+                                         tail);
         for (int m = 0; m < M; ++m)
           for (Index k = K32; k < K; ++k) extra[m] += A[m * lda + k] * tail[k - K32];
       }
@@ -359,28 +386,29 @@ struct QGemm {
     const Index N = s.cols;  // a multiple of 64 (gemv_fused checked)
     constexpr Index rows = 16;
     for (Index k0 = 0; k0 < K; k0 += rows)
-    for (Index n0 = 0; n0 < N; n0 += 64) {
-      __m512 acc[M][4];
-      const bool load = accumulate || k0 > 0;
-      for (int m = 0; m < M; ++m)
-        for (int j = 0; j < 4; ++j)
-          acc[m][j] = load ? _mm512_loadu_ps(C + m * ldc + n0 + 16 * j) : _mm512_setzero_ps();
-      for (Index k = k0; k < std::min(K, k0 + rows); ++k) {
-        const std::size_t e = static_cast<std::size_t>(k) * static_cast<std::size_t>(N) + static_cast<std::size_t>(n0);
-        __m512 w0, w1, w2, w3;
-        load32<F>(s, e, w0, w1);
-        load32<F>(s, e + 32, w2, w3);
-        for (int m = 0; m < M; ++m) {
-          const __m512 a = _mm512_set1_ps(A[m * lda + k]);
-          acc[m][0] = _mm512_fmadd_ps(a, w0, acc[m][0]);
-          acc[m][1] = _mm512_fmadd_ps(a, w1, acc[m][1]);
-          acc[m][2] = _mm512_fmadd_ps(a, w2, acc[m][2]);
-          acc[m][3] = _mm512_fmadd_ps(a, w3, acc[m][3]);
+      for (Index n0 = 0; n0 < N; n0 += 64) {
+        __m512 acc[M][4];
+        const bool load = accumulate || k0 > 0;
+        for (int m = 0; m < M; ++m)
+          for (int j = 0; j < 4; ++j)
+            acc[m][j] = load ? _mm512_loadu_ps(C + m * ldc + n0 + 16 * j) : _mm512_setzero_ps();
+        for (Index k = k0; k < std::min(K, k0 + rows); ++k) {
+          const std::size_t e =
+              static_cast<std::size_t>(k) * static_cast<std::size_t>(N) + static_cast<std::size_t>(n0);
+          __m512 w0, w1, w2, w3;
+          load32<F>(s, e, w0, w1);
+          load32<F>(s, e + 32, w2, w3);
+          for (int m = 0; m < M; ++m) {
+            const __m512 a = _mm512_set1_ps(A[m * lda + k]);
+            acc[m][0] = _mm512_fmadd_ps(a, w0, acc[m][0]);
+            acc[m][1] = _mm512_fmadd_ps(a, w1, acc[m][1]);
+            acc[m][2] = _mm512_fmadd_ps(a, w2, acc[m][2]);
+            acc[m][3] = _mm512_fmadd_ps(a, w3, acc[m][3]);
+          }
         }
+        for (int m = 0; m < M; ++m)
+          for (int j = 0; j < 4; ++j) _mm512_storeu_ps(C + m * ldc + n0 + 16 * j, acc[m][j]);
       }
-      for (int m = 0; m < M; ++m)
-        for (int j = 0; j < 4; ++j) _mm512_storeu_ps(C + m * ldc + n0 + 16 * j, acc[m][j]);
-    }
   }
 #endif
 
@@ -460,7 +488,8 @@ struct QGemm {
     for (Index k = 0; k < kc; ++k) {  // B(k, n) = S(k, n): S's row k gives row k of every panel
       decode_for_products(S, pc + k, jc, nc, row);
       for (Index p = 0; p < panels; ++p)
-        std::memcpy(bpack + p * KC * NR + k * NR, row + p * NR, static_cast<std::size_t>(std::min(NR, nc - p * NR)) * 4);
+        std::memcpy(bpack + p * KC * NR + k * NR, row + p * NR,
+                    static_cast<std::size_t>(std::min(NR, nc - p * NR)) * 4);
     }
   }
 
@@ -498,10 +527,10 @@ struct QGemm {
   // ---- bf16 products: C (M, N) (+)= bf16(A) · op(S), S bf16 ----
   // Panels hold k-pairs: a 32-bit word is two bf16 values, the even k in the low half, as AVX512_BF16's dot product
   // pairs them. A is rounded once per call into x16 (M, K); B's panel p holds b[q * NR + j] = (B(2q, j), B(2q+1, j)).
-  static void gemm_bf16(const float* A, Index lda, Index M, Index K, Index N, const QuantizedMatrix& S,
-                        bool transposed, float* C, Index ldc, bool accumulate) {
+  static void gemm_bf16(const float* A, Index lda, Index M, Index K, Index N, const QuantizedMatrix& S, bool transposed,
+                        float* C, Index ldc, bool accumulate) {
     Buffers& buf = buffers();
-    const bool amx = K % 32 == 0 && has_amx_bf16();  // AMX tiles take 32 k at a time
+    const bool amx = K % 32 == 0 && has_amx_bf16();   // AMX tiles take 32 k at a time
     const Index rows = amx ? (M + 31) / 32 * 32 : M;  // AMX: rows padded with zeros to whole 32-row blocks
     std::uint16_t* x16 = reserve(buf.x16, static_cast<std::size_t>(rows * K));
     for (Index m = 0; m < M; ++m) to_bf16(A + m * lda, x16 + m * K, K);
@@ -676,7 +705,8 @@ struct QGemm {
     float acc[MR][NR] = {};
     for (Index q = 0; q < kp; ++q, a += MR, b += NR)
       for (Index i = 0; i < MR; ++i) {
-        const float a0 = bf16_to_float(static_cast<std::uint16_t>(a[i])), a1 = bf16_to_float(static_cast<std::uint16_t>(a[i] >> 16));
+        const float a0 = bf16_to_float(static_cast<std::uint16_t>(a[i])),
+                    a1 = bf16_to_float(static_cast<std::uint16_t>(a[i] >> 16));
         for (Index j = 0; j < NR; ++j)
           acc[i][j] = (acc[i][j] + a1 * bf16_to_float(static_cast<std::uint16_t>(b[j] >> 16))) +
                       a0 * bf16_to_float(static_cast<std::uint16_t>(b[j]));
@@ -689,11 +719,11 @@ struct QGemm {
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma"))) static void kernel_bf16_avx512(
       Index kp, const std::uint32_t* a, const std::uint32_t* b, float* C, Index ldc, Index mr, Index nr, bool add) {
 #define LORA_QG_ZERO(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = _mm512_setzero_ps();
-#define LORA_QG_DOT(i)                                                        \
-  {                                                                           \
+#define LORA_QG_DOT(i)                                                       \
+  {                                                                          \
     const __m512bh ai = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[i])); \
-    c##i##0 = _mm512_dpbf16_ps(c##i##0, ai, b0);                              \
-    c##i##1 = _mm512_dpbf16_ps(c##i##1, ai, b1);                              \
+    c##i##0 = _mm512_dpbf16_ps(c##i##0, ai, b0);                             \
+    c##i##1 = _mm512_dpbf16_ps(c##i##1, ai, b1);                             \
   }
 #define LORA_QG_ALL(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
     LORA_QG_ALL(LORA_QG_ZERO)
@@ -797,21 +827,23 @@ struct QGemm {
   LORA_AVX512 static void axpy_avx512(float a, const float* x, float* y, Index n) {
     const __m512 av = _mm512_set1_ps(a);
     Index i = 0;
-    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+    for (; i + 16 <= n; i += 16)
+      _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
     if (i < n) {
       const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
-      _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i)));
+      _mm512_mask_storeu_ps(y + i, m,
+                            _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i)));
     }
   }
 
   LORA_AVX512 static void kernel_avx512(Index kc, const float* a, const float* b, float* C, Index ldc, Index mr,
                                         Index nr, bool add) {
 #define LORA_QG_ZERO(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = _mm512_setzero_ps();
-#define LORA_QG_FMA(i)                                   \
-  {                                                      \
-    const __m512 ai = _mm512_set1_ps(a[i]);              \
-    c##i##0 = _mm512_fmadd_ps(ai, b0, c##i##0);          \
-    c##i##1 = _mm512_fmadd_ps(ai, b1, c##i##1);          \
+#define LORA_QG_FMA(i)                          \
+  {                                             \
+    const __m512 ai = _mm512_set1_ps(a[i]);     \
+    c##i##0 = _mm512_fmadd_ps(ai, b0, c##i##0); \
+    c##i##1 = _mm512_fmadd_ps(ai, b1, c##i##1); \
   }
 #define LORA_QG_ALL(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
     LORA_QG_ALL(LORA_QG_ZERO)
@@ -820,8 +852,8 @@ struct QGemm {
       LORA_QG_ALL(LORA_QG_FMA)
     }
     alignas(64) float tile[MR][NR];
-#define LORA_QG_STORE(i)                     \
-  _mm512_store_ps(tile[i], c##i##0);         \
+#define LORA_QG_STORE(i)             \
+  _mm512_store_ps(tile[i], c##i##0); \
   _mm512_store_ps(tile[i] + 16, c##i##1);
     LORA_QG_ALL(LORA_QG_STORE)
 #undef LORA_QG_STORE
