@@ -297,6 +297,64 @@ TEST_CASE("quant: LoRALinear over a quantized W, both layouts, matches the layer
   }
 }
 
+TEST_CASE(
+    "quant: MultiLoRALinear, FusedLoRALinear and LoRAEmbedding over a low-precision base match the same layers "
+    "over its decoded copy",
+    "[quant][layer]") {
+  lora::LoraConfig cfg;
+  cfg.r = 4;
+  cfg.lora_alpha = 8;
+  cfg.seed = 3;
+  for (WeightFormat format : {WeightFormat::bf16, WeightFormat::q8_0, WeightFormat::nf4}) {
+    INFO(lora::format_name(format));
+    // Several named adapters, mixed rows.
+    const QuantizedMatrix q = QuantizedMatrix::quantize(random_matrix(64, 96, 41), format);
+    lora::MultiLoRALinear<float> multi(FrozenWeight<float>::quantized(q));
+    lora::MultiLoRALinear<float> multi_ref(FrozenWeight<float>::owned(q.dequantize()));
+    for (const char* name : {"a", "b"}) {
+      const Mat A = random_matrix(4, 96, 42), B = random_matrix(64, 4, 43);
+      multi.add_adapter(name, cfg, A, B);
+      multi_ref.add_adapter(name, cfg, A, B);
+    }
+    const Mat x = random_matrix(6, 96, 44);
+    Mat y(6, 64), y_ref(6, 64);
+    const std::vector<std::string> rows = {"a", "b", "a", "b", "b", "a"};
+    multi.forward(x, rows, y);
+    multi_ref.forward(x, rows, y_ref);
+    CHECK((y - y_ref).cwiseAbs().maxCoeff() <= 1e-4f);
+
+    // q and v slices of a fused (in, out) = (32, 96) projection; a frozen k.
+    const QuantizedMatrix qf = QuantizedMatrix::quantize(random_matrix(32, 96, 45), format);
+    lora::LoraConfig frozen;
+    frozen.r = 0;
+    const std::vector<lora::FusedSlice> slices = {{"q", 32, cfg}, {"k", 32, frozen}, {"v", 32, cfg}};
+    lora::FusedLoRALinear<float> fused(FrozenWeight<float>::quantized(qf, WeightLayout::in_out), slices);
+    lora::FusedLoRALinear<float> fused_ref(FrozenWeight<float>::owned(qf.dequantize(), WeightLayout::in_out), slices);
+    fused.lora_B(0) = fused_ref.lora_B(0) = random_matrix(32, 4, 46);
+    fused.lora_B(2) = fused_ref.lora_B(2) = random_matrix(32, 4, 47);
+    const Mat xf = random_matrix(5, 32, 48), dyf = random_matrix(5, 96, 49);
+    Mat yf(5, 96), yf_ref(5, 96), dxf(5, 32), dxf_ref(5, 32);
+    fused.forward(xf, yf);
+    fused_ref.forward(xf, yf_ref);
+    fused.backward(xf, dyf, dxf);
+    fused_ref.backward(xf, dyf, dxf_ref);
+    CHECK((yf - yf_ref).cwiseAbs().maxCoeff() <= 1e-4f);
+    CHECK((dxf - dxf_ref).cwiseAbs().maxCoeff() <= 1e-4f);
+
+    // A (V, d) = (50, 64) table: the lookup decodes one row per token.
+    const QuantizedMatrix qe = QuantizedMatrix::quantize(random_matrix(50, 64, 50), format);
+    lora::LoRAEmbedding<float> emb(FrozenWeight<float>::quantized(qe, WeightLayout::in_out), cfg);
+    lora::LoRAEmbedding<float> emb_ref(FrozenWeight<float>::owned(qe.dequantize(), WeightLayout::in_out), cfg);
+    emb.lora_A() = emb_ref.lora_A() = random_matrix(4, 50, 51);
+    const std::vector<Index> ids = {3, 49, 3, 0, 17};
+    Mat ye(5, 64), ye_ref(5, 64);
+    emb.forward(ids, ye);
+    emb_ref.forward(ids, ye_ref);
+    CHECK((ye - ye_ref).cwiseAbs().maxCoeff() <= 1e-5f);
+    CHECK_THROWS_AS(emb.merge(), lora::state_error);  // merging a low-precision table is refused too
+  }
+}
+
 TEST_CASE("quant: bitsandbytes' NF4 model file reads, serves a layer and writes back byte for byte (nf4_model)",
           "[quant][golden][files]") {
   const std::string path = quant_dir + "/nf4_model.safetensors";

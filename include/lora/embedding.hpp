@@ -257,12 +257,11 @@ void LoRAEmbedding<Scalar>::check_ids(const char* where, const std::vector<Index
 
 template <class Scalar>
 void LoRAEmbedding<Scalar>::gather(const std::vector<Index>& ids, MutRef<Scalar> y, Mat& H) const {
-  const auto E = table_.stored();  // (V, d)
-  const auto A = lora_A();         // (R, V)
+  const auto A = lora_A();  // (R, V)
   const Index N = static_cast<Index>(ids.size());
   H.resize(N, rank_);
   for (Index n = 0; n < N; ++n) {
-    y.row(n) = E.row(ids[n]);
+    table_.stored_row(ids[n], y.row(n).data());  // E[ids[n]] of E (V, d), decoded when stored in low precision
     if (rank_ > 0) H.row(n) = A.col(ids[n]).transpose();
   }
   if (rank_ > 0 && !merged_) y.noalias() += scaling_ * H * lora_B().transpose();

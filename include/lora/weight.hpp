@@ -168,6 +168,16 @@ class FrozenWeight {
     return ConstMatrixMap<Scalar>(data_, stored_rows(), stored_cols());
   }
 
+  /// Stored row r into out (stored_cols() values: row r of (O, I), or of (I, O) for in_out), decoded when quantized:
+  /// an embedding's lookup of one token's vector.
+  void stored_row(Index r, Scalar* out) const {
+    if (kind_ == Kind::quantized) {
+      if constexpr (std::is_same_v<Scalar, float>) q_.decode(r, 0, stored_cols(), out);
+      return;
+    }
+    std::copy(data_ + r * stored_cols(), data_ + (r + 1) * stored_cols(), out);
+  }
+
   /// W as (O, I), copied (decoded when quantized): for inspection and tests, never used by the layers.
   Mat to_dense() const {
     if (kind_ == Kind::quantized) {
