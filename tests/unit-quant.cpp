@@ -12,6 +12,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -401,6 +403,53 @@ TEST_CASE("quant: bitsandbytes' NF4 model file reads, serves a layer and writes 
   low.forward(x, y);
   ref.forward(x, y_ref);
   CHECK((y - y_ref).cwiseAbs().maxCoeff() <= 1e-4f);
+}
+
+TEST_CASE("quant: merging an adapter into a bitsandbytes 4-bit base file writes it dequantised (lora-merge)",
+          "[quant][files][merge]") {
+  const std::string base_path = quant_dir + "/nf4_model.safetensors";
+  const auto base = lora::safetensors::File::open(base_path);
+  const auto dense = lora::safetensors::File::open(quant_dir + "/nf4_model_dense.safetensors");
+  const std::string down = "model.layers.0.mlp.down_proj", q_proj = "model.layers.0.self_attn.q_proj";
+  // An adapter trained over the 4-bit down_proj, saved as PEFT saves it.
+  const QuantizedMatrix qd = lora::safetensors::read_nf4(base, down + ".weight");
+  lora::LoraConfig cfg;
+  cfg.r = 2;
+  cfg.lora_alpha = 4;
+  cfg.seed = 9;
+  lora::LoRALinear<float> layer(FrozenWeight<float>::quantized(qd), cfg);
+  layer.lora_B() = random_matrix(48, 2, 61);
+  const auto dir = lora_test::scratch_dir("quant_merge");
+  const std::string adapter = (dir / "adapter").string(), out = (dir / "merged.safetensors").string();
+  lora::peft::save_adapter(adapter, std::map<std::string, lora::LoRALinear<float>*>{{down, &layer}},
+                           std::map<std::string, lora::LoRAEmbedding<float>*>{});
+  const Mat want = qd.dequantize() + 2.0f * layer.lora_B() * layer.lora_A();  // s = alpha / r = 2
+
+  using lora::safetensors::Dtype;
+  for (const std::optional<Dtype> dtype : {std::optional<Dtype>(), std::optional<Dtype>(Dtype::F32),
+                                           std::optional<Dtype>(Dtype::BF16), std::optional<Dtype>(Dtype::F16)}) {
+    const Dtype written = dtype ? *dtype : Dtype::F32;  // the quant states say "float32"
+    INFO(lora::safetensors::dtype_name(written));
+    const auto report = lora::peft::merge_adapter_file(base_path, adapter, out, 1.0, dtype);
+    REQUIRE(report.merged.size() == 1);
+    REQUIRE(report.dequantized.size() == 1);
+    CHECK(report.dequantized[0].first == q_proj + ".weight");
+    CHECK(report.dequantized[0].second == lora::safetensors::dtype_name(written));
+    CHECK(report.copied == 1);  // model.norm.weight
+    const auto merged = lora::safetensors::File::open(out);
+    CHECK(merged.tensors().size() == 3);  // no absmax, quant_map, nested_* or quant_state left
+    const auto& t = merged.at(down + ".weight");
+    CHECK(t.dtype == written);
+    CHECK(t.shape == std::vector<std::uint64_t>{48, 64});
+    const float tol = written == Dtype::F32 ? 1e-5f : written == Dtype::BF16 ? 1.0f / 64 : 1.0f / 512;
+    CHECK((merged.matrix<float>(down + ".weight") - want).cwiseAbs().maxCoeff() <= tol);
+    CHECK((merged.matrix<float>(q_proj + ".weight") - dense.matrix<float>(q_proj + ".weight.dequant"))
+              .cwiseAbs()
+              .maxCoeff() <= tol);
+    CHECK(merged.matrix<float>("model.norm.weight") == base.matrix<float>("model.norm.weight"));
+  }
+  CHECK_THAT(error_of([&] { lora::peft::merge_adapter_file(base_path, adapter, out, 1.0, Dtype::I8); }),
+             Contains("4-bit weights are written as F32, BF16 or F16, not I8"));
 }
 
 TEST_CASE("quant: a BF16 or F16 tensor of a mapped safetensors file is viewed in place", "[quant][files]") {

@@ -26,6 +26,7 @@
 #include <lora/init.hpp>
 #include <lora/linear.hpp>
 #include <lora/multi.hpp>
+#include <lora/quant_io.hpp>
 #include <lora/safetensors.hpp>
 #include <lora/types.hpp>
 
@@ -1303,10 +1304,11 @@ namespace lora::peft {
 
 /// What merge_adapter_file did: each adapted module and the base tensor it went into.
 struct MergeReport {
-  std::vector<std::pair<std::string, std::string>> merged;    ///< (module path, base tensor name)
-  std::vector<std::pair<std::string, std::string>> replaced;  ///< (adapter tensor, base tensor) taken whole
-  std::vector<std::string> added;                             ///< adapter tensors the base lacked, added
-  std::size_t copied = 0;                                     ///< tensors copied through unchanged
+  std::vector<std::pair<std::string, std::string>> merged;       ///< (module path, base tensor name)
+  std::vector<std::pair<std::string, std::string>> replaced;     ///< (adapter tensor, base tensor) taken whole
+  std::vector<std::string> added;                                ///< adapter tensors the base lacked, added
+  std::vector<std::pair<std::string, std::string>> dequantized;  ///< (4-bit weight, dtype written) not merged
+  std::size_t copied = 0;                                        ///< tensors copied through unchanged
 };
 
 /// The base tensor `name` ("h.0.attn.c_attn.weight"), or the same without a
@@ -1369,12 +1371,23 @@ std::size_t first_unrepresentable(const Scalar* values, std::size_t n, safetenso
 /// the merge runs gives io_error and no output; the output is written
 /// atomically.
 ///
+/// A base quantised by bitsandbytes to 4 bits (NF4, in transformers' layout: <lora/quant_io.hpp>) is written
+/// dequantised: each NF4 weight, merged or not, becomes a plain tensor of its logical shape in `dequantized_dtype`
+/// (F32, BF16 or F16; by default the dtype its quant state names), and its side tensors (absmax, quant_map, nested_*,
+/// quant_state) are dropped. Merging into 4 bits again would lose the adapter's smallest changes. Other
+/// bitsandbytes tags (fp4) are refused.
+///
 /// (A template only so that a file including this header pays for compiling it when it calls it.)
 template <class Acc = double>
 MergeReport merge_adapter_file(const std::string& base_path, const std::string& adapter_path,
-                               const std::string& out_path, double scale = 1.0) {
+                               const std::string& out_path, double scale = 1.0,
+                               std::optional<safetensors::Dtype> dequantized_dtype = std::nullopt) {
   static_assert(std::is_same_v<Acc, double>, "merge_adapter_file reads the adapter in double");
   if (!std::isfinite(scale)) throw config_error("merge_adapter_file: scale must be finite, got " + value_string(scale));
+  if (dequantized_dtype && *dequantized_dtype != safetensors::Dtype::F32 &&
+      *dequantized_dtype != safetensors::Dtype::BF16 && *dequantized_dtype != safetensors::Dtype::F16)
+    throw config_error(std::string("merge_adapter_file: 4-bit weights are written as F32, BF16 or F16, not ") +
+                       safetensors::dtype_name(*dequantized_dtype));
   Adapter<Acc> adapter = read_adapter<Acc>(adapter_path);
   safetensors::File base = safetensors::File::open(base_path, safetensors::Access::read);
   const bool fan_in_fan_out = adapter.config.fan_in_fan_out;
@@ -1409,6 +1422,26 @@ MergeReport merge_adapter_file(const std::string& base_path, const std::string& 
     else
       stored -= delta;
   };
+  // bitsandbytes 4-bit weights: read (and so checked) up front, written decoded in `out_dtype`.
+  struct Nf4 {
+    QuantizedMatrix q;
+    safetensors::Dtype out_dtype;
+  };
+  std::map<std::string, Nf4> nf4;
+  std::set<std::string> nf4_side;  // every tensor of every 4-bit weight, the packed codes included
+  for (const auto& [weight, tag] : safetensors::bitsandbytes_weights(base)) {
+    nf4_side.insert(weight);
+    for (const auto& side : safetensors::nf4_side_tensors(weight, tag)) nf4_side.insert(side);
+    try {
+      if (tag != "nf4")
+        throw format_error(base_path + ": \"" + weight + "\" is quantised as bitsandbytes' \"" + tag +
+                           "\"; only \"nf4\" is supported");
+      nf4.emplace(weight, Nf4{safetensors::read_nf4(base, weight),
+                              dequantized_dtype ? *dequantized_dtype : safetensors::nf4_compute_dtype(base, weight)});
+    } catch (const error& e) {
+      problems.push_back(e.what());
+    }
+  }
   std::map<std::string, std::string> claimed;  // base tensor -> what writes it
   auto claim = [&](const std::string& tensor, const std::string& by) {
     auto [it, fresh] = claimed.emplace(tensor, by);
@@ -1429,7 +1462,16 @@ MergeReport merge_adapter_file(const std::string& base_path, const std::string& 
     const bool in_out = fan_in_fan_out || m.embedding;  // an embedding table is (V, d): (in, out)
     const std::vector<std::uint64_t> want =
         in_out ? std::vector<std::uint64_t>{I, O} : std::vector<std::uint64_t>{O, I};
-    if (w->shape != want) {
+    if (nf4_side.count(w->name) && !nf4.count(w->name)) continue;  // a 4-bit weight refused above, or a side tensor
+    if (const auto it = nf4.find(w->name); it != nf4.end()) {      // its logical shape is in the quant state
+      const std::vector<std::uint64_t> shape = {static_cast<std::uint64_t>(it->second.q.rows()),
+                                                static_cast<std::uint64_t>(it->second.q.cols())};
+      if (shape != want) {
+        problems.push_back(m.path + ": the 4-bit base weight \"" + w->name + "\" is " + safetensors::shape_text(shape) +
+                           ", the adapter needs " + safetensors::shape_text(want));
+        continue;
+      }
+    } else if (w->shape != want) {
       problems.push_back(m.path + ": base tensor \"" + w->name + "\" is " + safetensors::shape_text(w->shape) +
                          ", the adapter needs " + safetensors::shape_text(want) +
                          (m.embedding      ? " (num_embeddings, embedding_dim)"
@@ -1437,7 +1479,7 @@ MergeReport merge_adapter_file(const std::string& base_path, const std::string& 
                                            : " (out, in)"));
       continue;
     }
-    if (!safetensors::is_float(w->dtype)) {
+    if (!safetensors::is_float(w->dtype) && !nf4.count(w->name)) {
       problems.push_back(m.path + ": base tensor \"" + w->name + "\" has dtype " + safetensors::dtype_name(w->dtype) +
                          ", expected F16, BF16, F32 or F64");
       continue;
@@ -1505,12 +1547,28 @@ MergeReport merge_adapter_file(const std::string& base_path, const std::string& 
   for (const Job& job : jobs) {
     const auto& m = *job.module;
     const auto* w = job.weight;
-    const Index rows = static_cast<Index>(w->shape[0]), cols = static_cast<Index>(w->shape[1]);
+    const auto nf4_it = nf4.find(w->name);
+    const Nf4* q4 = nf4_it != nf4.end() ? &nf4_it->second : nullptr;
+    const Index rows = q4 ? q4->q.rows() : static_cast<Index>(w->shape[0]),
+                cols = q4 ? q4->q.cols() : static_cast<Index>(w->shape[1]);
+    const safetensors::Dtype out_dtype = q4 ? q4->out_dtype : w->dtype;
+    const std::vector<std::uint64_t> out_shape =
+        q4 ? std::vector<std::uint64_t>{static_cast<std::uint64_t>(rows), static_cast<std::uint64_t>(cols)} : w->shape;
+    // The base weight in float or double: decoded from 4 bits, or converted from its dtype.
+    auto load_base = [&](auto* out) {
+      using T = std::remove_pointer_t<decltype(out)>;
+      if (q4) {
+        const Matrix<float> d = q4->q.dequantize();
+        Eigen::Map<Matrix<T>>(out, rows, cols) = d.template cast<T>();
+      } else {
+        base.convert_into(*w, out);
+      }
+    };
     const std::string what = m.path + " -> " + w->name;
     Matrix<Acc> merged(rows, cols);
     const bool residual = rewrite != ResidualInit::none && !m.embedding;
     if (w->dtype == safetensors::Dtype::F64) {
-      base.convert_into(*w, merged.data());
+      load_base(merged.data());
       if (residual) try {
           subtract_initial(merged, m, what + " (init_lora_weights residual)");
         } catch (const error& e) {
@@ -1526,7 +1584,7 @@ MergeReport merge_adapter_file(const std::string& base_path, const std::string& 
         continue;
       }
       Matrix<float> w32(rows, cols);
-      base.convert_into(*w, w32.data());
+      load_base(w32.data());
       if (residual) try {  // in float, as PEFT's pissa_init / olora_init compute it
           subtract_initial(w32, m, what + " (init_lora_weights residual)");
         } catch (const error& e) {
@@ -1543,10 +1601,10 @@ MergeReport merge_adapter_file(const std::string& base_path, const std::string& 
       merged = w32.cast<double>();
     }
     const std::size_t bad =
-        detail::first_unrepresentable(merged.data(), static_cast<std::size_t>(merged.size()), w->dtype);
+        detail::first_unrepresentable(merged.data(), static_cast<std::size_t>(merged.size()), out_dtype);
     if (bad != std::string::npos) {
       Matrix<Acc> original(rows, cols);
-      base.convert_into(*w, original.data());
+      load_base(original.data());
       not_finite(what, *w, bad,
                  "base " + value_string(original.data()[bad]) + " + delta " +
                      value_string(merged.data()[bad] - original.data()[bad]) + " = " +
@@ -1554,7 +1612,7 @@ MergeReport merge_adapter_file(const std::string& base_path, const std::string& 
                      (std::isfinite(original.data()[bad]) ? "" : "; the base weight is already not finite there"));
       continue;
     }
-    writer.add(w->name, merged, w->dtype, w->shape);  // back to the weight's own dtype
+    writer.add(w->name, merged, out_dtype, out_shape);  // back to the weight's own dtype (4 bits: out_dtype)
     if (job.bias != nullptr) {
       const std::size_t b =
           detail::first_unrepresentable(m.bias.data(), static_cast<std::size_t>(m.bias.size()), job.bias->dtype);
@@ -1588,9 +1646,15 @@ MergeReport merge_adapter_file(const std::string& base_path, const std::string& 
     else
       report.added.push_back(whole.name);
   }
+  for (const auto& [weight, q4] : nf4) {  // the 4-bit weights no adapter touched: decoded
+    if (claimed.count(weight)) continue;
+    writer.add(weight, q4.q.dequantize(), q4.out_dtype,
+               {static_cast<std::uint64_t>(q4.q.rows()), static_cast<std::uint64_t>(q4.q.cols())});
+    report.dequantized.emplace_back(weight, safetensors::dtype_name(q4.out_dtype));
+  }
   detail::throw_problems(base_path + ": cannot merge " + adapter.source + ", ", problems);
   for (const auto& t : base.tensors()) {
-    if (claimed.count(t.name)) continue;
+    if (claimed.count(t.name) || nf4_side.count(t.name)) continue;
     writer.add_from(t.name, base, t);  // streamed from the base while the output is written
     ++report.copied;
   }

@@ -22,12 +22,12 @@
 #include <lora/errors.hpp>
 #include <lora/quant.hpp>
 #include <lora/safetensors.hpp>
-#include <lora/weight.hpp>
 
 #include <nlohmann/json.hpp>
 
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -107,6 +107,45 @@ inline std::string python_float(double v) {
 }
 
 }  // namespace detail_nf4
+
+/// The dtype a bitsandbytes 4-bit weight computes in, from its quant state's "dtype" ("float32", "bfloat16",
+/// "float16"): what dequantising it gives in PyTorch. Throws format_error for another value or a missing state.
+inline Dtype nf4_compute_dtype(const File& file, const std::string& weight) {
+  const TensorInfo& t = detail_nf4::need(file, detail_nf4::suffix_key(weight), Dtype::U8, "the quant state, JSON");
+  const auto bytes = detail_nf4::bytes_of(file, t);
+  nlohmann::json state;
+  try {
+    state = nlohmann::json::parse(bytes.begin(), bytes.end());
+  } catch (const nlohmann::json::exception& e) {
+    throw format_error(file.source() + ": the quant state of \"" + weight + "\" is not JSON: " + e.what());
+  }
+  const std::string dtype = state.is_object() && state.contains("dtype") && state["dtype"].is_string()
+                                ? state["dtype"].get<std::string>()
+                                : std::string("(none)");
+  if (dtype == "float32") return Dtype::F32;
+  if (dtype == "bfloat16") return Dtype::BF16;
+  if (dtype == "float16") return Dtype::F16;
+  throw format_error(file.source() + ": the quant state of \"" + weight + "\" has dtype \"" + dtype +
+                     "\", expected float32, bfloat16 or float16");
+}
+
+/// The names of the bitsandbytes 4-bit weights in a file (each W with a W.quant_state.bitsandbytes__* tensor),
+/// with their quantisation tag ("nf4", "fp4", ...).
+inline std::map<std::string, std::string> bitsandbytes_weights(const File& file) {
+  std::map<std::string, std::string> out;
+  const std::string tag = ".quant_state.bitsandbytes__";
+  for (const auto& t : file.tensors()) {
+    const auto pos = t.name.rfind(tag);
+    if (pos != std::string::npos && pos > 0) out[t.name.substr(0, pos)] = t.name.substr(pos + tag.size());
+  }
+  return out;
+}
+
+/// The tensors that hold bitsandbytes' 4-bit weight `weight` besides the packed codes themselves.
+inline std::vector<std::string> nf4_side_tensors(const std::string& weight, const std::string& tag = "nf4") {
+  return {weight + ".absmax", weight + ".quant_map", weight + ".nested_absmax", weight + ".nested_quant_map",
+          weight + ".quant_state.bitsandbytes__" + tag};
+}
 
 /// True when the file holds a bitsandbytes 4-bit weight named `weight` (its quant_state tensor exists).
 inline bool has_nf4(const File& file, const std::string& weight) {

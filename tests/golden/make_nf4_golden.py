@@ -705,6 +705,33 @@ def write_model():
     return sd, dense
 
 
+def write_adapter(dense):
+    """A PEFT LoRA adapter on both 4-bit modules (LLaMA-style (out, in) weights, r 4, alpha 8: scaling 2) and
+    what merging it gives: each weight dequantised as above plus scaling * B @ A, in float32. That is the sum
+    PEFT's Linear4bit.merge computes (w_data = dequantize_4bit(weight) + lora_data) before it quantises it to 4
+    bits again; lora-merge writes it as it is, unquantised."""
+    g = torch.Generator().manual_seed(4)
+    r, alpha = 4, 8
+    scaling = alpha / r
+    adapter, merged = {}, {}
+    for name, o, i, _ in MODULES:
+        a = torch.randn((r, i), generator=g, dtype=torch.float32) * 0.1
+        b = torch.randn((o, r), generator=g, dtype=torch.float32) * 0.1
+        adapter[f"base_model.model.{name}.lora_A.weight"] = a
+        adapter[f"base_model.model.{name}.lora_B.weight"] = b
+        merged[name + ".weight"] = dense[name + ".weight.dequant"] + scaling * (b @ a)
+    _, t = read_safetensors(os.path.join(OUT, "nf4_model.safetensors"))
+    merged["model.norm.weight"] = t["model.norm.weight"][2]
+    folder = os.path.join(OUT, "nf4_adapter")
+    os.makedirs(folder, exist_ok=True)
+    save_file(adapter, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = peft_files.lora_config(r=r, lora_alpha=alpha, fan_in_fan_out=False,
+                                    target_modules=["down_proj", "q_proj"])
+    with open(os.path.join(folder, "adapter_config.json"), "w") as fh:
+        fh.write(json.dumps(config, indent=2, sort_keys=True))
+    save_file(merged, os.path.join(OUT, "nf4_merged.safetensors"), metadata={"format": "pt"})
+
+
 # ---------------------------------------------------------------- read back
 NP = {"F32": np.float32, "U8": np.uint8}
 
@@ -742,7 +769,8 @@ def main():
     write_double()
     sd, dense = write_model()
     check_model_file(dense)
-    for fname in ("nf4_blocks", "nf4_double", "nf4_model", "nf4_model_dense"):
+    write_adapter(dense)
+    for fname in ("nf4_blocks", "nf4_double", "nf4_model", "nf4_model_dense", "nf4_merged"):
         meta, t = read_safetensors(os.path.join(OUT, fname + ".safetensors"))
         print(f"{fname}.safetensors" + (f"  metadata {meta}" if meta else ""))
         for k, (dt, shape, _) in t.items():
