@@ -22,6 +22,7 @@
 // single-threaded.
 #include <benchmark/benchmark.h>
 #include <lora/lora.hpp>
+#include <lora/quant.hpp>
 
 #include "bench_common.hpp"
 

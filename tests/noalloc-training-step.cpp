@@ -3,6 +3,8 @@
 // 128 KiB by default); noalloc-large-shapes.cpp covers larger ones.
 #include "noalloc.hpp"
 
+#include <lora/quant.hpp>
+
 #include <catch2/catch.hpp>
 
 TEST_CASE("the allocation counters see allocations", "[noalloc]") {

@@ -5,6 +5,7 @@
 #include <catch2/catch.hpp>
 #include <lora/gguf.hpp>
 #include <lora/lora.hpp>
+#include <lora/quant_io.hpp>
 
 #include "test_files.hpp"
 

@@ -5,6 +5,7 @@
 // export-lora. A bitsandbytes 4-bit (NF4) base is written dequantised, in --dtype. On bad input: exit status 1,
 // one line on stderr, no output file.
 #include <lora/peft.hpp>
+#include <lora/quant_io.hpp>  // merging into a bitsandbytes 4-bit base
 
 #include <CLI/CLI.hpp>
 

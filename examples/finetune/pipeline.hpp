@@ -13,6 +13,7 @@
 
 #include <lora/init.hpp>
 #include <lora/lora.hpp>
+#include <lora/quant.hpp>  // the low-precision bases
 
 #include <unistd.h>
 

@@ -1,4 +1,5 @@
-// Umbrella header: includes the whole library.
+// Umbrella header: includes the whole library but gguf.hpp, gguf_adapter.hpp, init.hpp, targets.hpp, and the
+// low-precision weights (quant.hpp, quant_io.hpp), which are included on their own.
 #pragma once
 
 #include <lora/activations.hpp>
@@ -14,8 +15,6 @@
 #include <lora/optim.hpp>
 #include <lora/params.hpp>
 #include <lora/peft.hpp>
-#include <lora/quant.hpp>
-#include <lora/quant_io.hpp>
 #include <lora/safetensors.hpp>
 #include <lora/schedule.hpp>
 #include <lora/sequential.hpp>

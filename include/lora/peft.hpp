@@ -26,7 +26,6 @@
 #include <lora/init.hpp>
 #include <lora/linear.hpp>
 #include <lora/multi.hpp>
-#include <lora/quant_io.hpp>
 #include <lora/safetensors.hpp>
 #include <lora/types.hpp>
 
@@ -1422,22 +1421,33 @@ MergeReport merge_adapter_file(const std::string& base_path, const std::string& 
     else
       stored -= delta;
   };
-  // bitsandbytes 4-bit weights: read (and so checked) up front, written decoded in `out_dtype`.
+  // bitsandbytes 4-bit weights (W beside W.quant_state.bitsandbytes__<tag>): checked up front, decoded when written,
+  // in `out_dtype`; their side tensors are dropped.
   struct Nf4 {
-    QuantizedMatrix q;
+    Index rows, cols;
     safetensors::Dtype out_dtype;
   };
   std::map<std::string, Nf4> nf4;
   std::set<std::string> nf4_side;  // every tensor of every 4-bit weight, the packed codes included
-  for (const auto& [weight, tag] : safetensors::bitsandbytes_weights(base)) {
-    nf4_side.insert(weight);
-    for (const auto& side : safetensors::nf4_side_tensors(weight, tag)) nf4_side.insert(side);
+  const std::string state_tag = ".quant_state.bitsandbytes__";
+  for (const auto& t : base.tensors()) {
+    const auto pos = t.name.rfind(state_tag);
+    if (pos == std::string::npos || pos == 0) continue;
+    const std::string weight = t.name.substr(0, pos), tag = t.name.substr(pos + state_tag.size());
+    for (const char* side : {"", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map"})
+      nf4_side.insert(weight + side);
+    nf4_side.insert(t.name);
+    const auto& access = safetensors::nf4_access();
     try {
       if (tag != "nf4")
         throw format_error(base_path + ": \"" + weight + "\" is quantised as bitsandbytes' \"" + tag +
                            "\"; only \"nf4\" is supported");
-      nf4.emplace(weight, Nf4{safetensors::read_nf4(base, weight),
-                              dequantized_dtype ? *dequantized_dtype : safetensors::nf4_compute_dtype(base, weight)});
+      if (access.decode == nullptr)
+        throw state_error(base_path + ": \"" + weight +
+                          "\" is a bitsandbytes 4-bit weight; include <lora/quant_io.hpp> to merge into a 4-bit base "
+                          "(lora-merge does)");
+      const auto [rows, cols] = access.shape(base, weight);
+      nf4.emplace(weight, Nf4{rows, cols, dequantized_dtype ? *dequantized_dtype : access.compute_dtype(base, weight)});
     } catch (const error& e) {
       problems.push_back(e.what());
     }
@@ -1464,8 +1474,8 @@ MergeReport merge_adapter_file(const std::string& base_path, const std::string& 
         in_out ? std::vector<std::uint64_t>{I, O} : std::vector<std::uint64_t>{O, I};
     if (nf4_side.count(w->name) && !nf4.count(w->name)) continue;  // a 4-bit weight refused above, or a side tensor
     if (const auto it = nf4.find(w->name); it != nf4.end()) {      // its logical shape is in the quant state
-      const std::vector<std::uint64_t> shape = {static_cast<std::uint64_t>(it->second.q.rows()),
-                                                static_cast<std::uint64_t>(it->second.q.cols())};
+      const std::vector<std::uint64_t> shape = {static_cast<std::uint64_t>(it->second.rows),
+                                                static_cast<std::uint64_t>(it->second.cols)};
       if (shape != want) {
         problems.push_back(m.path + ": the 4-bit base weight \"" + w->name + "\" is " + safetensors::shape_text(shape) +
                            ", the adapter needs " + safetensors::shape_text(want));
@@ -1549,8 +1559,8 @@ MergeReport merge_adapter_file(const std::string& base_path, const std::string& 
     const auto* w = job.weight;
     const auto nf4_it = nf4.find(w->name);
     const Nf4* q4 = nf4_it != nf4.end() ? &nf4_it->second : nullptr;
-    const Index rows = q4 ? q4->q.rows() : static_cast<Index>(w->shape[0]),
-                cols = q4 ? q4->q.cols() : static_cast<Index>(w->shape[1]);
+    const Index rows = q4 ? q4->rows : static_cast<Index>(w->shape[0]),
+                cols = q4 ? q4->cols : static_cast<Index>(w->shape[1]);
     const safetensors::Dtype out_dtype = q4 ? q4->out_dtype : w->dtype;
     const std::vector<std::uint64_t> out_shape =
         q4 ? std::vector<std::uint64_t>{static_cast<std::uint64_t>(rows), static_cast<std::uint64_t>(cols)} : w->shape;
@@ -1558,7 +1568,7 @@ MergeReport merge_adapter_file(const std::string& base_path, const std::string& 
     auto load_base = [&](auto* out) {
       using T = std::remove_pointer_t<decltype(out)>;
       if (q4) {
-        const Matrix<float> d = q4->q.dequantize();
+        const Matrix<float> d = safetensors::nf4_access().decode(base, w->name);
         Eigen::Map<Matrix<T>>(out, rows, cols) = d.template cast<T>();
       } else {
         base.convert_into(*w, out);
@@ -1648,8 +1658,8 @@ MergeReport merge_adapter_file(const std::string& base_path, const std::string& 
   }
   for (const auto& [weight, q4] : nf4) {  // the 4-bit weights no adapter touched: decoded
     if (claimed.count(weight)) continue;
-    writer.add(weight, q4.q.dequantize(), q4.out_dtype,
-               {static_cast<std::uint64_t>(q4.q.rows()), static_cast<std::uint64_t>(q4.q.cols())});
+    writer.add(weight, safetensors::nf4_access().decode(base, weight), q4.out_dtype,
+               {static_cast<std::uint64_t>(q4.rows), static_cast<std::uint64_t>(q4.cols)});
     report.dequantized.emplace_back(weight, safetensors::dtype_name(q4.out_dtype));
   }
   detail::throw_problems(base_path + ": cannot merge " + adapter.source + ", ", problems);

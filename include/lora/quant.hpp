@@ -33,6 +33,7 @@
 #include <lora/detail/half.hpp>
 #include <lora/errors.hpp>
 #include <lora/types.hpp>
+#include <lora/weight.hpp>  // WeightFormat, LowPrecisionStorage
 
 #include <algorithm>
 #include <array>
@@ -67,33 +68,6 @@ namespace lora {
 
 namespace detail {
 struct QGemm;
-}
-
-/// How a frozen weight's values are stored.
-enum class WeightFormat { f32, bf16, f16, q8_0, nf4 };
-
-inline const char* format_name(WeightFormat format) {
-  switch (format) {
-    case WeightFormat::f32:
-      return "f32";
-    case WeightFormat::bf16:
-      return "bf16";
-    case WeightFormat::f16:
-      return "f16";
-    case WeightFormat::q8_0:
-      return "q8_0";
-    case WeightFormat::nf4:
-      return "nf4";
-  }
-  return "?";
-}
-
-/// "f32", "bf16", "f16", "q8_0" or "nf4" (as format_name writes them); nullopt for anything else.
-inline std::optional<WeightFormat> parse_format(std::string_view name) {
-  for (WeightFormat f :
-       {WeightFormat::f32, WeightFormat::bf16, WeightFormat::f16, WeightFormat::q8_0, WeightFormat::nf4})
-    if (name == format_name(f)) return f;
-  return std::nullopt;
 }
 
 namespace detail {
@@ -384,6 +358,10 @@ class QuantizedMatrix {
     return q;
   }
   Products products() const { return products_; }
+
+  /// This matrix as the storage a FrozenWeight<float> holds (FrozenWeight<float>::quantized(q) calls it): its
+  /// products go through this header's kernels.
+  std::shared_ptr<const LowPrecisionStorage> storage() const;
 
   WeightFormat format() const { return s_ ? s_->format : WeightFormat::f32; }
   Index rows() const { return s_ ? s_->rows : 0; }
@@ -729,3 +707,44 @@ class QuantizedMatrix {
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
+
+#include <lora/detail/qgemm.hpp>
+
+namespace lora {
+
+namespace detail {
+// QuantizedMatrix as a FrozenWeight<float>'s storage.
+class QuantizedStorage final : public LowPrecisionStorage {
+ public:
+  explicit QuantizedStorage(QuantizedMatrix q) : q_(std::move(q)) {}
+  WeightFormat format() const override { return q_.format(); }
+  Index rows() const override { return q_.rows(); }
+  Index cols() const override { return q_.cols(); }
+  std::size_t bytes() const override { return q_.bytes(); }
+  bool is_view() const override { return q_.is_view(); }
+  void decode(Index row, Index col, Index count, float* out) const override { q_.decode(row, col, count, out); }
+  void product(const float* A, Index lda, Index M, Index K, bool transposed, float* C, Index ldc,
+               bool accumulate) const override {
+    QGemm::run(A, lda, M, K, q_, transposed, C, ldc, accumulate);
+  }
+  std::shared_ptr<const LowPrecisionStorage> requantize(const float* values) const override {
+    QuantizeOptions options;
+    if (q_.format() == WeightFormat::nf4) {
+      options.block_size = q_.block_size();
+      options.double_quant = q_.double_quant();
+    }
+    const ConstMatrixMap<float> m(values, q_.rows(), q_.cols());
+    return QuantizedMatrix::quantize(m, q_.format(), options).with_products(q_.products()).storage();
+  }
+  const QuantizedMatrix& matrix() const { return q_; }
+
+ private:
+  QuantizedMatrix q_;
+};
+}  // namespace detail
+
+inline std::shared_ptr<const LowPrecisionStorage> QuantizedMatrix::storage() const {
+  return std::make_shared<detail::QuantizedStorage>(*this);
+}
+
+}  // namespace lora

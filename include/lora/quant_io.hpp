@@ -27,7 +27,6 @@
 
 #include <cstdio>
 #include <cstdlib>
-#include <map>
 #include <string>
 #include <vector>
 
@@ -127,24 +126,6 @@ inline Dtype nf4_compute_dtype(const File& file, const std::string& weight) {
   if (dtype == "float16") return Dtype::F16;
   throw format_error(file.source() + ": the quant state of \"" + weight + "\" has dtype \"" + dtype +
                      "\", expected float32, bfloat16 or float16");
-}
-
-/// The names of the bitsandbytes 4-bit weights in a file (each W with a W.quant_state.bitsandbytes__* tensor),
-/// with their quantisation tag ("nf4", "fp4", ...).
-inline std::map<std::string, std::string> bitsandbytes_weights(const File& file) {
-  std::map<std::string, std::string> out;
-  const std::string tag = ".quant_state.bitsandbytes__";
-  for (const auto& t : file.tensors()) {
-    const auto pos = t.name.rfind(tag);
-    if (pos != std::string::npos && pos > 0) out[t.name.substr(0, pos)] = t.name.substr(pos + tag.size());
-  }
-  return out;
-}
-
-/// The tensors that hold bitsandbytes' 4-bit weight `weight` besides the packed codes themselves.
-inline std::vector<std::string> nf4_side_tensors(const std::string& weight, const std::string& tag = "nf4") {
-  return {weight + ".absmax", weight + ".quant_map", weight + ".nested_absmax", weight + ".nested_quant_map",
-          weight + ".quant_state.bitsandbytes__" + tag};
 }
 
 /// True when the file holds a bitsandbytes 4-bit weight named `weight` (its quant_state tensor exists).
@@ -248,5 +229,19 @@ inline void add_nf4(Writer& writer, const std::string& weight, const QuantizedMa
   json += "}";
   writer.add_owned_bytes(detail_nf4::suffix_key(weight), Dtype::U8, {json.size()}, as_bytes(json.data(), json.size()));
 }
+
+namespace detail_nf4 {
+// Registers this header's NF4 reading with safetensors::nf4_access() (peft::merge_adapter_file reads through it).
+inline const bool registered = [] {
+  Nf4Access& access = nf4_access();
+  access.shape = [](const File& file, const std::string& weight) {
+    const QuantizedMatrix q = read_nf4(file, weight);
+    return std::pair<Index, Index>(q.rows(), q.cols());
+  };
+  access.decode = [](const File& file, const std::string& weight) { return read_nf4(file, weight).dequantize(); };
+  access.compute_dtype = [](const File& file, const std::string& weight) { return nf4_compute_dtype(file, weight); };
+  return true;
+}();
+}  // namespace detail_nf4
 
 }  // namespace lora::safetensors

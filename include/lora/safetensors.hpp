@@ -866,4 +866,20 @@ class Writer {
   bool has_metadata_ = false;
 };
 
+/// Reading bitsandbytes' 4-bit weights lives in <lora/quant_io.hpp> (with the low-precision kernels), which fills
+/// this in when it is included; peft::merge_adapter_file goes through it, so a program that never includes that
+/// header never compiles the kernels, and one whose base holds 4-bit weights is told which header to include.
+struct Nf4Access {
+  /// The weight's logical (rows, cols), from its quant state, every tensor checked (throws format_error, shape_error).
+  std::pair<Index, Index> (*shape)(const File& file, const std::string& weight) = nullptr;
+  /// The weight decoded to float (rows, cols).
+  Matrix<float> (*decode)(const File& file, const std::string& weight) = nullptr;
+  /// The dtype the quant state says the weight computes in.
+  Dtype (*compute_dtype)(const File& file, const std::string& weight) = nullptr;
+};
+inline Nf4Access& nf4_access() {
+  static Nf4Access access;
+  return access;
+}
+
 }  // namespace lora::safetensors

@@ -22,26 +22,26 @@
 // writes ever made). A view's buffer must outlive every layer that holds it.
 //
 // Precision. A FrozenWeight<float> may instead hold W in a low-precision
-// format (quantized(): bf16, f16, q8_0, NF4; <lora/quant.hpp>), in either
-// layout. Its products decode W a tile at a time and compute in float; W is
+// format (quantized(): bf16, f16, q8_0, NF4), in either layout, through the
+// LowPrecisionStorage interface below, which <lora/quant.hpp>'s
+// QuantizedMatrix implements with its kernels (that header is not part of
+// <lora/lora.hpp>: only code that makes low-precision weights compiles
+// them). Its products decode W a tile at a time and compute in float; W is
 // never dequantised as a whole. Such a weight is never written: merging into
 // it is refused (state_error), since rounding the sum back to the format
 // would lose the adapter's smallest changes.
 #pragma once
 
-#ifndef LORA_INSIDE_LIBRARY
-#define LORA_INSIDE_LIBRARY
-#endif
-
-#include <lora/detail/qgemm.hpp>
 #include <lora/errors.hpp>
-#include <lora/quant.hpp>
 #include <lora/types.hpp>
 
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <memory>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -57,6 +57,56 @@ enum class WeightLayout {
 inline const char* layout_name(WeightLayout layout) {
   return layout == WeightLayout::out_in ? "(out, in)" : "(in, out) (fan_in_fan_out)";
 }
+
+/// How a frozen weight's values are stored.
+enum class WeightFormat { f32, bf16, f16, q8_0, nf4 };
+
+inline const char* format_name(WeightFormat format) {
+  switch (format) {
+    case WeightFormat::f32:
+      return "f32";
+    case WeightFormat::bf16:
+      return "bf16";
+    case WeightFormat::f16:
+      return "f16";
+    case WeightFormat::q8_0:
+      return "q8_0";
+    case WeightFormat::nf4:
+      return "nf4";
+  }
+  return "?";
+}
+
+/// "f32", "bf16", "f16", "q8_0" or "nf4" (as format_name writes them); nullopt for anything else.
+inline std::optional<WeightFormat> parse_format(std::string_view name) {
+  for (WeightFormat f :
+       {WeightFormat::f32, WeightFormat::bf16, WeightFormat::f16, WeightFormat::q8_0, WeightFormat::nf4})
+    if (name == format_name(f)) return f;
+  return std::nullopt;
+}
+
+/// A matrix S (rows, cols, row-major) stored in low precision, as a FrozenWeight<float> uses it. Immutable.
+/// <lora/quant.hpp> implements it (QuantizedMatrix::storage()); another backend could.
+class LowPrecisionStorage {
+ public:
+  virtual ~LowPrecisionStorage() = default;
+  virtual WeightFormat format() const = 0;
+  virtual Index rows() const = 0;
+  virtual Index cols() const = 0;
+  /// Bytes kept for the values (blocks and scales included).
+  virtual std::size_t bytes() const = 0;
+  /// True when the bytes are a buffer the caller owns (a view of a mapped file).
+  virtual bool is_view() const = 0;
+  /// count values of S's row `row` from column `col`, decoded to float.
+  virtual void decode(Index row, Index col, Index count, float* out) const = 0;
+  /// C (M, N) = A (M, K) · op(S), or += with accumulate; op(S) = Sᵀ when `transposed` (S is (N, K)), else S (K, N).
+  /// A and C are row-major with leading dimensions lda and ldc.
+  virtual void product(const float* A, Index lda, Index M, Index K, bool transposed, float* C, Index ldc,
+                       bool accumulate) const = 0;
+  /// New values (rows · cols floats, row-major) stored the same way (format, blocks, products): a lossy merge's
+  /// rounding. Throws numeric_error for a non-finite value.
+  virtual std::shared_ptr<const LowPrecisionStorage> requantize(const float* values) const = 0;
+};
 
 /// What LoRALinear::merge_quantized() reports: the largest error rounding the merged weight back to its format made,
 /// |W'_q − W'| with W' the merged weight in float, at output `row` and input `col` (W as (O, I)); and the largest
@@ -98,19 +148,15 @@ class FrozenWeight {
     return FrozenWeight(Kind::mutable_view, layout, data, out_features, in_features, "mutable_view");
   }
 
-  /// W in a low-precision format (FrozenWeight<float> only): `stored` is (O, I) for out_in and (I, O) for in_out,
-  /// owned by the QuantizedMatrix or a view it holds (QuantizedMatrix::view over a mapped BF16 tensor). Never
-  /// written: merging is refused.
-  static FrozenWeight quantized(QuantizedMatrix stored, WeightLayout layout = WeightLayout::out_in) {
-    static_assert(std::is_same_v<Scalar, float>, "FrozenWeight::quantized: low-precision weights compute in float");
-    if (stored.empty()) throw shape_error("FrozenWeight::quantized: the weight is empty");
-    FrozenWeight w;
-    w.kind_ = Kind::quantized;
-    w.layout_ = layout;
-    w.out_ = layout == WeightLayout::out_in ? stored.rows() : stored.cols();
-    w.in_ = layout == WeightLayout::out_in ? stored.cols() : stored.rows();
-    w.q_ = std::move(stored);
-    return w;
+  /// W in a low-precision format (FrozenWeight<float> only): `stored` is (O, I) for out_in and (I, O) for in_out.
+  /// Pass a QuantizedMatrix (<lora/quant.hpp>: owned bytes, or a view over a mapped BF16 tensor) or any
+  /// LowPrecisionStorage. Never written: merging is refused.
+  template <class Stored>
+  static FrozenWeight quantized(const Stored& stored, WeightLayout layout = WeightLayout::out_in) {
+    if constexpr (std::is_convertible_v<Stored, std::shared_ptr<const LowPrecisionStorage>>)
+      return from_storage(stored, layout);
+    else
+      return from_storage(stored.storage(), layout);
   }
 
   // A copy of an owned weight owns a copy of the buffer; a copy of a view views the same buffer. data_ always
@@ -120,14 +166,14 @@ class FrozenWeight {
   FrozenWeight& operator=(const FrozenWeight& other) {
     if (this == &other) return *this;
     owned_ = other.owned_;
-    q_ = other.q_;
+    lp_ = other.lp_;
     take_shape(other);
     return *this;
   }
   FrozenWeight& operator=(FrozenWeight&& other) noexcept {
     if (this == &other) return *this;
     owned_ = std::move(other.owned_);
-    q_ = std::move(other.q_);
+    lp_ = std::move(other.lp_);
     take_shape(other);
     other.data_ = nullptr;
     other.out_ = other.in_ = 0;
@@ -138,18 +184,18 @@ class FrozenWeight {
   Index in_features() const { return in_; }
   WeightLayout layout() const { return layout_; }
   /// True unless the buffer is the weight's own (a quantized weight counts as a view when its bytes are).
-  bool is_view() const { return kind_ == Kind::quantized ? q_.is_view() : kind_ != Kind::owned; }
+  bool is_view() const { return kind_ == Kind::quantized ? lp_->is_view() : kind_ != Kind::owned; }
   /// True when merging may write the buffer (owned or mutable_view).
   bool is_writable() const { return kind_ == Kind::owned || kind_ == Kind::mutable_view; }
   /// True when W is held in a low-precision format (quantized()).
   bool is_quantized() const { return kind_ == Kind::quantized; }
   /// The format W is stored in: f32 for a Scalar matrix (whatever Scalar is) unless quantized.
-  WeightFormat format() const { return kind_ == Kind::quantized ? q_.format() : WeightFormat::f32; }
-  /// The low-precision matrix of a quantized weight (empty otherwise).
-  const QuantizedMatrix& quantized_matrix() const { return q_; }
+  WeightFormat format() const { return kind_ == Kind::quantized ? lp_->format() : WeightFormat::f32; }
+  /// The low-precision storage of a quantized weight (null otherwise).
+  const LowPrecisionStorage* low_precision() const { return lp_.get(); }
   /// Bytes of the stored weight (owned or viewed), in its format.
   std::size_t stored_bytes() const {
-    if (kind_ == Kind::quantized) return q_.bytes();
+    if (kind_ == Kind::quantized) return lp_->bytes();
     return static_cast<std::size_t>(out_ * in_) * sizeof(Scalar);
   }
 
@@ -163,7 +209,7 @@ class FrozenWeight {
   /// which has no Scalar buffer (to_dense() decodes it).
   ConstMatrixMap<Scalar> stored() const {
     if (kind_ == Kind::quantized)
-      throw state_error(std::string("FrozenWeight::stored: W is stored in ") + format_name(q_.format()) +
+      throw state_error(std::string("FrozenWeight::stored: W is stored in ") + format_name(lp_->format()) +
                         ", not as a float matrix; use to_dense() for a decoded copy");
     return ConstMatrixMap<Scalar>(data_, stored_rows(), stored_cols());
   }
@@ -172,7 +218,7 @@ class FrozenWeight {
   /// an embedding's lookup of one token's vector.
   void stored_row(Index r, Scalar* out) const {
     if (kind_ == Kind::quantized) {
-      if constexpr (std::is_same_v<Scalar, float>) q_.decode(r, 0, stored_cols(), out);
+      if constexpr (std::is_same_v<Scalar, float>) lp_->decode(r, 0, stored_cols(), out);
       return;
     }
     std::copy(data_ + r * stored_cols(), data_ + (r + 1) * stored_cols(), out);
@@ -181,7 +227,9 @@ class FrozenWeight {
   /// W as (O, I), copied (decoded when quantized): for inspection and tests, never used by the layers.
   Mat to_dense() const {
     if (kind_ == Kind::quantized) {
-      Mat w = q_.dequantize().template cast<Scalar>();
+      Matrix<float> d(stored_rows(), stored_cols());
+      for (Index r = 0; r < stored_rows(); ++r) lp_->decode(r, 0, stored_cols(), d.row(r).data());
+      Mat w = d.template cast<Scalar>();
       if (layout_ == WeightLayout::out_in) return w;
       return w.transpose();
     }
@@ -287,7 +335,7 @@ class FrozenWeight {
       out.setZero();
       std::vector<float> row(static_cast<std::size_t>(stored_cols()));
       for (Index r = 0; r < stored_rows(); ++r) {
-        q_.decode(r, 0, stored_cols(), row.data());
+        lp_->decode(r, 0, stored_cols(), row.data());
         if (layout_ == WeightLayout::out_in) {
           double s = 0;
           for (float v : row) s += static_cast<double>(v) * static_cast<double>(v);
@@ -342,8 +390,8 @@ class FrozenWeight {
   /// Throws state_error, naming `where`, unless merging may write the buffer.
   void require_writable(const char* where) const {
     if (kind_ == Kind::quantized)
-      throw state_error(std::string(where) + ": the weight is stored in " + format_name(q_.format()) +
-                        " and is never written: rounding W + s·B A back to " + format_name(q_.format()) +
+      throw state_error(std::string(where) + ": the weight is stored in " + format_name(lp_->format()) +
+                        " and is never written: rounding W + s·B A back to " + format_name(lp_->format()) +
                         " would lose the adapter's smallest changes; serve the adapter unmerged, or merge into a "
                         "float copy of W (to_dense())");
     if (!is_writable())
@@ -365,11 +413,23 @@ class FrozenWeight {
  private:
   enum class Kind { owned, view, mutable_view, quantized };
 
+  static FrozenWeight from_storage(std::shared_ptr<const LowPrecisionStorage> stored, WeightLayout layout) {
+    static_assert(std::is_same_v<Scalar, float>, "FrozenWeight::quantized: low-precision weights compute in float");
+    if (!stored || stored->rows() <= 0 || stored->cols() <= 0)
+      throw shape_error("FrozenWeight::quantized: the weight is empty");
+    FrozenWeight w;
+    w.kind_ = Kind::quantized;
+    w.layout_ = layout;
+    w.out_ = layout == WeightLayout::out_in ? stored->rows() : stored->cols();
+    w.in_ = layout == WeightLayout::out_in ? stored->cols() : stored->rows();
+    w.lp_ = std::move(stored);
+    return w;
+  }
+
   // y (=|+=) x · op(S), S the stored matrix: op = Sᵀ when `transposed` (S is (rows of y's columns, x's columns)).
   void quantized_product(const ConstRef<Scalar>& x, MutRef<Scalar> y, bool transposed, bool accumulate) const {
     if constexpr (std::is_same_v<Scalar, float>) {
-      detail::QGemm::run(x.data(), x.outerStride(), x.rows(), x.cols(), q_, transposed, y.data(), y.outerStride(),
-                         accumulate);
+      lp_->product(x.data(), x.outerStride(), x.rows(), x.cols(), transposed, y.data(), y.outerStride(), accumulate);
     } else {
       (void)x, (void)y, (void)transposed, (void)accumulate;
     }
@@ -471,7 +531,7 @@ class FrozenWeight {
   WeightLayout layout_ = WeightLayout::out_in;
   Index out_ = 0, in_ = 0;
   Mat owned_;
-  QuantizedMatrix q_;       // kind_ == quantized
+  std::shared_ptr<const LowPrecisionStorage> lp_;  // kind_ == quantized
   Scalar* data_ = nullptr;  // owned_.data(), or the caller's buffer (written only when mutable_view)
 };
 

@@ -3,6 +3,7 @@
 // in transformers' bitsandbytes 4-bit layout (written with this library's add_nf4 from a float W), a batch x and
 // its output y. Then it checks what a fresh adapter must give: B is zero, so y is x times the decoded NF4 W.
 #include <lora/lora.hpp>
+#include <lora/quant_io.hpp>  // QuantizedMatrix, read_nf4: not in lora.hpp
 
 #include <cstdio>
 

@@ -7,8 +7,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace lora {
 
@@ -597,17 +599,12 @@ QuantizedMergeReport LoRALinear<Scalar>::merge_quantized() {
   } else {
     exact.add_low_rank(where, scaling_, lora_B(), lora_A(), 0, true);
   }
-  const QuantizedMatrix& q = weight_.quantized_matrix();
-  QuantizeOptions options;
-  if (q.format() == WeightFormat::nf4) {
-    options.block_size = q.block_size();
-    options.double_quant = q.double_quant();
-  }
-  QuantizedMatrix rounded = QuantizedMatrix::quantize(exact.stored().template cast<float>(), q.format(), options);
   const auto E = exact.stored();
+  std::shared_ptr<const LowPrecisionStorage> rounded;
+  if constexpr (std::is_same_v<Scalar, float>) rounded = weight_.low_precision()->requantize(E.data());
   std::vector<float> row(static_cast<std::size_t>(E.cols()));
   for (Index r = 0; r < E.rows(); ++r) {
-    rounded.decode(r, 0, E.cols(), row.data());
+    rounded->decode(r, 0, E.cols(), row.data());
     for (Index k = 0; k < E.cols(); ++k) {
       const double err = std::abs(static_cast<double>(row[static_cast<std::size_t>(k)]) - static_cast<double>(E(r, k)));
       if (err > report.max_abs_error) {
@@ -619,7 +616,7 @@ QuantizedMergeReport LoRALinear<Scalar>::merge_quantized() {
   }
   report.max_abs_update = (scaling_ * (lora_B() * lora_A())).cwiseAbs().maxCoeff();
   unmerged_weight_ = std::move(weight_);
-  if constexpr (std::is_same_v<Scalar, float>) weight_ = FrozenWeight<Scalar>::quantized(std::move(rounded), layout);
+  if constexpr (std::is_same_v<Scalar, float>) weight_ = FrozenWeight<Scalar>::quantized(rounded, layout);
   merged_dora_scale_ = c;
   merged_A_ = lora_A();
   merged_B_ = lora_B();
