@@ -417,15 +417,17 @@ struct QGemm {
     if (simd) return dot_avx512(x, y, n);
 #endif
     (void)simd;
+    // Counted in size_t from a checked length: with a signed count GCC 12 at -O3 warns that a huge iteration would
+    // overflow the address (-Waggressive-loop-optimizations), which -Werror turns into an error.
+    const std::size_t count = n > 0 ? static_cast<std::size_t>(n) : 0, quads = count / 4 * 4;
     float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-    Index i = 0;
-    for (; i + 4 <= n; i += 4) {
+    for (std::size_t i = 0; i < quads; i += 4) {
       s0 += x[i] * y[i];
       s1 += x[i + 1] * y[i + 1];
       s2 += x[i + 2] * y[i + 2];
       s3 += x[i + 3] * y[i + 3];
     }
-    for (; i < n; ++i) s0 += x[i] * y[i];
+    for (std::size_t i = quads; i < count; ++i) s0 += x[i] * y[i];
     return (s0 + s1) + (s2 + s3);
   }
   static void axpy(bool simd, float a, const float* x, float* y, Index n) {
