@@ -84,6 +84,17 @@ inline std::vector<float> floats_of(const File& f, const TensorInfo& t) {
   return out;
 }
 
+// The quant state of `weight` (its W.quant_state.bitsandbytes__nf4 tensor), parsed: format_error when it is
+// missing, not U8, or not JSON.
+inline nlohmann::json quant_state(const File& f, const std::string& weight) {
+  const auto bytes = bytes_of(f, need(f, suffix_key(weight), Dtype::U8, "the quant state, JSON"));
+  try {
+    return nlohmann::json::parse(bytes.begin(), bytes.end());
+  } catch (const nlohmann::json::exception& e) {
+    throw format_error(f.source() + ": the quant state of \"" + weight + "\" is not JSON: " + e.what());
+  }
+}
+
 // Python's repr of a double (the shortest text that reads back as the same double), as json.dumps writes it.
 inline std::string python_float(double v) {
   char text[40];
@@ -110,14 +121,7 @@ inline std::string python_float(double v) {
 /// The dtype a bitsandbytes 4-bit weight computes in, from its quant state's "dtype" ("float32", "bfloat16",
 /// "float16"): what dequantising it gives in PyTorch. Throws format_error for another value or a missing state.
 inline Dtype nf4_compute_dtype(const File& file, const std::string& weight) {
-  const TensorInfo& t = detail_nf4::need(file, detail_nf4::suffix_key(weight), Dtype::U8, "the quant state, JSON");
-  const auto bytes = detail_nf4::bytes_of(file, t);
-  nlohmann::json state;
-  try {
-    state = nlohmann::json::parse(bytes.begin(), bytes.end());
-  } catch (const nlohmann::json::exception& e) {
-    throw format_error(file.source() + ": the quant state of \"" + weight + "\" is not JSON: " + e.what());
-  }
+  const nlohmann::json state = detail_nf4::quant_state(file, weight);
   const std::string dtype = state.is_object() && state.contains("dtype") && state["dtype"].is_string()
                                 ? state["dtype"].get<std::string>()
                                 : std::string("(none)");
@@ -139,14 +143,7 @@ inline bool has_nf4(const File& file, const std::string& weight) {
 inline QuantizedMatrix read_nf4(const File& file, const std::string& weight) {
   using detail_nf4::need;
   const std::string& src = file.source();
-  const TensorInfo& state_t = need(file, detail_nf4::suffix_key(weight), Dtype::U8, "the quant state, JSON");
-  const auto state_bytes = detail_nf4::bytes_of(file, state_t);
-  nlohmann::json state;
-  try {
-    state = nlohmann::json::parse(state_bytes.begin(), state_bytes.end());
-  } catch (const nlohmann::json::exception& e) {
-    throw format_error(src + ": the quant state of \"" + weight + "\" is not JSON: " + e.what());
-  }
+  const nlohmann::json state = detail_nf4::quant_state(file, weight);
   const auto field = [&](const char* key) -> const nlohmann::json& {
     if (!state.is_object() || !state.contains(key))
       throw format_error(src + ": the quant state of \"" + weight + "\" has no \"" + key + "\"");
