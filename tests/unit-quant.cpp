@@ -300,6 +300,35 @@ TEST_CASE("quant: LoRALinear over a quantized W, both layouts, matches the layer
   }
 }
 
+TEST_CASE("quant: a checkpoint of a layer over a quantized W resumes it, and refuses another base", "[quant][layer]") {
+  // The checkpoint's base fingerprint covers a low-precision W by its format and decoded values.
+  const auto dir = lora_test::scratch_dir("quant_checkpoint");
+  for (WeightFormat format : all_formats) {
+    INFO(lora::format_name(format));
+    const QuantizedMatrix q = QuantizedMatrix::quantize(random_matrix(32, 64, 60), format);
+    lora::LoraConfig cfg;
+    cfg.r = 4;
+    cfg.seed = 61;
+    lora::LoRALinear<float> layer(FrozenWeight<float>::quantized(q), cfg);
+    layer.lora_B() = random_matrix(32, 4, 62);
+    lora::AdamW<float> opt(layer.parameters());
+    const std::string path = (dir / (std::string(lora::format_name(format)) + ".safetensors")).string();
+    lora::save_checkpoint(path, layer, opt, lora::TrainingState{});
+    lora::LoRALinear<float> again(FrozenWeight<float>::quantized(q), cfg);
+    lora::AdamW<float> opt_again(again.parameters());
+    lora::load_checkpoint(path, again, opt_again);
+    CHECK(again.lora_B() == layer.lora_B());
+    // Another base of the same shape and format: refused by its fingerprint, and nothing changes.
+    const QuantizedMatrix other = QuantizedMatrix::quantize(random_matrix(32, 64, 63), format);
+    lora::LoRALinear<float> wrong(FrozenWeight<float>::quantized(other), cfg);
+    lora::AdamW<float> opt_wrong(wrong.parameters());
+    const Mat before = wrong.lora_B();
+    CHECK_THAT(error_of([&] { lora::load_checkpoint(path, wrong, opt_wrong); }),
+               Contains("base (fingerprint of the frozen W and b)"));
+    CHECK(wrong.lora_B() == before);
+  }
+}
+
 TEST_CASE(
     "quant: MultiLoRALinear, FusedLoRALinear and LoRAEmbedding over a low-precision base match the same layers "
     "over its decoded copy",

@@ -246,8 +246,21 @@ inline std::uint64_t fingerprint(std::uint64_t h, const void* data, std::size_t 
 /// and does not train.
 template <class Scalar>
 std::string base_fingerprint(const LoRALinear<Scalar>& layer) {
-  const auto W = layer.frozen_weight().stored();
-  std::uint64_t h = fingerprint(0, W.data(), static_cast<std::size_t>(W.size()) * sizeof(Scalar));
+  const auto& frozen = layer.frozen_weight();
+  std::uint64_t h = 0;
+  if (const LowPrecisionStorage* q = frozen.is_quantized() ? frozen.low_precision() : nullptr) {
+    // bf16, q8_0, NF4, ...: the format's name and the values it decodes to, row by row (no dense copy of W).
+    const std::string format = format_name(q->format());
+    h = fingerprint(h, format.data(), format.size());
+    std::vector<float> row(static_cast<std::size_t>(q->cols()));
+    for (Index r = 0; r < q->rows(); ++r) {
+      q->decode(r, 0, q->cols(), row.data());
+      h = fingerprint(h, row.data(), row.size() * sizeof(float));
+    }
+  } else {
+    const auto W = frozen.stored();
+    h = fingerprint(h, W.data(), static_cast<std::size_t>(W.size()) * sizeof(Scalar));
+  }
   if (layer.weight_layout() == WeightLayout::in_out) {
     const char tag[] = "in_out";
     h = fingerprint(h, tag, sizeof tag - 1);
