@@ -9,6 +9,8 @@
 #                   Defined only when find_package(BLAS) with BLA_VENDOR OpenBLAS finds it.
 #   lora::openmp    the compiler's OpenMP: Eigen's own products run on Eigen::nbThreads() threads
 #                   (OMP_NUM_THREADS or Eigen::setNbThreads). Defined only when find_package(OpenMP) finds it.
+#   lora::mpi       MPI's C library, for <lora/distributed.hpp> (data-parallel training over MPI; the only header
+#                   that needs it). Defined only when find_package(MPI) finds MPI for C++ (Debian: libopenmpi-dev).
 #
 # EIGEN_USE_BLAS and -march=native change how Eigen's types and kernels are compiled, so every target of one
 # program that passes Eigen objects to another must link the same ones.
@@ -58,6 +60,14 @@ function(_lora_define_opt_in_targets)
     if(OpenMP_CXX_FOUND)
       _lora_opt_in_target(openmp tgt)
       target_link_libraries(${tgt} INTERFACE OpenMP::OpenMP_CXX)
+    endif()
+  endif()
+
+  if(NOT TARGET lora::mpi AND CMAKE_CXX_COMPILER_LOADED)
+    find_package(MPI QUIET COMPONENTS CXX)
+    if(MPI_CXX_FOUND)
+      _lora_opt_in_target(mpi tgt)
+      target_link_libraries(${tgt} INTERFACE MPI::MPI_CXX)
     endif()
   endif()
 endfunction()

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Installs the Debian/Ubuntu packages needed to build, test, benchmark and
 # format lora, its tools (nlohmann-json, CLI11) and examples/finetune (zlib,
-# the Fashion-MNIST data set; gnuplot-nox is optional and adds its PNG plot).
+# the Fashion-MNIST data set; gnuplot-nox is optional and adds its PNG plot) and data-parallel training over
+# MPI (<lora/distributed.hpp> and its tests: Open MPI's libopenmpi-dev and openmpi-bin).
 # Does nothing (and needs no network) when all are present.
 set -euo pipefail
 
 # libopenblas-dev: the LORA_USE_BLAS backend of the benchmarks. Not here: python3-torch (about 1 GB), which only
 # bench/peers/pytorch_lora.py and the golden-data scripts use; .ci/run installs it for its benchmark step.
 packages=(cmake g++ make git libeigen3-dev nlohmann-json3-dev libcli11-dev catch2 libbenchmark-dev clang-format
-  zlib1g-dev dataset-fashion-mnist libopenblas-dev)
+  zlib1g-dev dataset-fashion-mnist libopenblas-dev libopenmpi-dev openmpi-bin)
 
 missing=()
 for package in "${packages[@]}"; do
