@@ -307,10 +307,10 @@ TEST_CASE("finetune DenseMLP: dW and db match finite differences", "[finetune]")
 }
 
 TEST_CASE("finetune pipeline: the batch order covers every example once per pass", "[finetune]") {
-  finetune::Batches batches(10, 5, 7);
+  lora::ShuffledBatches batches(10, 5, 7);
   std::vector<int> seen(10, 0);
   for (int k = 0; k < 2; ++k) {
-    const std::size_t* b = batches.next();
+    const lora::Index* b = batches.next();
     for (int i = 0; i < 5; ++i) ++seen[b[i]];
   }
   CHECK(seen == std::vector<int>(10, 1));

@@ -11,6 +11,7 @@
 // instead of trivially at 0, and task A accuracy after adapting measures what became of the features.
 #pragma once
 
+#include <lora/data_parallel.hpp>  // train(): the same loop on one process or, under mpirun, on several
 #include <lora/init.hpp>
 #include <lora/lora.hpp>
 #include <lora/quant.hpp>  // the low-precision bases
@@ -21,8 +22,10 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <memory>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -70,12 +73,14 @@ inline void fill_row(const mnist::Dataset& d, std::size_t image, float* out) {
 }
 
 /// x (n, D) and labels of the task's examples picked[0 .. n).
-inline void fill_batch(const Task& t, const std::size_t* picked, std::size_t n, Mat& x, std::vector<int>& labels) {
+template <class I>
+void fill_batch(const Task& t, const I* picked, std::size_t n, Mat& x, std::vector<int>& labels) {
   x.resize(static_cast<Index>(n), static_cast<Index>(t.data->pixels_per_image()));
   labels.resize(n);
   for (std::size_t i = 0; i < n; ++i) {
-    fill_row(*t.data, t.index[picked[i]], x.row(static_cast<Index>(i)).data());
-    labels[i] = t.labels[picked[i]];
+    const auto k = static_cast<std::size_t>(picked[i]);
+    fill_row(*t.data, t.index[k], x.row(static_cast<Index>(i)).data());
+    labels[i] = t.labels[k];
   }
 }
 
@@ -88,33 +93,6 @@ inline Mat all_images(const Task& t) {
   fill_batch(t, all.data(), all.size(), x, ignored);
   return x;
 }
-
-/// Shuffled passes over 0..n-1, batch by batch. std::mt19937_64's output is fixed by the standard
-/// (its distributions are not), so the shuffle is written out: the same seed gives the same batches everywhere.
-class Batches {
- public:
-  Batches(std::size_t n, std::size_t batch, std::uint64_t seed) : order_(n), batch_(std::min(batch, n)), rng_(seed) {
-    for (std::size_t i = 0; i < n; ++i) order_[i] = i;
-    shuffle();
-  }
-  const std::size_t* next() {
-    if (pos_ + batch_ > order_.size()) shuffle();
-    const std::size_t* b = order_.data() + pos_;
-    pos_ += batch_;
-    return b;
-  }
-  std::size_t batch() const { return batch_; }
-
- private:
-  void shuffle() {
-    for (std::size_t i = order_.size(); i > 1; --i) std::swap(order_[i - 1], order_[rng_() % i]);
-    pos_ = 0;
-  }
-  std::vector<std::size_t> order_;
-  std::size_t batch_;
-  std::size_t pos_ = 0;
-  std::mt19937_64 rng_;
-};
 
 // ---- the dense network: pretraining and full fine-tuning ----------------------------------------------
 
@@ -381,6 +359,11 @@ struct TrainOptions {
   double clip_norm = 1.0;
   std::uint64_t seed = 0;     // the batch order
   double loraplus_ratio = 0;  // LoRA+ (PEFT's create_loraplus_optimizer): lora_B at lr · ratio; 0: off
+  // Data parallelism (<lora/data_parallel.hpp>): each global batch in `micro_batches` leaves, summed in a fixed
+  // tree, so that one process and any number of MPI ranks (up to micro_batches) train the same bits. `comm`:
+  // null for one process.
+  int micro_batches = 4;
+  lora::Communicator* comm = nullptr;
 };
 
 struct TrainResult {
@@ -388,9 +371,12 @@ struct TrainResult {
   double seconds = 0;
   std::size_t optimizer_state_bytes = 0;
   lora::ParameterCount params;
+  std::size_t bytes_sent_per_step = 0;  // what each rank hands MPI per step (the gradients and the loss)
+  double reduce_seconds = 0;            // of `seconds`, the time in DataParallel::reduce()
 };
 
 /// Trains model (DenseMLP or lora::Sequential<float>) on the task: cross-entropy over the task's five outputs.
+/// Every rank of o.comm calls it with the same arguments; each computes its leaves of every global batch.
 template <class Model>
 TrainResult train(Model& model, const Task& task, const TrainOptions& o, const std::string& label,
                   std::FILE* progress_out) {
@@ -403,26 +389,49 @@ TrainResult train(Model& model, const Task& task, const TrainOptions& o, const s
   lora::AdamW<float> opt(groups, {o.lr, 0.9, 0.999, 1e-8, o.weight_decay});
   r.optimizer_state_bytes = opt.state_bytes();
   const auto params = model.parameters();
-  Batches batches(task.size(), o.batch, o.seed);
+  lora::LocalCommunicator one_process;
+  lora::Communicator& comm = o.comm ? *o.comm : one_process;
+  lora::DataParallel<float>::Options dpo;
+  dpo.mode = lora::DataParallelMode::deterministic;
+  dpo.global_batch = static_cast<Index>(std::min(o.batch, task.size()));
+  dpo.micro_batches = static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(o.micro_batches), o.batch));
+  dpo.seed = o.seed;
+  // A LoRA model's modules (shapes, ranks, base fingerprints) are compared across ranks too.
+  auto dp = [&] {
+    if constexpr (std::is_same_v<Model, lora::Sequential<float>>)
+      return std::make_unique<lora::DataParallel<float>>(comm, model, dpo);
+    else
+      return std::make_unique<lora::DataParallel<float>>(comm, params, dpo);
+  }();
+  lora::ShuffledBatches batches(static_cast<Index>(task.size()), dpo.global_batch, o.seed);
   const long warmup = static_cast<long>(o.warmup_fraction * static_cast<double>(o.steps));
   Mat x, dlogits;
   std::vector<int> labels;
   Progress progress(label, o.steps, progress_out);
   for (long step = 0; step < o.steps; ++step) {
-    fill_batch(task, batches.next(), batches.batch(), x, labels);
+    const Index* batch = batches.next();
+    for (const auto& shard : dp->shards()) {
+      if constexpr (std::is_same_v<Model, lora::Sequential<float>>)
+        lora::set_dropout_seeds(model, dp->leaf_seed(step, shard.leaf));
+      fill_batch(task, batch + shard.begin, static_cast<std::size_t>(shard.size()), x, labels);
+      const Mat& logits = model.forward(x);
+      dlogits.setZero(logits.rows(), logits.cols());  // the other task's outputs get no gradient
+      const float loss = lora::cross_entropy<float>(logits.middleCols(task.first_class, kTaskClasses), labels,
+                                                    dlogits.middleCols(task.first_class, kTaskClasses));
+      model.backward(dlogits);
+      dp->accumulate(loss);
+    }
+    const double loss = dp->reduce();  // the global batch's mean loss; the gradients are the batch's
     opt.set_lr(o.lr * lora::cosine_schedule_with_warmup(step, warmup, o.steps));
-    const Mat& logits = model.forward(x);
-    dlogits.setZero(logits.rows(), logits.cols());  // the other task's outputs get no gradient
-    const float loss = lora::cross_entropy<float>(logits.middleCols(task.first_class, kTaskClasses), labels,
-                                                  dlogits.middleCols(task.first_class, kTaskClasses));
-    model.backward(dlogits);
     lora::clip_grad_norm(params, o.clip_norm);
     opt.step();
     opt.zero_grad();
-    r.losses.push_back(loss);
+    r.losses.push_back(static_cast<float>(loss));
     progress.update(step + 1, loss);
   }
   r.seconds = progress.seconds();
+  r.bytes_sent_per_step = dp->bytes_sent_per_step();
+  r.reduce_seconds = dp->reduce_seconds();
   return r;
 }
 

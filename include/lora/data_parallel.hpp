@@ -310,7 +310,7 @@ class DataParallel {
       mine_.assign(n * pieces_of_rank_[static_cast<std::size_t>(k)], Scalar(0));
       std::size_t total = 0;
       for (const auto c : pieces_of_rank_) total += c;
-      gathered_.assign(n * total, Scalar(0));
+      if (K > 1) gathered_.assign(n * total, Scalar(0));
       work_.assign(n * static_cast<std::size_t>(depth(0, leaves_) + 1), Scalar(0));
     }
   }
@@ -352,10 +352,14 @@ class DataParallel {
     Scalar* out = o_.mode == DataParallelMode::fast ? acc_.data() : stored_.data() + n * taken_;
     const bool add = o_.mode == DataParallelMode::fast && taken_ > 0;
     std::size_t at = 0;
-    for (const auto& p : params_) {
+    for (const auto& p : params_) {  // one pass: take, weight, zero
       const auto m = static_cast<std::size_t>(p.size());
-      for (std::size_t i = 0; i < m; ++i) out[at + i] = add ? out[at + i] + w * p.grad[i] : w * p.grad[i];
-      std::fill(p.grad, p.grad + m, Scalar(0));
+      Scalar* o = out + at;
+      Scalar* g = p.grad;
+      if (add)
+        for (std::size_t i = 0; i < m; ++i) o[i] += w * g[i], g[i] = Scalar(0);
+      else
+        for (std::size_t i = 0; i < m; ++i) o[i] = w * g[i], g[i] = Scalar(0);
       at += m;
     }
     out[size_] = add ? out[size_] + w * static_cast<Scalar>(loss) : w * static_cast<Scalar>(loss);
@@ -381,15 +385,16 @@ class DataParallel {
       const int k = comm_.rank();
       std::size_t m = 0;
       for (const auto& p : pieces_)
-        if (p.owner == k) {
-          sum(p.lo, p.hi, 0, /*local=*/true);
-          std::memcpy(mine_.data() + n * m++, work_.data(), n * sizeof(Scalar));
-        }
-      std::vector<std::size_t> counts(pieces_of_rank_.size());
-      for (std::size_t r = 0; r < counts.size(); ++r) counts[r] = pieces_of_rank_[r] * n * sizeof(Scalar);
-      comm_.allgatherv(mine_.data(), gathered_.data(), counts, what.c_str());
-      sum(0, leaves_, 0, /*local=*/false);
-      result = work_.data();
+        if (p.owner == k) sum(p.lo, p.hi, 0, /*local=*/true, mine_.data() + n * m++);
+      if (comm_.size() > 1) {
+        std::vector<std::size_t> counts(pieces_of_rank_.size());
+        for (std::size_t r = 0; r < counts.size(); ++r) counts[r] = pieces_of_rank_[r] * n * sizeof(Scalar);
+        comm_.allgatherv(mine_.data(), gathered_.data(), counts, what.c_str());
+        gathered_at_ = gathered_.data();
+      } else {
+        gathered_at_ = mine_.data();  // one rank: its pieces are all of them
+      }
+      result = sum(0, leaves_, 0, /*local=*/false, nullptr);
     }
     std::size_t at = 0;
     for (const auto& p : params_) {
@@ -475,28 +480,29 @@ class DataParallel {
     return 1 + std::max(depth(lo, mid), depth(mid, hi));
   }
 
-  // The sum of leaves [lo, hi) in the tree's order, into work_ slot t (slots above t are scratch). local: from
-  // this rank's stored leaves; else from the gathered pieces.
-  void sum(int lo, int hi, std::size_t t, bool local) {
+  // The sum of leaves [lo, hi) in the tree's order (left + right at every node). Returns where it is: a stored leaf
+  // or a gathered piece itself when the node is one (copied into `out` when given), else `out`, or work_ slot t
+  // when out is null (slots above t are scratch). local: from this rank's stored leaves; else from the pieces.
+  const Scalar* sum(int lo, int hi, std::size_t t, bool local, Scalar* out) {
     const std::size_t n = size_ + 1;
-    Scalar* out = work_.data() + n * t;
+    const Scalar* given = nullptr;
     if (local && hi - lo == 1) {
-      std::memcpy(out, stored_.data() + n * static_cast<std::size_t>(lo - first_leaf_[comm_.rank()]),
-                  n * sizeof(Scalar));
-      return;
+      given = stored_.data() + n * static_cast<std::size_t>(lo - first_leaf_[static_cast<std::size_t>(comm_.rank())]);
+    } else if (!local) {
+      for (std::size_t i = 0; i < pieces_.size() && !given; ++i)
+        if (pieces_[i].lo == lo && pieces_[i].hi == hi) given = gathered_at_ + n * i;
     }
-    if (!local) {
-      for (std::size_t i = 0; i < pieces_.size(); ++i)
-        if (pieces_[i].lo == lo && pieces_[i].hi == hi) {
-          std::memcpy(out, gathered_.data() + n * i, n * sizeof(Scalar));
-          return;
-        }
+    if (given) {
+      if (!out) return given;
+      std::memcpy(out, given, n * sizeof(Scalar));
+      return out;
     }
     const int mid = lo + (hi - lo) / 2;
-    sum(lo, mid, t, local);
-    sum(mid, hi, t + 1, local);
-    const Scalar* right = out + n;
-    for (std::size_t i = 0; i < n; ++i) out[i] += right[i];
+    const Scalar* left = sum(lo, mid, t, local, nullptr);
+    const Scalar* right = sum(mid, hi, t + 1, local, nullptr);
+    Scalar* to = out ? out : work_.data() + n * t;
+    for (std::size_t i = 0; i < n; ++i) to[i] = left[i] + right[i];
+    return to;
   }
 
   // Every rank's description of itself against rank 0's.
@@ -560,11 +566,12 @@ class DataParallel {
   std::vector<Shard> shards_;
   std::vector<Piece> pieces_;  // deterministic: the tree's nodes each rank sums, in leaf order (so in rank order)
   std::vector<std::size_t> pieces_of_rank_ = std::vector<std::size_t>(static_cast<std::size_t>(comm_.size()), 0);
-  std::vector<Scalar> acc_;       // fast: the local sum
-  std::vector<Scalar> stored_;    // deterministic: this rank's leaves, one vector each
-  std::vector<Scalar> mine_;      // deterministic: this rank's pieces
-  std::vector<Scalar> gathered_;  // deterministic: every rank's pieces
-  std::vector<Scalar> work_;      // deterministic: one vector per tree level
+  std::vector<Scalar> acc_;              // fast: the local sum
+  std::vector<Scalar> stored_;           // deterministic: this rank's leaves, one vector each
+  std::vector<Scalar> mine_;             // deterministic: this rank's pieces
+  std::vector<Scalar> gathered_;         // deterministic: every rank's pieces
+  std::vector<Scalar> work_;             // deterministic: one vector per tree level
+  const Scalar* gathered_at_ = nullptr;  // gathered_, or mine_ on one rank
   std::size_t taken_ = 0;
   long steps_ = 0;
   double seconds_ = 0;
