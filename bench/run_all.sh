@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds and runs every benchmark (bench_params, bench_compute, bench_memory,
-# bench_lowp, bench/peers/pytorch_lora.py) and prints one table of ratios at the end.
+# bench_lowp, bench/peers/pytorch_lora.py, and bench_mpi_scaling under mpirun -np 2 when the first backend's build
+# has MPI) and prints one table of ratios at the end.
 #
 #   bench/run_all.sh            Eigen and OpenBLAS backends, 1 and 2 threads, the issue's headline
 #                               shapes with 5 interleaved repetitions
@@ -31,7 +32,7 @@ out=${OUT:-build-bench/results}
 jobs=${JOBS:-2}
 python=${PYTHON:-/usr/bin/python3}
 mkdir -p "$out"
-rm -f "$out"/compute-*.json "$out"/pytorch-*.json "$out"/memory.txt "$out"/lowp.txt
+rm -f "$out"/compute-*.json "$out"/pytorch-*.json "$out"/memory.txt "$out"/lowp.txt "$out"/mpi_scaling.txt
 
 section() { printf '\n===== %s\n' "$*"; }
 
@@ -93,6 +94,17 @@ if [ "$smoke" = 1 ]; then
   "$first/bench_lowp" --smoke --benchmark_min_time=0.01 --benchmark_color=false
 else
   "$first/bench_lowp" --benchmark_color=false | tee "$out/lowp.txt"
+fi
+
+# Data-parallel communication (issue 17), when CMake found MPI: measured on 2 ranks here, then projected.
+if [ -x "$first/bench_mpi_scaling" ] || cmake --build "$(dirname "$first")" --target bench_mpi_scaling >/dev/null 2>&1; then
+  section "bench_mpi_scaling (mpirun -np 2)"
+  mpirun_flags=()
+  mpirun --version 2>/dev/null | grep -q "Open MPI" && mpirun_flags=(--oversubscribe)
+  [ "$(id -u)" -eq 0 ] && [ "${#mpirun_flags[@]}" -gt 0 ] && mpirun_flags+=(--allow-run-as-root)
+  mpirun "${mpirun_flags[@]}" -np 2 "$first/bench_mpi_scaling" "${smoke_flag[@]}" | tee "$out/mpi_scaling.txt"
+else
+  section "bench_mpi_scaling: skipped, the build has no MPI (Debian: libopenmpi-dev openmpi-bin)"
 fi
 
 section "bench_memory (${backends[0]}, 1 thread)"
