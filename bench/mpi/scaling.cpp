@@ -122,7 +122,7 @@ int main(int argc, char** argv) {
   // 1. Measured: the two reductions on this machine's ranks.
   if (root)
     std::printf(
-        "## Measured: DataParallel's reductions, %d rank(s) on this machine (median of the slowest rank)\n\n"
+        "### Measured: DataParallel's reductions, %d rank(s) on this machine (median of the slowest rank)\n\n"
         "| gradient vector | bytes per rank | fast: allreduce | deterministic: allgather of one piece per "
         "rank |\n|---|--:|--:|--:|\n",
         K);
@@ -146,7 +146,7 @@ int main(int argc, char** argv) {
   if (!root) return 0;
   // 2. Counted.
   std::printf(
-      "\n## Sent per step and rank (the gradients and the loss, float)\n\n"
+      "\n### Sent per step and rank (the gradients and the loss, float)\n\n"
       "| model | LoRA | full fine-tuning | ratio |\n|---|--:|--:|--:|\n");
   for (const auto& p : payloads)
     std::printf("| %s | %s | %s | %.0f |\n", p.name, bytes_text(p.lora_floats * 4).c_str(),
@@ -154,7 +154,7 @@ int main(int argc, char** argv) {
 
   // 3. Projected.
   std::printf(
-      "\n## Projected communication per step (ring allreduce, fast mode; ring allgather, deterministic)\n\n"
+      "\n### Projected communication per step (ring allreduce, fast mode; ring allgather, deterministic)\n\n"
       "| model | link | nodes | LoRA fast | LoRA deterministic | full FT fast |\n|---|---|--:|--:|--:|--:|\n");
   for (const auto& p : payloads)
     for (const auto& l : links)
@@ -166,7 +166,7 @@ int main(int argc, char** argv) {
   if (lora_step_ms > 0 && full_step_ms > 0) {
     const Payload& demo = payloads[0];
     std::printf(
-        "\n## Projected step time and efficiency for the finetune demo (measured step: LoRA r=8 %.2f ms, "
+        "\n### Projected step time and efficiency for the finetune demo (measured step: LoRA r=8 %.2f ms, "
         "full fine-tuning %.2f ms on one node; each node keeps its batch of 128)\n\n"
         "| link | nodes | LoRA fast: step, efficiency | LoRA deterministic | full FT fast |\n"
         "|---|--:|--:|--:|--:|\n",

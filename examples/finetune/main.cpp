@@ -80,6 +80,14 @@ std::string bytes_string(std::size_t b) {
   return buf;
 }
 
+// A CSV field (RFC 4180): quoted when it holds a comma or a quote ("LoRA r=8, bf16 base"), quotes doubled.
+std::string csv(const std::string& field) {
+  if (field.find_first_of(",\"") == std::string::npos) return field;
+  std::string out = "\"";
+  for (char c : field) out += c == '"' ? std::string("\"\"") : std::string(1, c);
+  return out + '"';
+}
+
 bool command_exists(const char* name) {
   const std::string cmd = std::string("command -v ") + name + " >/dev/null 2>&1";
   return std::system(cmd.c_str()) == 0;
@@ -450,7 +458,7 @@ int main(int argc, char** argv) {
          "task_a_acc_merged_unmerged\n";
     for (const auto& m : methods) {
       if (m.variant) continue;  // variants.csv
-      f << m.name << ',' << std::max(0, m.rank) << ',' << m.train.params.trainable << ','
+      f << csv(m.name) << ',' << std::max(0, m.rank) << ',' << m.train.params.trainable << ','
         << m.train.optimizer_state_bytes << ',' << m.train.seconds << ',' << m.acc_b << ',' << m.acc_a << ',';
       if (m.rank > 0) f << m.acc_a_roundtrip;
       f << '\n';
@@ -459,7 +467,7 @@ int main(int argc, char** argv) {
   {
     std::ofstream f(output + "/curves.csv");  // adaptation loss per step, one column per trained method
     f << "step";
-    for (std::size_t k = 1; k < methods.size(); ++k) f << ',' << methods[k].name;
+    for (std::size_t k = 1; k < methods.size(); ++k) f << ',' << csv(methods[k].name);
     f << '\n';
     for (long s = 0; s < steps; ++s) {
       f << s + 1;
@@ -469,7 +477,7 @@ int main(int argc, char** argv) {
     // The same, each value the mean of the last 25 steps, for the plot.
     std::ofstream m(output + "/curves_smoothed.csv");
     m << "step";
-    for (std::size_t k = 1; k < methods.size(); ++k) m << ',' << methods[k].name;
+    for (std::size_t k = 1; k < methods.size(); ++k) m << ',' << csv(methods[k].name);
     m << '\n';
     const long window = 25;
     for (long s = 0; s < steps; ++s) {
@@ -490,8 +498,8 @@ int main(int argc, char** argv) {
     f << "method,rank,trainable_params,optimizer_state_bytes,train_seconds,task_b_acc,task_a_acc\n";
     for (const auto& m : methods)
       if (m.variant || (m.rank == 4 || m.rank == 8))
-        f << m.name << ',' << m.rank << ',' << m.train.params.trainable << ',' << m.train.optimizer_state_bytes << ','
-          << m.train.seconds << ',' << m.acc_b << ',' << m.acc_a << '\n';
+        f << csv(m.name) << ',' << m.rank << ',' << m.train.params.trainable << ',' << m.train.optimizer_state_bytes
+          << ',' << m.train.seconds << ',' << m.acc_b << ',' << m.acc_a << '\n';
   }
   std::printf("wrote %s/sweep.csv, variants.csv, curves.csv, curves_smoothed.csv, pretrain.csv\n", output.c_str());
   if (best_lora_acc >= 0)
@@ -506,7 +514,7 @@ int main(int argc, char** argv) {
       const double head_b = methods[1].acc_b, frozen_b = methods[0].acc_b;
       std::ofstream g(output + "/plot.gp");
       g << "set datafile separator ','\n"
-           "set terminal pngcairo size 1200,450 font ',10'\n"
+           "set terminal pngcairo size 1200,450 font ',10' noenhanced\n"
            "set output '"
         << output << "/finetune.png'\n"
         << "set multiplot layout 1,2\n"
@@ -521,10 +529,13 @@ int main(int argc, char** argv) {
         << "unset logscale x\nset logscale y\n"
            "set title 'Task B training loss (mean of the last 25 steps)'\nset xlabel 'step'\n"
            "set ylabel 'cross-entropy'\n"
-           "set key top right autotitle columnhead\n"
-           "plot for [i=2:"
-        << methods.size() << "] '" << output << "/curves_smoothed.csv' using 1:i with lines lw 1.5\n"
-        << "unset multiplot\n";
+           "set key top right autotitle columnhead\n"  // skips the header line; the titles are given below
+           "plot ";
+      // One curve per method, titled by its name (gnuplot's columnhead would cut "LoRA r=8, bf16 base" at the comma).
+      for (std::size_t k = 1; k < methods.size(); ++k)
+        g << (k == 1 ? "'" + output + "/curves_smoothed.csv'" : std::string(", ''")) << " using 1:" << k + 1
+          << " with lines lw 1.5 title '" << methods[k].name << "'";
+      g << "\nunset multiplot\n";
       g.close();
       const std::string cmd = "gnuplot '" + output + "/plot.gp'";
       if (std::system(cmd.c_str()) == 0)

@@ -184,8 +184,9 @@ int die(int rank_to_die) {
       dp_test::gather_rows(data.y, batch + s.begin, s.size(), y);
       const auto& out = model.forward(x);
       dy.resize(out.rows(), out.cols());
-      dp.accumulate(lora::mse_loss<float>(out, y, dy));
+      const float loss = lora::mse_loss<float>(out, y, dy);
       model.backward(dy);
+      dp.accumulate(loss);
     }
     dp.reduce();
     opt.step();
