@@ -1,8 +1,12 @@
 // Builds a rank-4 adapter on a 16 -> 8 layer, with lora installed (find_package/) or built as a subproject
 // (add_subdirectory/); fails unless the trainable count is R * (I + O) and the forward matches a naive product.
-// With LORA_CONSUMER_EXPECT_<NAME> (consumer.cmake: linked lora::native, lora::openblas, lora::openmp) it also
-// fails unless that target took effect in this file.
+// With LORA_CONSUMER_EXPECT_<NAME> (consumer.cmake: linked lora::native, lora::openblas, lora::openmp, lora::mpi)
+// it also fails unless that target took effect in this file (lora::mpi: <lora/distributed.hpp> builds, links and
+// trains one data-parallel step on MPI's singleton start).
 #include <lora/lora.hpp>
+#ifdef LORA_CONSUMER_EXPECT_MPI
+#include <lora/distributed.hpp>
+#endif
 
 #include <cmath>
 #include <cstdio>
@@ -23,7 +27,13 @@ constexpr bool kCompiledWithAvx2 = true;
 constexpr bool kCompiledWithAvx2 = false;
 #endif
 
-int main() {
+int main(int argc, char** argv) {
+#ifdef LORA_CONSUMER_EXPECT_MPI
+  lora::mpi::Environment mpi(argc, argv);
+#else
+  (void)argc;
+  (void)argv;
+#endif
   lora::LoraConfig cfg;
   cfg.r = 4;
   lora::LoRALinear<float> layer(/*in_features*/ 16, /*out_features*/ 8, cfg);
@@ -76,6 +86,26 @@ int main() {
 #endif
 #ifdef LORA_CONSUMER_EXPECT_OPENMP
   std::printf("lora::openmp: Eigen may use %d threads\n", Eigen::nbThreads());
+#endif
+#ifdef LORA_CONSUMER_EXPECT_MPI
+  {
+    // One data-parallel step over MPI: the gradient the reduction hands back is the one backward left.
+    lora::mpi::Communicator comm;
+    lora::DataParallel<float>::Options o;
+    o.global_batch = 64;
+    lora::DataParallel<float> dp(comm, layer, o);
+    lora::Matrix<float> dy = lora::Matrix<float>::Ones(64, 8);
+    layer.backward(x, dy);
+    const lora::Matrix<float> dB = layer.dB();
+    dp.accumulate(1.0);
+    const double loss = dp.reduce();
+    if (comm.size() != 1 || loss != 1.0 || !(layer.dB() == dB)) {
+      std::printf("lora::mpi: %d rank(s), loss %g, gradient %s\n", comm.size(), loss,
+                  layer.dB() == dB ? "kept" : "changed");
+      return 1;
+    }
+    std::printf("lora::mpi: one data-parallel step on %d rank(s)\n", comm.size());
+  }
 #endif
   return 0;
 }
