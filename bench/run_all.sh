@@ -100,7 +100,7 @@ fi
 if [ -x "$first/bench_mpi_scaling" ] || cmake --build "$(dirname "$first")" --target bench_mpi_scaling >/dev/null 2>&1; then
   section "bench_mpi_scaling (mpirun -np 2)"
   mpirun_flags=()
-  mpirun --version 2>/dev/null | grep -q "Open MPI" && mpirun_flags=(--oversubscribe)
+  case "$(mpirun --version 2>/dev/null)" in *"Open MPI"*) mpirun_flags=(--oversubscribe) ;; esac
   [ "$(id -u)" -eq 0 ] && [ "${#mpirun_flags[@]}" -gt 0 ] && mpirun_flags+=(--allow-run-as-root)
   mpirun "${mpirun_flags[@]}" -np 2 "$first/bench_mpi_scaling" "${smoke_flag[@]}" | tee "$out/mpi_scaling.txt"
 else

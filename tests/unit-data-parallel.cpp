@@ -179,6 +179,41 @@ TEST_CASE("Ranks that build different models are refused on every rank", "[data_
   }
 }
 
+TEST_CASE("Bad options on one rank are refused on every rank, not left waiting", "[data_parallel][threads]") {
+  std::vector<std::string> messages(3);
+  const auto errors = dp_test::run_ranks(3, [&](lora::Communicator& comm) {
+    auto model = dp_test::make_model(0);
+    Options o = options(lora::DataParallelMode::fast, 0);
+    o.global_batch = comm.rank() == 1 ? 0 : 48;  // rank 1 alone asks for an impossible batch
+    try {
+      lora::DataParallel<float> dp(comm, model, o);
+    } catch (const lora::config_error& e) {
+      messages[static_cast<std::size_t>(comm.rank())] = e.what();
+      throw;
+    }
+  });
+  for (int r = 0; r < 3; ++r) {
+    INFO("rank " << r);
+    CHECK(errors[static_cast<std::size_t>(r)]);
+    CHECK_THAT(messages[static_cast<std::size_t>(r)], Contains("rank 1 has options: mode fast, global_batch 0"));
+  }
+  // The same bad options everywhere: every rank gets the option's own message.
+  const auto same = dp_test::run_ranks(2, [&](lora::Communicator& comm) {
+    auto model = dp_test::make_model(0);
+    Options o = options(lora::DataParallelMode::deterministic, 0);
+    o.global_batch = 48;
+    lora::DataParallel<float> dp(comm, model, o);
+  });
+  for (const auto& e : same) {
+    REQUIRE(e);
+    try {
+      std::rethrow_exception(e);
+    } catch (const lora::config_error& err) {
+      CHECK_THAT(err.what(), Contains("deterministic mode needs Options::micro_batches"));
+    }
+  }
+}
+
 TEST_CASE("Rank 0's parameters reach every rank at the start", "[data_parallel][threads]") {
   Options o = options(lora::DataParallelMode::fast, 0);
   o.global_batch = 48;

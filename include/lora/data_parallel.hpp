@@ -273,24 +273,28 @@ class DataParallel {
                std::vector<std::pair<std::string, std::string>> modules = {})
       : comm_(comm), params_(std::move(params)), o_(options) {
     const int K = comm_.size();
+    // Bad options are reported after the ranks compared them (agree), so that every rank throws: a rank that threw
+    // here alone would leave the others waiting in the collective.
+    std::string problem;
     if (o_.global_batch < 1)
-      throw config_error("DataParallel: Options::global_batch (rows per step over all ranks) must be >= 1, got " +
-                         std::to_string(o_.global_batch));
-    if (o_.micro_batches < 0)
-      throw config_error("DataParallel: Options::micro_batches must be >= 0, got " + std::to_string(o_.micro_batches));
-    if (o_.mode == DataParallelMode::deterministic && o_.micro_batches == 0)
-      throw config_error(
+      problem = "DataParallel: Options::global_batch (rows per step over all ranks) must be >= 1, got " +
+                std::to_string(o_.global_batch);
+    else if (o_.micro_batches < 0)
+      problem = "DataParallel: Options::micro_batches must be >= 0, got " + std::to_string(o_.micro_batches);
+    else if (o_.mode == DataParallelMode::deterministic && o_.micro_batches == 0)
+      problem =
           "DataParallel: deterministic mode needs Options::micro_batches, the global batch's split into leaves, "
           "which stays the same for every rank count (e.g. 8; every rank count from 1 to it then gives the same "
-          "bits); got 0");
+          "bits); got 0";
     leaves_ = o_.micro_batches > 0 ? o_.micro_batches : K;
-    if (leaves_ > o_.global_batch)
-      throw config_error("DataParallel: " + std::to_string(leaves_) + " leaves (micro_batches" +
-                         std::string(o_.micro_batches > 0 ? "" : " 0: one per rank") + ") need at least as many rows " +
-                         "per step, got global_batch " + std::to_string(o_.global_batch));
+    if (problem.empty() && leaves_ > o_.global_batch)
+      problem = "DataParallel: " + std::to_string(leaves_) + " leaves (micro_batches" +
+                std::string(o_.micro_batches > 0 ? "" : " 0: one per rank") + ") need at least as many rows " +
+                "per step, got global_batch " + std::to_string(o_.global_batch);
     size_ = 0;
     for (const auto& p : params_) size_ += static_cast<std::size_t>(p.size());
     agree(modules);
+    if (!problem.empty()) throw config_error(problem);
     for (const auto& p : params_)
       comm_.broadcast(p.value, static_cast<std::size_t>(p.size()) * sizeof(Scalar), 0, "the initial parameters");
 
