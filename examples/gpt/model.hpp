@@ -335,23 +335,31 @@ void layernorm_backward(const Mat<S>& inp, const S* weight, const Vec<S>& mean, 
   }
 }
 
-/// GPT-2's "gelu_new": 0.5 x (1 + tanh(sqrt(2/π) (x + 0.044715 x³))). inp, out (N, 4C).
+/// GPT-2's "gelu_new": 0.5 x (1 + tanh(sqrt(2/π) (x + 0.044715 x³))). inp, out (N, 4C). A row at a time with
+/// Eigen's vectorised tanh (libm's scalar tanhf took 40% of a training step).
 template <class S>
 void gelu_forward(const Mat<S>& inp, Mat<S>& out) {
-  const S k = static_cast<S>(std::sqrt(2.0 / 3.14159265358979323846));
-  out = inp.unaryExpr([k](S x) { return S(0.5) * x * (S(1) + std::tanh(k * (x + S(0.044715) * x * x * x))); });
+  const S k = static_cast<S>(std::sqrt(2.0 / 3.14159265358979323846)), c = S(0.044715);
+  Eigen::Array<S, 1, Eigen::Dynamic> t(inp.cols());
+  for (Index n = 0; n < inp.rows(); ++n) {
+    const auto x = inp.row(n).array();
+    t = (k * (x + c * x.cube())).tanh();
+    out.row(n).array() = S(0.5) * x * (S(1) + t);
+  }
 }
 
 template <class S>
 void gelu_backward(const Mat<S>& inp, const Mat<S>& dout, Mat<S>& dinp) {
-  const S k = static_cast<S>(std::sqrt(2.0 / 3.14159265358979323846));
-  // forward: out = 0.5 x (1 + tanh u), u = k (x + 0.044715 x³)
-  // d out / dx = 0.5 (1 + tanh u) + 0.5 x (1 − tanh² u) k (1 + 3 · 0.044715 x²)
-  dinp = inp.binaryExpr(dout, [k](S x, S dy) {
-    const S u = k * (x + S(0.044715) * x * x * x);
-    const S t = std::tanh(u);
-    return dy * (S(0.5) * (S(1) + t) + S(0.5) * x * (S(1) - t * t) * k * (S(1) + S(3 * 0.044715) * x * x));
-  });
+  const S k = static_cast<S>(std::sqrt(2.0 / 3.14159265358979323846)), c = S(0.044715);
+  Eigen::Array<S, 1, Eigen::Dynamic> t(inp.cols());
+  for (Index n = 0; n < inp.rows(); ++n) {
+    const auto x = inp.row(n).array();
+    // forward: out = 0.5 x (1 + tanh u), u = k (x + c x³)
+    // d out / dx = 0.5 (1 + tanh u) + 0.5 x (1 − tanh² u) k (1 + 3 c x²)
+    t = (k * (x + c * x.cube())).tanh();
+    dinp.row(n).array() = dout.row(n).array() *
+                          (S(0.5) * (S(1) + t) + S(0.5) * k * x * (S(1) - t.square()) * (S(1) + S(3) * c * x.square()));
+  }
 }
 
 /// qkv (N, 3C) -> out (N, C); att (B·NH, T·T) keeps the softmax probabilities (zero above the diagonal).

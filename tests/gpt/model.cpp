@@ -11,6 +11,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -313,4 +316,146 @@ TEST_CASE("GPT: float models, F16 and BF16 checkpoints and greedy decoding agree
   CHECK(relative_error(got, logits_rows(g, "logits_adapter", w->config.vocab_size)) < 1e-5);
   model.remove_adapters();
   CHECK(gpt::generate(model, g.ids("generate.prompt"), 5, 0.0, 0, 1) == g.ids("generate.greedy"));
+}
+
+// ---- checkpoint folders and bad input -----------------------------------------------------------------
+
+namespace {
+
+std::string fresh_dir(const std::string& name) {
+  const std::string dir = std::string(LORA_TEST_TMP_DIR) + "/gpt/" + name;
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir;
+}
+
+void write_text(const std::string& path, const std::string& text) { std::ofstream(path) << text; }
+
+// The golden model's folder with model.safetensors rewritten by `edit` (name, matrix) -> keep?
+template <class Edit>
+std::string edited_model(const std::string& name, Edit edit) {
+  const std::string dir = fresh_dir(name);
+  std::filesystem::copy_file(golden_dir + "/model/config.json", dir + "/config.json");
+  const auto file = lora::safetensors::File::open(golden_dir + "/model/model.safetensors");
+  lora::safetensors::Writer w;
+  for (const auto& t : file.tensors()) {
+    lora::Matrix<float> m(1, static_cast<lora::Index>(t.numel()));
+    file.convert_into(t, m.data());
+    std::vector<std::uint64_t> shape = t.shape;
+    if (edit(t.name, m, shape)) w.add(t.name, m, lora::safetensors::Dtype::F32, shape);
+  }
+  w.save(dir + "/model.safetensors");
+  return dir;
+}
+
+}  // namespace
+
+TEST_CASE("GPT: a saved model reads back bit for bit, F32 in place", "[gpt]") {
+  const auto w = gpt::load_model<float>(golden_dir + "/model", gpt::LoadMode::copy);
+  CHECK(w.is_owned());
+  const std::string dir = fresh_dir("saved");
+  gpt::save_model(dir, w);
+  const auto back = gpt::load_model<float>(dir);
+  CHECK_FALSE(back.is_owned());  // viewed in the mapped file
+  REQUIRE(back.specs.size() == w.specs.size());
+  for (std::size_t i = 0; i < w.specs.size(); ++i)
+    CHECK(std::equal(w.data[i], w.data[i] + w.specs[i].size(), back.data[i]));
+  CHECK(back.config.to_json() == w.config.to_json());
+  // The hub's GPT-2 layout: names without "transformer.", the causal-mask buffers beside them.
+  const std::string hub = edited_model("hub", [](const std::string&, lora::Matrix<float>&, auto&) { return true; });
+  {
+    const auto file = lora::safetensors::File::open(golden_dir + "/model/model.safetensors");
+    lora::safetensors::Writer writer;
+    for (const auto& t : file.tensors()) {
+      lora::Matrix<float> m(1, static_cast<lora::Index>(t.numel()));
+      file.convert_into(t, m.data());
+      writer.add(t.name.substr(std::string("transformer.").size()), m, lora::safetensors::Dtype::F32, t.shape);
+    }
+    writer.add("h.0.attn.bias", lora::Matrix<float>::Ones(1, 4), lora::safetensors::Dtype::F32, {1, 1, 2, 2});
+    writer.save(hub + "/model.safetensors");
+  }
+  const auto from_hub = gpt::load_model<float>(hub);
+  for (std::size_t i = 0; i < w.specs.size(); ++i)
+    CHECK(std::equal(w.data[i], w.data[i] + w.specs[i].size(), from_hub.data[i]));
+}
+
+TEST_CASE("GPT: a checkpoint that is not the model config.json describes is refused by name", "[gpt]") {
+  const auto missing = edited_model(
+      "missing", [](const std::string& name, auto&, auto&) { return name != "transformer.h.1.mlp.c_fc.bias"; });
+  CHECK_THROWS_WITH(
+      gpt::load_model<float>(missing),
+      Catch::Contains("tensor \"transformer.h.1.mlp.c_fc.bias\" is missing") && Catch::Contains("shape [96]"));
+  const auto wrong = edited_model("wrong-shape", [](const std::string& name, lora::Matrix<float>&, auto& shape) {
+    if (name == "transformer.h.0.attn.c_proj.weight") shape = {12, 48};
+    return true;
+  });
+  CHECK_THROWS_WITH(gpt::load_model<float>(wrong),
+                    Catch::Contains("tensor \"transformer.h.0.attn.c_proj.weight\" has shape [12, 48], config.json's "
+                                    "model needs [24, 24]"));
+  const auto extra = edited_model("extra", [](const std::string&, auto&, auto&) { return true; });
+  {
+    lora::safetensors::Writer w;
+    const auto file = lora::safetensors::File::open(extra + "/model.safetensors");
+    for (const auto& t : file.tensors())
+      w.add(t.name, file.matrix<float>(t.name), lora::safetensors::Dtype::F32, t.shape);
+    w.add("transformer.h.2.ln_1.weight", lora::Matrix<float>::Ones(1, 24), lora::safetensors::Dtype::F32, {24});
+    w.save(extra + "/model.safetensors");
+  }
+  CHECK_THROWS_WITH(gpt::load_model<float>(extra),
+                    Catch::Contains("\"transformer.h.2.ln_1.weight\" is not part of a GPT-2 model"));
+  const auto nan = edited_model("nan", [](const std::string& name, lora::Matrix<float>& m, auto&) {
+    if (name == "transformer.wpe.weight") m(0, 5) = std::numeric_limits<float>::quiet_NaN();
+    return true;
+  });
+  CHECK_THROWS_WITH(gpt::load_model<float>(nan),
+                    Catch::Contains("\"transformer.wpe.weight\" holds a non-finite value at index 5"));
+}
+
+TEST_CASE("GPT: config.json missing, unreadable or inconsistent is refused with the file and the field", "[gpt]") {
+  const std::string dir = fresh_dir("config");
+  CHECK_THROWS_WITH(gpt::read_config(dir), Catch::Contains(dir + "/config.json") && Catch::Contains("config.json"));
+  write_text(dir + "/config.json", "{\"n_layer\": 2,");
+  CHECK_THROWS_AS(gpt::read_config(dir), lora::format_error);
+  write_text(dir + "/config.json",
+             R"({"model_type": "gpt2", "n_layer": 2, "n_head": 5, "n_embd": 24, "n_positions": 16, "vocab_size": 37})");
+  CHECK_THROWS_WITH(gpt::read_config(dir), Catch::Contains("n_embd (24) must be a multiple of n_head (5)"));
+  write_text(dir + "/config.json",
+             R"({"model_type": "gpt2", "n_layer": 2, "n_head": 3, "n_embd": 24, "vocab_size": 37})");
+  CHECK_THROWS_WITH(gpt::read_config(dir), Catch::Contains("\"n_positions\" is missing"));
+  write_text(
+      dir + "/config.json",
+      R"({"model_type": "gpt2", "n_layer": 2.5, "n_head": 3, "n_embd": 24, "n_positions": 16, "vocab_size": 37})");
+  CHECK_THROWS_WITH(gpt::read_config(dir), Catch::Contains("\"n_layer\" must be an integer, got 2.5"));
+  write_text(dir + "/config.json", R"({"model_type": "llama", "n_layer": 2, "n_head": 3, "n_embd": 24,
+                                       "n_positions": 16, "vocab_size": 37})");
+  CHECK_THROWS_WITH(gpt::read_config(dir), Catch::Contains("model_type must be \"gpt2\""));
+}
+
+TEST_CASE("GPT: an adapter made for another model size is refused, and the model keeps no adapter", "[gpt]") {
+  gpt::Config other;
+  other.n_layer = 2;
+  other.n_head = 2;
+  other.n_embd = 16;
+  other.n_positions = 16;
+  other.vocab_size = 37;
+  gpt::Model<float> small(std::make_shared<gpt::Weights<float>>(gpt::Weights<float>::initialized(other, 1)));
+  lora::LoraConfig cfg;
+  cfg.r = 4;
+  lora::LoraConfig off;
+  off.r = 0;
+  for (int l = 0; l < 2; ++l) small.add_qkv_lora(gpt::Model<float>::module_name(l, 0), cfg, off, cfg);
+  const std::string dir = fresh_dir("other-size-adapter");
+  gpt::save_adapter(small, dir, "small");
+  auto w = std::make_shared<gpt::Weights<float>>(gpt::load_model<float>(golden_dir + "/model"));
+  gpt::Model<float> model(w);
+  CHECK_THROWS_WITH(gpt::load_adapter(model, dir),
+                    Catch::Contains("transformer.h.0.attn.c_attn.lora_A.weight: expected (8, 24), got (8, 16)"));
+  for (const auto& p : model.projections()) CHECK_FALSE(p.adapted());
+  // Saved and read back on a model of its own size, it is the same adapter.
+  gpt::Model<float> again(small.shared_weights());
+  gpt::load_adapter(again, dir);
+  std::vector<int> tokens{1, 5, 9, 2, 36, 0};
+  small.eval();
+  const lora::Matrix<float> want = small.forward(tokens.data(), 1, 6);
+  CHECK((again.forward(tokens.data(), 1, 6) - want).cwiseAbs().maxCoeff() < 1e-6f);
 }
