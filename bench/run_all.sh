@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds and runs every benchmark (bench_params, bench_compute, bench_memory,
-# bench_lowp, bench/peers/pytorch_lora.py, and bench_mpi_scaling under mpirun -np 2 when the first backend's build
-# has MPI) and prints one table of ratios at the end.
+# bench_lowp, bench/peers/pytorch_lora.py, bench_mpi_scaling under mpirun -np 2 when the first backend's build
+# has MPI, and examples/gpt's training throughput against bench/peers/pytorch_gpt.py) and prints one table of ratios at the end.
 #
 #   bench/run_all.sh            Eigen and OpenBLAS backends, 1 and 2 threads, the issue's headline
 #                               shapes with 5 interleaved repetitions
@@ -117,6 +117,44 @@ if "$python" -c 'import torch' >/dev/null 2>&1; then
   done
 else
   section "bench/peers/pytorch_lora.py: skipped, $python cannot import torch (Debian: apt-get install python3-torch)"
+fi
+
+# examples/gpt's LoRA training step (q, v slices, AdamW) against the same model in PyTorch, 1 thread each, in
+# alternating pairs; the ratio of each pair's tokens/s, then their median (issue 18 asks for at least 1.5).
+gpt_bin=""
+if [ -n "${EIGEN_BUILD:-}" ] && [ -x "$EIGEN_BUILD/examples/gpt/gpt" ]; then
+  gpt_bin="$EIGEN_BUILD/examples/gpt/gpt"
+elif cmake -S . -B build-bench/gpt -DCMAKE_BUILD_TYPE=Release -DLORA_BUILD_TESTS=OFF -DLORA_BUILD_BENCHMARKS=OFF \
+  -DLORA_INSTALL=OFF >/dev/null && cmake --build build-bench/gpt -j"$jobs" --target gpt >/dev/null; then
+  gpt_bin="build-bench/gpt/examples/gpt/gpt"
+fi
+if [ -n "$gpt_bin" ] && "$python" -c 'import torch' >/dev/null 2>&1; then
+  section "GPT training throughput: examples/gpt bench against bench/peers/pytorch_gpt.py, 1 thread"
+  gpt_flags=()
+  py_flags=()
+  pairs=3
+  if [ "$smoke" = 1 ]; then
+    gpt_flags=(--layers 1 --heads 2 --embd 32 --batch 2 --seq 16 --min-time 0.05 --repetitions 1)
+    py_flags=(--smoke)
+    pairs=1
+  fi
+  for pair in $(seq 1 "$pairs"); do
+    "$gpt_bin" bench "${gpt_flags[@]}" --json "$out/gpt-cpp-$pair.json"
+    "$python" bench/peers/pytorch_gpt.py --threads 1 "${py_flags[@]}" --json "$out/gpt-torch-$pair.json" | grep -v '^$'
+  done
+  "$python" - "$out" "$pairs" <<'PY'
+import json, statistics, sys
+out, pairs = sys.argv[1], int(sys.argv[2])
+ratios = []
+for p in range(1, pairs + 1):
+    cpp = json.load(open("%s/gpt-cpp-%d.json" % (out, p)))["tokens_per_s"]
+    torch = json.load(open("%s/gpt-torch-%d.json" % (out, p)))["results"]["lora"]["tokens_per_second"]
+    ratios.append(cpp / torch)
+    print("pair %d: examples/gpt %.0f tokens/s, PyTorch %.0f tokens/s, ratio %.2f" % (p, cpp, torch, cpp / torch))
+print("examples/gpt / PyTorch training throughput, median of %d pairs: %.2f" % (pairs, statistics.median(ratios)))
+PY
+else
+  section "GPT training throughput: skipped (no gpt build, or $python cannot import torch)"
 fi
 
 section "summary"
