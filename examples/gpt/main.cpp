@@ -117,10 +117,24 @@ std::vector<int> parse_ids(const std::string& text, int vocab_size) {
 
 // ---- memory --------------------------------------------------------------------------------------
 
+/// The process's peak resident set (VmHWM) since the last reset_peak_rss(), in MiB; getrusage's maxrss otherwise.
 double peak_rss_mib() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.compare(0, 6, "VmHWM:") == 0) return std::stod(line.substr(6)) / 1024.0;  // "VmHWM:   83344 kB"
   struct rusage u {};
   getrusage(RUSAGE_SELF, &u);
   return static_cast<double>(u.ru_maxrss) / 1024.0;
+}
+
+/// Starts the peak over at the current resident set (Linux: writing 5 to clear_refs), so that a training run's peak
+/// is not the texts' reading and tokenising before it. False when the kernel refuses.
+bool reset_peak_rss() {
+  std::ofstream clear("/proc/self/clear_refs");
+  clear << "5";
+  clear.flush();
+  return static_cast<bool>(clear);
 }
 
 // ---- pretraining ---------------------------------------------------------------------------------
@@ -267,6 +281,7 @@ nlohmann::ordered_json run_method(const Method& m, const StudySettings& s) {
   }
   const auto count = model.parameter_count();
   j["trainable"] = count.trainable;
+  j["peak_rss_reset"] = reset_peak_rss();
   gpt::TrainResult r;
   if (!m.frozen) {
     gpt::TrainOptions run = t;
@@ -279,6 +294,7 @@ nlohmann::ordered_json run_method(const Method& m, const StudySettings& s) {
   j["losses"] = r.losses;
   const double new_val = gpt::evaluate(model, fresh.val, t.batch, t.seq, s.eval_tokens);
   const double old_val = gpt::evaluate(model, old.val, t.batch, t.seq, s.eval_tokens);
+  j["peak_rss_mib"] = peak_rss_mib();  // the texts and the model loaded, then training and evaluation
   j["new_val_loss"] = new_val;
   j["old_val_loss"] = old_val;
   j["old_val_loss_pretrained"] = old_before;
@@ -293,7 +309,6 @@ nlohmann::ordered_json run_method(const Method& m, const StudySettings& s) {
   const std::string prompt = "The ";
   auto ids = gpt::generate(model, gpt::byte_tokens(prompt), s.samples, 0.8, 40, 7);
   j["sample"] = prompt + gpt::bytes_text(ids);
-  j["peak_rss_mib"] = peak_rss_mib();
   return j;
 }
 
@@ -323,9 +338,8 @@ std::vector<nlohmann::json> run_all(const std::vector<Method>& methods, const st
     }
     if (running.empty()) break;
     int status = 0;
-    struct rusage usage {};
-    const pid_t pid = wait4(-1, &status, 0, &usage);
-    if (pid < 0) throw lora::io_error("study: wait4 failed");
+    const pid_t pid = waitpid(-1, &status, 0);
+    if (pid < 0) throw lora::io_error("study: waitpid failed");
     const std::size_t i = running.at(pid);
     running.erase(pid);
     if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
@@ -334,7 +348,6 @@ std::vector<nlohmann::json> run_all(const std::vector<Method>& methods, const st
     }
     std::ifstream in(result_path(i));
     results[i] = nlohmann::json::parse(in);
-    results[i]["peak_rss_mib"] = static_cast<double>(usage.ru_maxrss) / 1024.0;  // the child's own peak
   }
   if (!failed.empty()) throw lora::error("study: the run \"" + failed + "\" failed (its message is above)");
   return results;
@@ -351,7 +364,7 @@ void write_report(const std::vector<Method>& methods, const std::vector<nlohmann
                   const StudySettings& s, double pretrain_val, const std::string& out_dir, bool plot) {
   std::ofstream md(fs::path(out_dir) / "results.md"), csv(fs::path(out_dir) / "results.csv");
   md << "| method | paper table | trainable params | optimizer state | new text: val loss | perplexity | old text: "
-        "val loss | old text, adapter off | step (ms) | peak RSS (MiB) |\n";
+        "val loss | old text, adapter off | step (ms) | peak RSS in training (MiB) |\n";
   md << "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|\n";
   csv << "method,table,trainable,optimizer_state_bytes,new_val_loss,new_val_ppl,old_val_loss,old_val_loss_adapter_off,"
          "step_ms,peak_rss_mib\n";
@@ -409,16 +422,32 @@ void write_report(const std::vector<Method>& methods, const std::vector<nlohmann
     return;
   }
   const std::string script = (fs::path(out_dir) / "loss.gp").string();
+  const std::string points = (fs::path(out_dir) / "points.tsv").string();
   {
+    // Each method's validation loss on the new text against the old one's: adapting against forgetting.
+    std::ofstream pts(points);
+    for (std::size_t i = 0; i < methods.size(); ++i)
+      pts << fixed(results[i]["new_val_loss"], 6) << '\t' << fixed(results[i]["old_val_loss"], 6) << '\t'
+          << methods[i].name << "\n";
+  }
+  {
+    static const char* colors[] = {"#000000", "#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00",
+                                   "#a65628", "#f781bf", "#999999", "#66c2a5", "#1b9e77", "#d95f02"};
     std::ofstream gp(script);
-    gp << "set terminal pngcairo size 1000,600 noenhanced\nset output '" << (fs::path(out_dir) / "loss.png").string()
-       << "'\nset datafile separator ','\nset key outside right\nset xlabel 'step'\n"
-          "set ylabel 'training loss on the new text (nats per byte, mean of 10 steps)'\nset title 'LoRA on a GPT-2 "
-          "pretrained on fortunes, adapted to license texts'\nplot ";
+    gp << "set terminal pngcairo size 1400,620 noenhanced\nset output '" << (fs::path(out_dir) / "loss.png").string()
+       << "'\nset multiplot layout 1,2 title 'LoRA on a GPT-2 pretrained on fortunes, adapted to license texts'\n"
+          "set datafile separator ','\nset key top right font ',9'\nset xlabel 'step'\n"
+          "set ylabel 'training loss on the new text (nats per byte, mean of 10 steps)'\nplot ";
     for (std::size_t c = 0; c < trained.size(); ++c)
       gp << (c ? ", " : "") << "'" << (fs::path(out_dir) / "curves.csv").string() << "' using 1:" << c + 2
-         << " skip 1 with lines title '" << methods[trained[c]].name << "'";
-    gp << "\n";
+         << " skip 1 with lines lw 1.5 lc rgb '" << colors[c % 12] << "' dt "
+         << (methods[trained[c]].table == "6" ? 2 : 1) << " title '" << methods[trained[c]].name << "'";
+    gp << "\nset datafile separator '\\t'\nunset key\nset xlabel 'validation loss on the new text (license texts)'\n"
+          "set ylabel 'validation loss on the old text (fortunes)'\nset offsets graph 0.05, graph 0.2, graph 0.05, "
+          "graph 0.05\nplot '"
+       << points
+       << "' using 1:2 with points pt 7 ps 1.2 lc rgb '#377eb8', '' using 1:2:3 with labels left offset "
+          "char 0.8,0 font ',9'\nunset multiplot\n";
   }
   if (std::system(("gnuplot '" + script + "'").c_str()) != 0) std::printf("gnuplot failed: no plot\n");
 }
@@ -448,7 +477,7 @@ int main(int argc, char** argv) {
 
   // pretrain
   PretrainOptions pre;
-  pre.train.steps = 1200;
+  pre.train.steps = 3000;
   pre.train.lr = 2e-3;
   pre.train.warmup = 50;
   pre.train.weight_decay = 0.01;
@@ -465,9 +494,9 @@ int main(int argc, char** argv) {
 
   // study and its worker
   StudySettings study;
-  study.lora.steps = 300;
+  study.lora.steps = 600;
   study.lora.lr = 2e-3;
-  study.full.steps = 300;
+  study.full.steps = 600;
   study.full.lr = 5e-4;
   study.full.weight_decay = 0.01;
   std::string study_out = "output/study";
