@@ -33,15 +33,12 @@ tokens/s = B*T / median step time.
     /usr/bin/python3 bench/peers/pytorch_gpt.py --both            # both, interleaved per repetition
 """
 import argparse
-import ctypes
 import json
 import math
 import os
-import platform
 import random
 import statistics
 import sys
-import time
 
 # Debian's torch runs its own loops on libgomp and its GEMMs on OpenBLAS's pthreads: with libgomp's default
 # spin-waiting, its idle threads keep the cores OpenBLAS's threads need, and 2 threads ran a step 2x SLOWER than
@@ -52,6 +49,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+# The timing loop and the OpenBLAS / CPU report are pytorch_lora.py's, so both peers measure alike.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pytorch_lora import cpu_model, openblas, openblas_core, time_once  # noqa: E402
 
 
 def gelu_new(x):
@@ -167,53 +168,6 @@ def make_variant(name, args):
 
     total = sum(p.numel() for p in model.parameters())
     return step, sum(p.numel() for p in trainable), total, state
-
-
-def time_once(fn, min_time):
-    """Mean seconds per call over a loop that runs at least min_time seconds."""
-    fn()
-    iters = 1
-    while True:
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        elapsed = time.perf_counter() - t0
-        if elapsed >= min_time:
-            return elapsed / iters
-        iters = max(iters + 1, int(iters * min(10.0, 1.4 * min_time / max(elapsed, 1e-9))))
-
-
-def openblas():
-    """The OpenBLAS that torch loaded (the same soname resolves to the loaded copy), or None."""
-    for name in ("libopenblas.so.0", "libblas.so.3"):
-        try:
-            lib = ctypes.CDLL(name)
-            lib.openblas_get_corename.restype = ctypes.c_char_p
-            lib.openblas_get_config.restype = ctypes.c_char_p
-            lib.openblas_get_num_threads.restype = ctypes.c_int
-            return lib
-        except (OSError, AttributeError):
-            continue
-    return None
-
-
-def openblas_core(lib):
-    if lib is None:
-        return "unknown"
-    return "core %s (OPENBLAS_CORETYPE=%s), config: %s, OpenBLAS threads: %d" % (
-        lib.openblas_get_corename().decode(), os.environ.get("OPENBLAS_CORETYPE", "unset"),
-        lib.openblas_get_config().decode(), lib.openblas_get_num_threads())
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main():
