@@ -749,6 +749,71 @@ class Model {
     }
   }
 
+  // ---- decoding with a key/value cache ----------------------------------------------------------------
+
+  /// Forgets the cached keys and values: the next forward_next starts at position 0.
+  void reset_cache() { cached_ = 0; }
+  /// Positions held in the cache.
+  Index cached_positions() const { return cached_; }
+
+  /// Eval-mode decoding: feeds `count` more tokens of one sequence at the next positions, keeping every layer's keys
+  /// and values, so a new token costs one row's products and one attention row instead of the whole sequence.
+  /// Returns their logits (count, V), the rows forward() gives for those positions. Throws config_error for an id
+  /// out of range or a sequence past n_positions (reset_cache() first). Adapters apply as in forward().
+  const Mat<S>& forward_next(const int* tokens, Index count) {
+    const Config& c = config();
+    const Index C = c.n_embd, NH = c.n_head, HS = C / NH, P = c.n_positions;
+    if (count <= 0) throw lora::shape_error("gpt::Model::forward_next: expected at least one token");
+    if (cached_ + count > P)
+      throw lora::config_error("gpt::Model::forward_next: " + std::to_string(cached_ + count) +
+                               " positions are more than n_positions = " + std::to_string(P));
+    for (Index n = 0; n < count; ++n)
+      if (tokens[n] < 0 || tokens[n] >= c.vocab_size)
+        throw lora::config_error("gpt::Model::forward_next: token at position " + std::to_string(n) + " is " +
+                                 std::to_string(tokens[n]) + ", expected an id in [0, " + std::to_string(c.vocab_size) +
+                                 ")");
+    if (cache_k_.size() != static_cast<std::size_t>(c.n_layer)) {
+      cache_k_.assign(c.n_layer, Mat<S>(P, C));
+      cache_v_.assign(c.n_layer, Mat<S>(P, C));
+    }
+    const S eps = static_cast<S>(c.layer_norm_epsilon), scale = S(1) / std::sqrt(static_cast<S>(HS));
+    ConstMap<S> wte(w_->data[wte_index()], c.vocab_size, C), wpe(w_->data[wpe_index()], P, C);
+    Mat<S> x(count, C), a(count, C), qkv(count, 3 * C), o(count, C), t(count, C), f(count, 4 * C), g(count, 4 * C);
+    Vec<S> mean(count), rstd(count);
+    Eigen::Matrix<S, 1, Eigen::Dynamic> scores;
+    for (Index n = 0; n < count; ++n) x.row(n) = wte.row(tokens[n]) + wpe.row(cached_ + n);
+    for (Index l = 0; l < c.n_layer; ++l) {
+      layernorm_forward(x, w_->data[block_index(l, ln_1_weight)], w_->data[block_index(l, ln_1_bias)], eps, a, mean,
+                        rstd);
+      proj_[4 * l + 0].forward(a, qkv);
+      cache_k_[l].middleRows(cached_, count) = qkv.middleCols(C, C);
+      cache_v_[l].middleRows(cached_, count) = qkv.rightCols(C);
+      for (Index n = 0; n < count; ++n) {  // the token at position p = cached_ + n sees keys 0..p
+        const Index seen = cached_ + n + 1;
+        for (Index h = 0; h < NH; ++h) {
+          const auto q = qkv.row(n).segment(h * HS, HS);
+          const auto keys = cache_k_[l].block(0, h * HS, seen, HS);
+          scores.noalias() = scale * (q * keys.transpose());
+          scores = (scores.array() - scores.maxCoeff()).exp().matrix();
+          scores /= scores.sum();
+          o.row(n).segment(h * HS, HS).noalias() = scores * cache_v_[l].block(0, h * HS, seen, HS);
+        }
+      }
+      proj_[4 * l + 1].forward(o, t);
+      x += t;
+      layernorm_forward(x, w_->data[block_index(l, ln_2_weight)], w_->data[block_index(l, ln_2_bias)], eps, a, mean,
+                        rstd);
+      proj_[4 * l + 2].forward(a, f);
+      gelu_forward(f, g);
+      proj_[4 * l + 3].forward(g, t);
+      x += t;
+    }
+    layernorm_forward(x, w_->data[ln_f_weight_index(c)], w_->data[ln_f_bias_index(c)], eps, a, mean, rstd);
+    next_logits_.noalias() = a * wte.transpose();
+    cached_ += count;
+    return next_logits_;
+  }
+
   /// The gradient of the last backward's loss with respect to the token embeddings' sum (N, C): the input of block 0.
   const Mat<S>& input_gradient() const { return dx_; }
 
@@ -816,6 +881,9 @@ class Model {
   std::vector<LayerActs> acts_;
   Mat<S> xL_, lnf_, logits_, dlogits_, tmp_, dres_, dbig_, dbig2_, dqkv_, dlnf_, dx_;
   Vec<S> lnf_mean_, lnf_rstd_;
+  std::vector<Mat<S>> cache_k_, cache_v_;  // per layer: keys and values of the cached positions (P, C)
+  Index cached_ = 0;
+  Mat<S> next_logits_;
 };
 
 }  // namespace gpt

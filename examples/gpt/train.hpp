@@ -219,8 +219,9 @@ TrainResult train(Model<S>& model, const std::vector<int>& tokens, const TrainOp
   return r;
 }
 
-/// Samples `count` tokens after `prompt` (temperature 0: greedy), each from the logits of the last position over
-/// the last n_positions tokens. Eval mode.
+/// Samples `count` tokens after `prompt` (temperature 0: greedy), each from the logits of the last position. Eval
+/// mode. The keys and values of the sequence so far are cached (Model::forward_next); once the sequence fills
+/// n_positions, each step runs the last n_positions tokens through forward() instead, as a sliding window.
 template <class S>
 std::vector<int> generate(Model<S>& model, std::vector<int> prompt, int count, double temperature, int top_k,
                           std::uint64_t seed) {
@@ -233,15 +234,15 @@ std::vector<int> generate(Model<S>& model, std::vector<int> prompt, int count, d
   std::mt19937_64 rng(seed);
   std::vector<int> out;
   std::vector<double> p(static_cast<std::size_t>(c.vocab_size));
+  model.reset_cache();
+  Eigen::Matrix<S, 1, Eigen::Dynamic> last =
+      model.forward_next(prompt.data(), static_cast<Index>(prompt.size())).bottomRows(1);
   for (int i = 0; i < count; ++i) {
-    const Index T = std::min<Index>(static_cast<Index>(prompt.size()), c.n_positions);
-    const auto& logits = model.forward(prompt.data() + prompt.size() - T, 1, T);
-    const auto last = logits.row(T - 1);
     int next = 0;
     if (temperature <= 0) {
       last.maxCoeff(&next);
     } else {
-      double mx = static_cast<double>(last.maxCoeff());
+      const double mx = static_cast<double>(last.maxCoeff());
       double kth = -INFINITY;
       if (top_k > 0 && top_k < c.vocab_size) {
         std::vector<double> sorted(last.data(), last.data() + c.vocab_size);
@@ -257,6 +258,13 @@ std::vector<int> generate(Model<S>& model, std::vector<int> prompt, int count, d
     }
     prompt.push_back(next);
     out.push_back(next);
+    if (i + 1 == count) break;
+    if (model.cached_positions() < c.n_positions) {
+      last = model.forward_next(&prompt.back(), 1);
+    } else {
+      const Index T = c.n_positions;
+      last = model.forward(prompt.data() + prompt.size() - T, 1, T).row(T - 1);
+    }
   }
   model.train();
   return out;

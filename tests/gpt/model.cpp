@@ -6,6 +6,7 @@
 #include <gpt/train.hpp>
 
 #include <lora/peft.hpp>
+#include <lora/safetensors.hpp>
 
 #include <catch2/catch.hpp>
 
@@ -458,4 +459,74 @@ TEST_CASE("GPT: an adapter made for another model size is refused, and the model
   small.eval();
   const lora::Matrix<float> want = small.forward(tokens.data(), 1, 6);
   CHECK((again.forward(tokens.data(), 1, 6) - want).cwiseAbs().maxCoeff() < 1e-6f);
+}
+
+TEST_CASE("GPT: decoding with the key/value cache gives forward()'s logits, with and without adapters", "[gpt]") {
+  const auto c = tiny_config();
+  auto w = random_weights(c, 11);
+  gpt::Model<double> model(w);
+  lora::LoraConfig cfg;
+  cfg.r = 2;
+  cfg.init_lora_weights = lora::InitLoraWeights::random;
+  lora::LoraConfig off;
+  off.r = 0;
+  for (bool adapted : {false, true}) {
+    if (adapted) {
+      model.add_qkv_lora("transformer.h.0.attn.c_attn", cfg, off, cfg);
+      model.add_lora("transformer.h.1.mlp.c_proj", cfg);
+    }
+    model.eval();
+    const auto b = random_batch(c, 1, 8, 12);
+    const lora::Matrix<double> full = model.forward(b.tokens.data(), 1, 8);
+    model.reset_cache();
+    const lora::Matrix<double> first = model.forward_next(b.tokens.data(), 3);  // a prompt of 3
+    CHECK((first - full.topRows(3)).cwiseAbs().maxCoeff() < 1e-12);
+    for (lora::Index t = 3; t < 8; ++t) {  // then one token at a time
+      const lora::Matrix<double> row = model.forward_next(b.tokens.data() + t, 1);
+      INFO("position " << t << (adapted ? ", adapted" : ""));
+      CHECK((row - full.row(t)).cwiseAbs().maxCoeff() < 1e-12);
+    }
+    CHECK_THROWS_WITH(model.forward_next(b.tokens.data(), 1),
+                      Catch::Contains("9 positions are more than n_positions = 8"));
+    // Greedy decoding past n_positions: the cache, then the sliding window, as forward() over the last 8 tokens.
+    std::vector<int> seq(b.tokens.begin(), b.tokens.begin() + 5);
+    const auto got = gpt::generate(model, seq, 10, 0.0, 0, 1);
+    model.eval();
+    for (int want_index = 0; want_index < 10; ++want_index) {
+      const lora::Index T = std::min<lora::Index>(8, static_cast<lora::Index>(seq.size()));
+      const lora::Matrix<double> logits = model.forward(seq.data() + seq.size() - T, 1, T);
+      int next = 0;
+      logits.row(T - 1).maxCoeff(&next);
+      CHECK(got[static_cast<std::size_t>(want_index)] == next);
+      seq.push_back(next);
+    }
+  }
+}
+
+TEST_CASE("GPT: an adapter the model saves, merged by lora-merge's code, gives the adapted model's logits", "[gpt]") {
+  auto w = std::make_shared<gpt::Weights<float>>(gpt::load_model<float>(golden_dir + "/model"));
+  gpt::Model<float> model(w);
+  lora::LoraConfig cfg;
+  cfg.r = 2;
+  cfg.lora_alpha = 4;
+  cfg.init_lora_weights = lora::InitLoraWeights::random;  // B nonzero: the adapter changes the logits
+  lora::LoraConfig off;
+  off.r = 0;
+  model.add_qkv_lora("transformer.h.0.attn.c_attn", cfg, off, cfg);  // saved as one LoRA on c_attn, B in blocks
+  model.add_lora("transformer.h.1.attn.c_proj", cfg);
+  const std::string adapter = fresh_dir("merge-adapter"), merged = fresh_dir("merged");
+  gpt::save_adapter(model, adapter, golden_dir + "/model");
+  const auto config = lora::peft::AdapterConfig::read(adapter + "/adapter_config.json");
+  CHECK(config.fan_in_fan_out);
+  CHECK(config.target_modules == std::vector<std::string>{"attn.c_attn", "attn.c_proj"});  // not mlp.c_proj
+  lora::peft::merge_adapter_file(golden_dir + "/model/model.safetensors", adapter, merged + "/model.safetensors");
+  std::filesystem::copy_file(golden_dir + "/model/config.json", merged + "/config.json");
+  gpt::Model<float> merged_model(std::make_shared<gpt::Weights<float>>(gpt::load_model<float>(merged)));
+  std::vector<int> tokens{3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8};
+  model.eval();
+  const lora::Matrix<float> want = model.forward(tokens.data(), 1, 12);
+  model.enable_adapters(false);
+  const lora::Matrix<float> base = model.forward(tokens.data(), 1, 12);
+  CHECK((want - base).cwiseAbs().maxCoeff() > 1e-2f);
+  CHECK((merged_model.forward(tokens.data(), 1, 12) - want).cwiseAbs().maxCoeff() < 1e-4f);
 }
