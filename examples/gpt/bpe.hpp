@@ -34,7 +34,9 @@
 
 #include "unicode_tables.hpp"
 
+#include <lora/detail/file.hpp>
 #include <lora/errors.hpp>
+#include <lora/safetensors.hpp>  // first: it brings in lora/detail/file.hpp, which is included on its own after it
 
 #include <nlohmann/json.hpp>
 
@@ -482,12 +484,11 @@ class BpeTokenizer {
     return out;
   }
 
+  /// GPT-2's vocab.json is 1 MB and merges.txt 456 KB: 64 MiB bounds any real tokenizer. The library's reader
+  /// refuses a FIFO, a device or a directory by name instead of blocking on it or reading it until memory runs out.
+  static constexpr std::size_t max_file_bytes = std::size_t(64) << 20;
   static std::string read_file(const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw lora::io_error(path + ": open for reading: " + std::strerror(errno));
-    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    if (in.bad()) throw lora::io_error(path + ": read: " + std::strerror(errno));
-    return text;
+    return lora::detail::read_small_file(path, max_file_bytes, "a tokenizer file");
   }
 
   static std::unordered_map<std::string, int> read_vocab(const std::string& path) {

@@ -167,8 +167,8 @@ double pretrain(const PretrainOptions& o, const std::string& dir, bool force) {
   const auto record = pretrain_record(o, text.fingerprint);
   const fs::path info = fs::path(dir) / "pretrain.json";
   if (!force && fs::exists(info) && fs::exists(fs::path(dir) / "model.safetensors")) {
-    std::ifstream in(info);
-    nlohmann::json saved = nlohmann::json::parse(in, nullptr, false);
+    nlohmann::json saved =
+        nlohmann::json::parse(lora::detail::read_small_file(info.string(), 1u << 20, "pretrain.json"), nullptr, false);
     if (!saved.is_discarded() && saved.contains("settings") && saved["settings"] == nlohmann::json(record)) {
       std::printf("pretrain: %s is cached (same settings and text); --force trains again\n", dir.c_str());
       return saved.value("val_loss", 0.0);

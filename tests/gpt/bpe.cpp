@@ -9,6 +9,10 @@
 
 #include <nlohmann/json.hpp>
 
+#if defined(__unix__)
+#include <sys/stat.h>
+#endif
+
 #include <cstdint>
 #include <fstream>
 #include <future>
@@ -266,7 +270,7 @@ TEST_CASE("BPE: files that are missing or malformed are refused with the file na
   CHECK(BpeTokenizer::available(data_dir));
   CHECK_THROWS_AS(BpeTokenizer::load(missing), lora::io_error);
   CHECK_THAT(error_of([&] { BpeTokenizer::load(missing); }),
-             Contains(missing + "/vocab.json: open for reading: No such file or directory"));
+             Contains(missing + "/vocab.json: cannot open: No such file or directory"));
 
   const std::string good_vocab = R"({"a": 0, "b": 1, "ab": 2})";
   const std::string good_merges = "#version: 0.2\na b\n";
@@ -278,7 +282,19 @@ TEST_CASE("BPE: files that are missing or malformed are refused with the file na
   const std::string no_merges = write_tokenizer("no-merges", good_vocab, "");
   std::filesystem::remove(std::filesystem::path(no_merges) / "merges.txt");
   CHECK_FALSE(BpeTokenizer::available(no_merges));
-  CHECK_THAT(error_of([&] { BpeTokenizer::load(no_merges); }), Contains(no_merges + "/merges.txt: open for reading"));
+  CHECK_THAT(error_of([&] { BpeTokenizer::load(no_merges); }), Contains(no_merges + "/merges.txt: cannot open"));
+
+  // A FIFO or a directory where vocab.json should be is refused by name, not read until it ends (it never would).
+  const std::string fifo = write_tokenizer("fifo", good_vocab, good_merges);
+  const std::string fifo_vocab = fifo + "/vocab.json";
+  std::filesystem::remove(fifo_vocab);
+#if defined(__unix__)
+  REQUIRE(::mkfifo(fifo_vocab.c_str(), 0600) == 0);
+  CHECK_THAT(error_of([&] { BpeTokenizer::load(fifo); }), Contains(fifo_vocab + ": not a regular file"));
+  std::filesystem::remove(fifo_vocab);
+#endif
+  std::filesystem::create_directory(fifo_vocab);
+  CHECK_THAT(error_of([&] { BpeTokenizer::load(fifo); }), Contains(fifo_vocab + ": not a regular file"));
 
   struct Bad {
     std::string vocab, merges, file, says;
