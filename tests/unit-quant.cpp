@@ -186,14 +186,15 @@ TEST_CASE("quant: products through a quantized matrix equal float products over 
     Index rows, cols;
   };
   // Row lengths that are and are not multiples of 32 and 64, for the fused few-row kernels and their fallbacks.
-  const Shape shapes[] = {{70, 96}, {33, 288}, {300, 64}, {50, 128}, {24, 100}};
+  // 9 and 19 rows leave partial groups of the 8-, 4- and 2-row dot kernels; 384 is three NF4 runs of 128.
+  const Shape shapes[] = {{70, 96}, {33, 288}, {300, 64}, {50, 128}, {24, 100}, {9, 384}, {19, 256}};
   for (WeightFormat format : all_formats) {
     for (const Shape& sh : shapes) {
       if (format == WeightFormat::q8_0 && sh.cols % 32 != 0) continue;  // refused (tested below)
       const Mat S = random_matrix(sh.rows, sh.cols, 11);
       const QuantizedMatrix q = QuantizedMatrix::quantize(S, format);
       const Mat Sd = q.dequantize();
-      for (Index M : {1, 3, 4, 5, 13, 40}) {
+      for (Index M : {1, 2, 3, 4, 5, 13, 40}) {
         INFO(lora::format_name(format) << " S " << sh.rows << "x" << sh.cols << ", M = " << M);
         const Mat At = random_matrix(M, sh.cols, 5), A = random_matrix(M, sh.rows, 6);
         const Mat want_t = (At.cast<double>() * Sd.cast<double>().transpose()).cast<float>();
@@ -207,6 +208,33 @@ TEST_CASE("quant: products through a quantized matrix equal float products over 
           CHECK((D - want - Mat::Constant(M, sh.cols, 1.0f)).cwiseAbs().maxCoeff() <=
                 1e-5f * static_cast<float>(sh.rows));
         });
+      }
+    }
+  }
+}
+
+TEST_CASE("quant: NF4 products over every block size and double quantisation equal float products", "[quant][gemm]") {
+  // The few-row NF4 kernels take runs of 128 values when blocks are 64 or longer (a run's two halves each in one
+  // block) and pairs otherwise; each against the float product over the decoded matrix.
+  for (Index block : {32, 64, 128, 256}) {
+    for (bool double_quant : {false, true}) {
+      for (Index cols : {256, 384, 96}) {
+        lora::QuantizeOptions o;
+        o.block_size = block;
+        o.double_quant = double_quant;
+        const Mat S = random_matrix(13, cols, 21) * 3.0f;
+        const QuantizedMatrix q = QuantizedMatrix::quantize(S, WeightFormat::nf4, o);
+        const Mat Sd = q.dequantize();
+        for (Index M : {1, 2, 3, 4}) {
+          INFO("block " << block << (double_quant ? ", double-quantised" : "") << ", S 13x" << cols << ", M = " << M);
+          const Mat A = random_matrix(M, cols, 22);
+          const Mat want = (A.cast<double>() * Sd.cast<double>().transpose()).cast<float>();
+          with_each_kernel([&] {
+            Mat C = Mat::Constant(M, 13, 2.0f);
+            lora::detail::QGemm::run(A.data(), A.cols(), M, cols, q, true, C.data(), C.cols(), true);
+            CHECK((C - want - Mat::Constant(M, 13, 2.0f)).cwiseAbs().maxCoeff() <= 1e-5f * static_cast<float>(cols));
+          });
+        }
       }
     }
   }
