@@ -265,27 +265,30 @@ TEST_CASE("quant: bf16 products round the other operand to bf16 and sum exact pr
       });
     }
   }
-  // Other formats with bf16 products: S's decoded values are rounded to bf16 as well, on every path.
-  for (WeightFormat format : {WeightFormat::q8_0, WeightFormat::nf4, WeightFormat::f32}) {
-    const Index K = 1024, N = 96;
-    const Mat S = random_matrix(N, K, 15), St = random_matrix(K, N, 16);
-    const QuantizedMatrix q = QuantizedMatrix::quantize(S, format).with_products(lora::Products::bf16);
-    const QuantizedMatrix qt = QuantizedMatrix::quantize(St, format).with_products(lora::Products::bf16);
-    for (Index M : {2, 37}) {
-      INFO(lora::format_name(format) << ", M = " << M);
-      const Mat A = random_matrix(M, K, 17);
-      const Mat want =
-          (round_bf16(A).cast<double>() * round_bf16(q.dequantize()).cast<double>().transpose()).cast<float>();
-      const Mat want_t = (round_bf16(A).cast<double>() * round_bf16(qt.dequantize()).cast<double>()).cast<float>();
-      with_each_kernel([&] {
-        Mat C(M, N), D(M, N);
-        lora::detail::QGemm::run(A.data(), K, M, K, q, true, C.data(), N, false);
-        lora::detail::QGemm::run(A.data(), K, M, K, qt, false, D.data(), N, false);
-        CHECK((C - want).cwiseAbs().maxCoeff() <= 1e-6f * static_cast<float>(K));
-        CHECK((D - want_t).cwiseAbs().maxCoeff() <= 1e-6f * static_cast<float>(K));
-      });
+  // Other formats with bf16 products: S's decoded values are rounded to bf16 as well, on every path (few rows:
+  // in the fused kernels' registers, or in the buffered path when S's rows do not fit their runs, N = 96 for S).
+  for (WeightFormat format : {WeightFormat::q8_0, WeightFormat::nf4, WeightFormat::f32, WeightFormat::f16})
+    for (Index N : {96, 128}) {
+      // f32 and f16 rows of 1000 leave a tail of 8 after the runs of 32
+      const Index K = format == WeightFormat::f32 || format == WeightFormat::f16 ? 1000 : 1024;
+      const Mat S = random_matrix(N, K, 15), St = random_matrix(K, N, 16);
+      const QuantizedMatrix q = QuantizedMatrix::quantize(S, format).with_products(lora::Products::bf16);
+      const QuantizedMatrix qt = QuantizedMatrix::quantize(St, format).with_products(lora::Products::bf16);
+      for (Index M : {1, 2, 4, 37}) {
+        INFO(lora::format_name(format) << ", N = " << N << ", M = " << M);
+        const Mat A = random_matrix(M, K, 17);
+        const Mat want =
+            (round_bf16(A).cast<double>() * round_bf16(q.dequantize()).cast<double>().transpose()).cast<float>();
+        const Mat want_t = (round_bf16(A).cast<double>() * round_bf16(qt.dequantize()).cast<double>()).cast<float>();
+        with_each_kernel([&] {
+          Mat C(M, N), D(M, N);
+          lora::detail::QGemm::run(A.data(), K, M, K, q, true, C.data(), N, false);
+          lora::detail::QGemm::run(A.data(), K, M, K, qt, false, D.data(), N, false);
+          CHECK((C - want).cwiseAbs().maxCoeff() <= 1e-6f * static_cast<float>(K));
+          CHECK((D - want_t).cwiseAbs().maxCoeff() <= 1e-6f * static_cast<float>(K));
+        });
+      }
     }
-  }
 }
 
 TEST_CASE("quant: LoRALinear over a quantized W, both layouts, matches the layer over W's decoded float copy",

@@ -109,7 +109,7 @@ struct QGemm {
                    Index ldc, bool accumulate) {
 #ifdef LORA_X86_KERNELS
     const bool rounds = S.products() == Products::bf16 && S.format() != WeightFormat::bf16;
-    if (!rounds && QuantizedMatrix::has_avx512() && gemv_fused(A, lda, M, K, S, transposed, C, ldc, accumulate)) return;
+    if (QuantizedMatrix::has_avx512() && gemv_fused(A, lda, M, K, S, transposed, rounds, C, ldc, accumulate)) return;
 #endif
     float* buf = reserve(buffers().row, chunk);
     const bool simd = QuantizedMatrix::has_avx512();
@@ -144,48 +144,78 @@ struct QGemm {
   // or, for S, column counts that are not a multiple of 64), leaving the work to the buffered path.
   using State = QuantizedMatrix::State;
 
+  // rounds: bf16 products over a format other than bf16, so each decoded value of S is rounded to bf16 in its
+  // register before use (A is rounded already), as decode_for_products rounds it in the buffered path.
   static bool gemv_fused(const float* A, Index lda, Index M, Index K, const QuantizedMatrix& S, bool transposed,
-                         float* C, Index ldc, bool accumulate) {
+                         bool rounds, float* C, Index ldc, bool accumulate) {
     const State& s = *S.s_;
     const Index cols = s.cols;
     if (transposed ? (s.format == WeightFormat::nf4 && cols % 32 != 0) : cols % 64 != 0) return false;
     switch (s.format) {
       case WeightFormat::f32:
-        return gemv_fused_m<WeightFormat::f32>(s, A, lda, M, K, transposed, C, ldc, accumulate);
-      case WeightFormat::bf16:
-        return gemv_fused_m<WeightFormat::bf16>(s, A, lda, M, K, transposed, C, ldc, accumulate);
+        return rounds ? gemv_fused_m<WeightFormat::f32, true>(s, A, lda, M, K, transposed, C, ldc, accumulate)
+                      : gemv_fused_m<WeightFormat::f32, false>(s, A, lda, M, K, transposed, C, ldc, accumulate);
+      case WeightFormat::bf16:  // bf16 values need no rounding
+        return gemv_fused_m<WeightFormat::bf16, false>(s, A, lda, M, K, transposed, C, ldc, accumulate);
       case WeightFormat::f16:
-        return gemv_fused_m<WeightFormat::f16>(s, A, lda, M, K, transposed, C, ldc, accumulate);
+        return rounds ? gemv_fused_m<WeightFormat::f16, true>(s, A, lda, M, K, transposed, C, ldc, accumulate)
+                      : gemv_fused_m<WeightFormat::f16, false>(s, A, lda, M, K, transposed, C, ldc, accumulate);
       case WeightFormat::q8_0:
-        return gemv_fused_m<WeightFormat::q8_0>(s, A, lda, M, K, transposed, C, ldc, accumulate);
+        return rounds ? gemv_fused_m<WeightFormat::q8_0, true>(s, A, lda, M, K, transposed, C, ldc, accumulate)
+                      : gemv_fused_m<WeightFormat::q8_0, false>(s, A, lda, M, K, transposed, C, ldc, accumulate);
       case WeightFormat::nf4:
-        return gemv_fused_m<WeightFormat::nf4>(s, A, lda, M, K, transposed, C, ldc, accumulate);
+        return rounds ? gemv_fused_m<WeightFormat::nf4, true>(s, A, lda, M, K, transposed, C, ldc, accumulate)
+                      : gemv_fused_m<WeightFormat::nf4, false>(s, A, lda, M, K, transposed, C, ldc, accumulate);
     }
     return false;
   }
-  template <WeightFormat F>
+  template <WeightFormat F, bool Round>
   static bool gemv_fused_m(const State& s, const float* A, Index lda, Index M, Index K, bool transposed, float* C,
                            Index ldc, bool accumulate) {
     switch (M) {
       case 1:
-        transposed ? gemv_dots<F, 1>(s, A, lda, K, C, ldc, accumulate)
-                   : gemv_axpys<F, 1>(s, A, lda, K, C, ldc, accumulate);
+        transposed ? gemv_dots<F, 1, Round>(s, A, lda, K, C, ldc, accumulate)
+                   : gemv_axpys<F, 1, Round>(s, A, lda, K, C, ldc, accumulate);
         return true;
       case 2:
-        transposed ? gemv_dots<F, 2>(s, A, lda, K, C, ldc, accumulate)
-                   : gemv_axpys<F, 2>(s, A, lda, K, C, ldc, accumulate);
+        transposed ? gemv_dots<F, 2, Round>(s, A, lda, K, C, ldc, accumulate)
+                   : gemv_axpys<F, 2, Round>(s, A, lda, K, C, ldc, accumulate);
         return true;
       case 3:
-        transposed ? gemv_dots<F, 3>(s, A, lda, K, C, ldc, accumulate)
-                   : gemv_axpys<F, 3>(s, A, lda, K, C, ldc, accumulate);
+        transposed ? gemv_dots<F, 3, Round>(s, A, lda, K, C, ldc, accumulate)
+                   : gemv_axpys<F, 3, Round>(s, A, lda, K, C, ldc, accumulate);
         return true;
       case 4:
-        transposed ? gemv_dots<F, 4>(s, A, lda, K, C, ldc, accumulate)
-                   : gemv_axpys<F, 4>(s, A, lda, K, C, ldc, accumulate);
+        transposed ? gemv_dots<F, 4, Round>(s, A, lda, K, C, ldc, accumulate)
+                   : gemv_axpys<F, 4, Round>(s, A, lda, K, C, ldc, accumulate);
         return true;
       default:
         return false;
     }
+  }
+
+  // Each value rounded to the nearest bf16, ties to even (float_to_bf16 for finite values; W's values are finite).
+  LORA_AVX512 static __m512 round_to_bf16(__m512 w) {
+    const __m512i u = _mm512_castps_si512(w);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i up = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+    return _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+  }
+  // load32, then rounded to bf16 when Round.
+  template <WeightFormat F, bool Round>
+  LORA_AVX512 static void load32_for_products(const State& s, std::size_t e, __m512& w0, __m512& w1) {
+    load32<F>(s, e, w0, w1);
+    if constexpr (Round) {
+      w0 = round_to_bf16(w0);
+      w1 = round_to_bf16(w1);
+    }
+  }
+  // The tail of a row (fewer than 32 values) decoded, and rounded to bf16 when Round.
+  template <bool Round>
+  static void decode_tail(const State& s, std::size_t e, std::size_t count, float* out) {
+    QuantizedMatrix::decode_portable(s, e, count, out);
+    if constexpr (Round)
+      for (std::size_t i = 0; i < count; ++i) out[i] = bf16_to_float(float_to_bf16(out[i]));
   }
 
   // Values e .. e + 31 of S's flat array into two registers (e a multiple of 32 for q8_0 and NF4).
@@ -372,10 +402,11 @@ struct QGemm {
 
   // C[m, n] (+)= Σ_k A[m, k] S[n, k], m < M: each row of S read once, 32 values a step, RS rows of S side by side
   // (independent streams and accumulator chains: one row at a time leaves the core waiting on memory).
-  template <WeightFormat F, int M>
+  template <WeightFormat F, int M, bool Round>
   LORA_AVX512 static void gemv_dots(const State& s, const float* A, Index lda, Index K, float* C, Index ldc,
                                     bool accumulate) {
-    if constexpr (F == WeightFormat::bf16 || F == WeightFormat::nf4) {
+    // Rounding needs each decoded value on its own: the generic loop below, over load32's values.
+    if constexpr (!Round && (F == WeightFormat::bf16 || F == WeightFormat::nf4)) {
       // NF4 runs of 32 must start at an even element: rows of a length that is a multiple of 32 (checked above)
       if (F == WeightFormat::nf4 && K % nf4_run == 0 && s.block % 64 == 0)
         return gemv_dots_nf4<M>(s, A, lda, K, C, ldc, accumulate);
@@ -393,7 +424,7 @@ struct QGemm {
         for (int r = 0; r < RS; ++r) {
           const std::size_t e =
               static_cast<std::size_t>(n + r) * static_cast<std::size_t>(K) + static_cast<std::size_t>(k);
-          if constexpr (F == WeightFormat::q8_0) {  // Σ q·x over the block, then one multiply by its scale d
+          if constexpr (F == WeightFormat::q8_0 && !Round) {  // Σ q·x over the block, then one multiply by d
             const std::uint8_t* blk = s.data + e / quant::q8_0_block * quant::q8_0_block_bytes;
             prefetch(blk);
             const __m512 q0 =
@@ -408,9 +439,14 @@ struct QGemm {
             }
             continue;
           }
-          prefetch(s.data + e * (F == WeightFormat::f32 ? 4 : 2));
+          if constexpr (F == WeightFormat::q8_0)
+            prefetch(s.data + e / quant::q8_0_block * quant::q8_0_block_bytes);
+          else if constexpr (F == WeightFormat::nf4)
+            prefetch(s.data + e / 2);
+          else
+            prefetch(s.data + e * (F == WeightFormat::f32 ? 4 : 2));
           __m512 w0, w1;
-          load32<F>(s, e, w0, w1);
+          load32_for_products<F, Round>(s, e, w0, w1);
           for (int m = 0; m < M; ++m) {
             acc[r][m] = _mm512_fmadd_ps(_mm512_loadu_ps(A + m * lda + k), w0, acc[r][m]);
             acc[r][m] = _mm512_fmadd_ps(_mm512_loadu_ps(A + m * lda + k + 16), w1, acc[r][m]);
@@ -420,7 +456,7 @@ struct QGemm {
       for (int r = 0; r < RS; ++r) {
         float extra[M] = {};
         if (K32 < K) {
-          QuantizedMatrix::decode_portable(
+          decode_tail<Round>(
               s, static_cast<std::size_t>(n + r) * static_cast<std::size_t>(K) + static_cast<std::size_t>(K32),
               static_cast<std::size_t>(K - K32), tail);
           for (int m = 0; m < M; ++m)
@@ -438,7 +474,7 @@ struct QGemm {
       for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
       for (Index k = 0; k < K32; k += 32) {
         __m512 w0, w1;
-        load32<F>(s, row + static_cast<std::size_t>(k), w0, w1);
+        load32_for_products<F, Round>(s, row + static_cast<std::size_t>(k), w0, w1);
         for (int m = 0; m < M; ++m) {
           acc[m] = _mm512_fmadd_ps(_mm512_loadu_ps(A + m * lda + k), w0, acc[m]);
           acc[m] = _mm512_fmadd_ps(_mm512_loadu_ps(A + m * lda + k + 16), w1, acc[m]);
@@ -446,8 +482,7 @@ struct QGemm {
       }
       float extra[M] = {};
       if (K32 < K) {
-        QuantizedMatrix::decode_portable(s, row + static_cast<std::size_t>(K32), static_cast<std::size_t>(K - K32),
-                                         tail);
+        decode_tail<Round>(s, row + static_cast<std::size_t>(K32), static_cast<std::size_t>(K - K32), tail);
         for (int m = 0; m < M; ++m)
           for (Index k = K32; k < K; ++k) extra[m] += A[m * lda + k] * tail[k - K32];
       }
@@ -460,7 +495,7 @@ struct QGemm {
 
   // C[m, n] (+)= Σ_k A[m, k] S[k, n], m < M: 16 rows of S at a time (16 streams the prefetcher follows), 64
   // columns of C held in registers while those rows pass.
-  template <WeightFormat F, int M>
+  template <WeightFormat F, int M, bool Round>
   LORA_AVX512 static void gemv_axpys(const State& s, const float* A, Index lda, Index K, float* C, Index ldc,
                                      bool accumulate) {
     const Index N = s.cols;  // a multiple of 64 (gemv_fused checked)
@@ -476,8 +511,8 @@ struct QGemm {
           const std::size_t e =
               static_cast<std::size_t>(k) * static_cast<std::size_t>(N) + static_cast<std::size_t>(n0);
           __m512 w0, w1, w2, w3;
-          load32<F>(s, e, w0, w1);
-          load32<F>(s, e + 32, w2, w3);
+          load32_for_products<F, Round>(s, e, w0, w1);
+          load32_for_products<F, Round>(s, e + 32, w2, w3);
           for (int m = 0; m < M; ++m) {
             const __m512 a = _mm512_set1_ps(A[m * lda + k]);
             acc[m][0] = _mm512_fmadd_ps(a, w0, acc[m][0]);
