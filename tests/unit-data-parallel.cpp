@@ -3,6 +3,10 @@
 #include <catch2/catch.hpp>
 #include <lora/data_parallel.hpp>
 
+#if defined(__unix__)
+#include <sys/stat.h>
+#endif
+
 #include <cstdio>
 #include <filesystem>
 #include <string>
@@ -155,6 +159,25 @@ TEST_CASE("A data-parallel checkpoint resumes on another rank count", "[data_par
     same.global_batch = job.batch;
     lora::DataParallel<float> dp(local, model, same);
     CHECK_THROWS_AS(lora::load_checkpoint(dp, scratch("missing.safetensors"), model, opt), lora::io_error);
+  }
+  SECTION("a directory or a FIFO at the path is refused by name, not read, and nothing changes") {
+    auto model = dp_test::make_model(0);
+    lora::AdamW<float> opt(model.parameters());
+    Options same = o;
+    same.global_batch = job.batch;
+    lora::DataParallel<float> dp(local, model, same);
+    const auto before = dp_test::flat(model);
+    const std::string dir = scratch("a-directory");
+    std::filesystem::create_directories(dir);
+    CHECK_THROWS_WITH(lora::load_checkpoint(dp, dir, model, opt), Contains(dir + ": not a regular file"));
+#if defined(__unix__)
+    const std::string fifo = scratch("a-fifo");
+    std::filesystem::remove(fifo);
+    REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+    CHECK_THROWS_WITH(lora::load_checkpoint(dp, fifo, model, opt), Contains(fifo + ": not a regular file"));
+    std::filesystem::remove(fifo);
+#endif
+    CHECK(dp_test::flat(model) == before);
   }
 }
 

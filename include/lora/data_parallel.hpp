@@ -656,14 +656,12 @@ template <class Model, class Optimizer, class Scalar>
 TrainingState load_checkpoint(DataParallel<Scalar>& dp, const std::string& path, Model& model, Optimizer& opt) {
   Communicator& comm = dp.communicator();
   std::string bytes;
-  detail::on_rank0(comm, "load_checkpoint (reading)", [&] {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw io_error("load_checkpoint: cannot open " + path + " for reading");
-    std::ostringstream buffer;
-    buffer << in.rdbuf();
-    if (!in && !in.eof()) throw io_error("load_checkpoint: cannot read " + path);
-    bytes = buffer.str();
-  });
+  // The library's bounded reader: a FIFO, a device such as /dev/zero or a directory at `path` is refused by name
+  // (an ifstream would block on the first and read the second until memory ran out, with every rank waiting).
+  // The bound only stops what cannot be a checkpoint: the file is held in memory to be sent either way.
+  constexpr std::size_t max_checkpoint_bytes = std::size_t(1) << 36;  // 64 GiB
+  detail::on_rank0(comm, "load_checkpoint (reading)",
+                   [&] { bytes = detail::read_small_file(path, max_checkpoint_bytes, "a checkpoint"); });
   std::uint64_t n = bytes.size();
   comm.broadcast(&n, sizeof n, 0, "load_checkpoint (size)");
   bytes.resize(static_cast<std::size_t>(n));
