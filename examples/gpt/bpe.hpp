@@ -34,9 +34,8 @@
 
 #include "unicode_tables.hpp"
 
-#include <lora/detail/file.hpp>
 #include <lora/errors.hpp>
-#include <lora/safetensors.hpp>  // first: it brings in lora/detail/file.hpp, which is included on its own after it
+#include <lora/safetensors.hpp>  // and with it lora::detail::read_small_file (lora/detail/file.hpp is internal)
 
 #include <nlohmann/json.hpp>
 
