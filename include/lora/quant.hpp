@@ -643,6 +643,40 @@ class QuantizedMatrix {
   static std::uint16_t load16(const std::uint8_t* p) { return static_cast<std::uint16_t>(p[0] | (p[1] << 8)); }
 
 #ifdef LORA_X86_KERNELS
+  // Values e .. e + 31 of the flat array into two registers (e a multiple of 32 for q8_0 and NF4, so the 32 values
+  // lie in one block): decode_avx512 below, and QGemm's fused kernels, which use them in place.
+  template <WeightFormat F>
+  LORA_AVX512 static void decode32_avx512(const State& s, std::size_t e, __m512& w0, __m512& w1) {
+    const std::uint8_t* p = s.data;
+    if constexpr (F == WeightFormat::f32) {
+      w0 = _mm512_loadu_ps(reinterpret_cast<const float*>(p) + e);
+      w1 = _mm512_loadu_ps(reinterpret_cast<const float*>(p) + e + 16);
+    } else if constexpr (F == WeightFormat::bf16) {
+      const __m512i h = _mm512_loadu_si512(p + 2 * e);
+      w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
+      w1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
+    } else if constexpr (F == WeightFormat::f16) {
+      w0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2 * e)));
+      w1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2 * e + 32)));
+    } else if constexpr (F == WeightFormat::q8_0) {
+      const std::uint8_t* blk = p + e / quant::q8_0_block * quant::q8_0_block_bytes;
+      const __m512 d = _mm512_set1_ps(_cvtsh_ss(static_cast<unsigned short>(blk[0] | (blk[1] << 8))));
+      w0 = _mm512_mul_ps(
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)))), d);
+      w1 = _mm512_mul_ps(
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18)))), d);
+    } else {
+      const __m512 table = _mm512_loadu_ps(s.code.data());
+      const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+      const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+      const __m512 scale = _mm512_set1_ps(s.absmax_at(e));
+      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + e / 2)));
+      const __m512i hi = _mm512_srli_epi32(bytes, 4), lo = _mm512_and_si512(bytes, _mm512_set1_epi32(0xf));
+      w0 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_permutex2var_epi32(hi, first, lo), table), scale);
+      w1 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_permutex2var_epi32(hi, second, lo), table), scale);
+    }
+  }
+
   LORA_AVX512 static void decode_avx512(const State& s, std::size_t e, std::size_t count, float* out) {
     const std::uint8_t* p = s.data;
     std::size_t j = 0;
@@ -665,12 +699,10 @@ class QuantizedMatrix {
         const std::size_t head = std::min(count, (quant::q8_0_block - e % quant::q8_0_block) % quant::q8_0_block);
         decode_portable(s, e, head, out);
         for (j = head; j + 32 <= count; j += 32) {
-          const std::uint8_t* blk = p + (e + j) / quant::q8_0_block * quant::q8_0_block_bytes;
-          const __m512 d = _mm512_set1_ps(detail::half_to_float(load16(blk)));
-          const __m512i lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)));
-          const __m512i hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18)));
-          _mm512_storeu_ps(out + j, _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d));
-          _mm512_storeu_ps(out + j + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d));
+          __m512 w0, w1;
+          decode32_avx512<WeightFormat::q8_0>(s, e + j, w0, w1);
+          _mm512_storeu_ps(out + j, w0);
+          _mm512_storeu_ps(out + j + 16, w1);
         }
         break;
       }
@@ -678,18 +710,11 @@ class QuantizedMatrix {
         // 32 codes from 16 bytes: the high nibble of byte k is element 2k, the low nibble element 2k + 1.
         const std::size_t head = std::min(count, (32 - e % 32) % 32);
         decode_portable(s, e, head, out);
-        const __m512 table = _mm512_loadu_ps(s.code.data());
-        const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-        const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-        const __m512i low4 = _mm512_set1_epi32(0xf);
-        for (j = head; j + 32 <= count; j += 32) {
-          const std::size_t k = e + j;  // a multiple of 32, so within one block (blocks are ≥ 32, powers of two)
-          const __m512 scale = _mm512_set1_ps(s.absmax_at(k));
-          const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k / 2)));
-          const __m512i hi = _mm512_srli_epi32(bytes, 4), lo = _mm512_and_si512(bytes, low4);
-          const __m512i c0 = _mm512_permutex2var_epi32(hi, first, lo), c1 = _mm512_permutex2var_epi32(hi, second, lo);
-          _mm512_storeu_ps(out + j, _mm512_mul_ps(_mm512_permutexvar_ps(c0, table), scale));
-          _mm512_storeu_ps(out + j + 16, _mm512_mul_ps(_mm512_permutexvar_ps(c1, table), scale));
+        for (j = head; j + 32 <= count; j += 32) {  // e + j: a multiple of 32, within one block (blocks ≥ 32)
+          __m512 w0, w1;
+          decode32_avx512<WeightFormat::nf4>(s, e + j, w0, w1);
+          _mm512_storeu_ps(out + j, w0);
+          _mm512_storeu_ps(out + j + 16, w1);
         }
         break;
       }

@@ -218,37 +218,10 @@ struct QGemm {
       for (std::size_t i = 0; i < count; ++i) out[i] = bf16_to_float(float_to_bf16(out[i]));
   }
 
-  // Values e .. e + 31 of S's flat array into two registers (e a multiple of 32 for q8_0 and NF4).
+  // Values e .. e + 31 of S's flat array into two registers (QuantizedMatrix's decoder, shared with decode()).
   template <WeightFormat F>
   LORA_AVX512 static void load32(const State& s, std::size_t e, __m512& w0, __m512& w1) {
-    const std::uint8_t* p = s.data;
-    if constexpr (F == WeightFormat::f32) {
-      w0 = _mm512_loadu_ps(reinterpret_cast<const float*>(p) + e);
-      w1 = _mm512_loadu_ps(reinterpret_cast<const float*>(p) + e + 16);
-    } else if constexpr (F == WeightFormat::bf16) {
-      const __m512i h = _mm512_loadu_si512(p + 2 * e);
-      w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
-      w1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
-    } else if constexpr (F == WeightFormat::f16) {
-      w0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2 * e)));
-      w1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2 * e + 32)));
-    } else if constexpr (F == WeightFormat::q8_0) {
-      const std::uint8_t* blk = p + e / quant::q8_0_block * quant::q8_0_block_bytes;
-      const __m512 d = _mm512_set1_ps(_cvtsh_ss(static_cast<unsigned short>(blk[0] | (blk[1] << 8))));
-      w0 = _mm512_mul_ps(
-          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)))), d);
-      w1 = _mm512_mul_ps(
-          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18)))), d);
-    } else {
-      const __m512 table = _mm512_loadu_ps(s.code.data());
-      const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-      const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-      const __m512 scale = _mm512_set1_ps(s.absmax_at(e));
-      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + e / 2)));
-      const __m512i hi = _mm512_srli_epi32(bytes, 4), lo = _mm512_and_si512(bytes, _mm512_set1_epi32(0xf));
-      w0 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_permutex2var_epi32(hi, first, lo), table), scale);
-      w1 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_permutex2var_epi32(hi, second, lo), table), scale);
-    }
+    QuantizedMatrix::decode32_avx512<F>(s, e, w0, w1);
   }
 
   // bf16 and NF4 hold 32 values as 16 pairs (a 32-bit word; a byte): splitting a pair needs no shuffle when x is
