@@ -52,7 +52,7 @@ import torch.nn.functional as F  # noqa: E402
 
 # The timing loop and the OpenBLAS / CPU report are pytorch_lora.py's, so both peers measure alike.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pytorch_lora import cpu_model, openblas, openblas_core, time_once  # noqa: E402
+from pytorch_lora import cpu_model, openblas_core, set_threads, time_once  # noqa: E402
 
 
 def gelu_new(x):
@@ -200,11 +200,7 @@ def main():
     if args.n_embd % args.n_head:
         parser.error("--n-embd must be a multiple of --n-head")
 
-    torch.set_num_threads(args.threads)
-    # Debian's torch calls OpenBLAS (pthreads), whose own pool ignores torch.set_num_threads.
-    blas = openblas()
-    if blas is not None:
-        blas.openblas_set_num_threads(args.threads)
+    blas = set_threads(args.threads)
     context = {
         "backend": "PyTorch %s" % torch.__version__,
         "kernel": openblas_core(blas),

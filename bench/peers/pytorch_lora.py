@@ -147,6 +147,18 @@ def openblas_core(lib):
         lib.openblas_get_config().decode(), lib.openblas_get_num_threads())
 
 
+def set_threads(n):
+    """Runs torch's own loops and OpenBLAS's GEMMs on n threads; returns the OpenBLAS library, or None.
+
+    Debian's torch calls OpenBLAS (pthreads), whose own pool ignores torch.set_num_threads and would use every
+    core: without this, "1 thread" ran its GEMMs on 2."""
+    torch.set_num_threads(n)
+    blas = openblas()
+    if blas is not None:
+        blas.openblas_set_num_threads(n)
+    return blas
+
+
 def cpu_model():
     try:
         with open("/proc/cpuinfo") as f:
@@ -171,12 +183,7 @@ def main():
     if args.smoke:
         args.shapes, args.repetitions, args.min_time = ["32:64:8"], 1, 0.01
 
-    torch.set_num_threads(args.threads)
-    # Debian's torch calls OpenBLAS (pthreads), whose own pool ignores torch.set_num_threads and would use every
-    # core: without this, "1 thread" ran its GEMMs on 2.
-    blas = openblas()
-    if blas is not None:
-        blas.openblas_set_num_threads(args.threads)
+    blas = set_threads(args.threads)
     context = {
         "backend": "PyTorch %s" % torch.__version__,
         "kernel": openblas_core(blas),
