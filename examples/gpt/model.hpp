@@ -657,19 +657,9 @@ class Model {
     for (Index l = 0; l < L; ++l) {
       LayerActs& a = acts_[l];
       const Mat<S>& x = a.x;
-      layernorm_forward(x, w_->data[block_index(l, ln_1_weight)], w_->data[block_index(l, ln_1_bias)], eps, a.ln1,
-                        a.ln1_mean, a.ln1_rstd);
-      proj_[4 * l + 0].forward(a.ln1, a.qkv);
-      attention_forward(a.qkv, B, T, NH, a.att, a.atty);
-      proj_[4 * l + 1].forward(a.atty, tmp_);
-      a.res = x + tmp_;
-      layernorm_forward(a.res, w_->data[block_index(l, ln_2_weight)], w_->data[block_index(l, ln_2_bias)], eps, a.ln2,
-                        a.ln2_mean, a.ln2_rstd);
-      proj_[4 * l + 2].forward(a.ln2, a.fch);
-      gelu_forward(a.fch, a.fch_gelu);
-      proj_[4 * l + 3].forward(a.fch_gelu, tmp_);
       Mat<S>& next = l + 1 < L ? acts_[l + 1].x : xL_;
-      next = a.res + tmp_;
+      block_forward(l, x, a, tmp_, next,
+                    [&](const Mat<S>& qkv, Mat<S>& atty) { attention_forward(qkv, B, T, NH, a.att, atty); });
     }
     layernorm_forward(xL_, w_->data[ln_f_weight_index(c)], w_->data[ln_f_bias_index(c)], eps, lnf_, lnf_mean_,
                       lnf_rstd_);
@@ -778,36 +768,32 @@ class Model {
     }
     const S eps = static_cast<S>(c.layer_norm_epsilon), scale = S(1) / std::sqrt(static_cast<S>(HS));
     ConstMap<S> wte(w_->data[wte_index()], c.vocab_size, C), wpe(w_->data[wpe_index()], P, C);
-    Mat<S> x(count, C), a(count, C), qkv(count, 3 * C), o(count, C), t(count, C), f(count, 4 * C), g(count, 4 * C);
-    Vec<S> mean(count), rstd(count);
+    Mat<S>& x = step_x_;
+    x.resize(count, C);
+    step_tmp_.resize(count, C);
     Eigen::Matrix<S, 1, Eigen::Dynamic> scores;
     for (Index n = 0; n < count; ++n) x.row(n) = wte.row(tokens[n]) + wpe.row(cached_ + n);
     for (Index l = 0; l < c.n_layer; ++l) {
-      layernorm_forward(x, w_->data[block_index(l, ln_1_weight)], w_->data[block_index(l, ln_1_bias)], eps, a, mean,
-                        rstd);
-      proj_[4 * l + 0].forward(a, qkv);
-      cache_k_[l].middleRows(cached_, count) = qkv.middleCols(C, C);
-      cache_v_[l].middleRows(cached_, count) = qkv.rightCols(C);
-      for (Index n = 0; n < count; ++n) {  // the token at position p = cached_ + n sees keys 0..p
-        const Index seen = cached_ + n + 1;
-        for (Index h = 0; h < NH; ++h) {
-          const auto q = qkv.row(n).segment(h * HS, HS);
-          const auto keys = cache_k_[l].block(0, h * HS, seen, HS);
-          scores.noalias() = scale * (q * keys.transpose());
-          scores = (scores.array() - scores.maxCoeff()).exp().matrix();
-          scores /= scores.sum();
-          o.row(n).segment(h * HS, HS).noalias() = scores * cache_v_[l].block(0, h * HS, seen, HS);
+      // the block as in forward(), attending over the cached keys and values of the positions before
+      block_forward(l, x, step_, step_tmp_, x, [&](const Mat<S>& qkv, Mat<S>& atty) {
+        cache_k_[l].middleRows(cached_, count) = qkv.middleCols(C, C);
+        cache_v_[l].middleRows(cached_, count) = qkv.rightCols(C);
+        for (Index n = 0; n < count; ++n) {  // the token at position p = cached_ + n sees keys 0..p
+          const Index seen = cached_ + n + 1;
+          for (Index h = 0; h < NH; ++h) {
+            const auto q = qkv.row(n).segment(h * HS, HS);
+            const auto keys = cache_k_[l].block(0, h * HS, seen, HS);
+            scores.noalias() = scale * (q * keys.transpose());
+            scores = (scores.array() - scores.maxCoeff()).exp().matrix();
+            scores /= scores.sum();
+            atty.row(n).segment(h * HS, HS).noalias() = scores * cache_v_[l].block(0, h * HS, seen, HS);
+          }
         }
-      }
-      proj_[4 * l + 1].forward(o, t);
-      x += t;
-      layernorm_forward(x, w_->data[block_index(l, ln_2_weight)], w_->data[block_index(l, ln_2_bias)], eps, a, mean,
-                        rstd);
-      proj_[4 * l + 2].forward(a, f);
-      gelu_forward(f, g);
-      proj_[4 * l + 3].forward(g, t);
-      x += t;
+      });
     }
+    Mat<S>& a = step_.ln1;  // free after the blocks: the final layer norm's output
+    Vec<S>& mean = step_.ln1_mean;
+    Vec<S>& rstd = step_.ln1_rstd;
     layernorm_forward(x, w_->data[ln_f_weight_index(c)], w_->data[ln_f_bias_index(c)], eps, a, mean, rstd);
     next_logits_.noalias() = a * wte.transpose();
     cached_ += count;
@@ -822,6 +808,35 @@ class Model {
     Mat<S> x, ln1, qkv, att, atty, res, ln2, fch, fch_gelu;
     Vec<S> ln1_mean, ln1_rstd, ln2_mean, ln2_rstd;
   };
+
+  /// Block l on x (N, C): res = x + attn.c_proj(attention(c_attn(ln_1(x)))), out = res + mlp.c_proj(gelu(c_fc(
+  /// ln_2(res)))), keeping in `a` what backward needs; `tmp` is scratch (N, C). `attend(qkv, atty)` is the causal
+  /// attention: over the whole sequence in forward(), over the key/value cache in forward_next(). out may be x.
+  template <class Attend>
+  void block_forward(Index l, const Mat<S>& x, LayerActs& a, Mat<S>& tmp, Mat<S>& out, Attend&& attend) {
+    const Config& c = config();
+    const Index N = x.rows(), C = c.n_embd;
+    const S eps = static_cast<S>(c.layer_norm_epsilon);
+    a.ln1.resize(N, C);  // no-ops when forward() has sized them
+    a.qkv.resize(N, 3 * C);
+    a.atty.resize(N, C);
+    a.ln2.resize(N, C);
+    a.fch.resize(N, 4 * C);
+    a.fch_gelu.resize(N, 4 * C);
+    for (Vec<S>* v : {&a.ln1_mean, &a.ln1_rstd, &a.ln2_mean, &a.ln2_rstd}) v->resize(N);
+    layernorm_forward(x, w_->data[block_index(l, ln_1_weight)], w_->data[block_index(l, ln_1_bias)], eps, a.ln1,
+                      a.ln1_mean, a.ln1_rstd);
+    proj_[4 * l + 0].forward(a.ln1, a.qkv);
+    attend(a.qkv, a.atty);
+    proj_[4 * l + 1].forward(a.atty, tmp);
+    a.res = x + tmp;
+    layernorm_forward(a.res, w_->data[block_index(l, ln_2_weight)], w_->data[block_index(l, ln_2_bias)], eps, a.ln2,
+                      a.ln2_mean, a.ln2_rstd);
+    proj_[4 * l + 2].forward(a.ln2, a.fch);
+    gelu_forward(a.fch, a.fch_gelu);
+    proj_[4 * l + 3].forward(a.fch_gelu, tmp);
+    out = a.res + tmp;
+  }
 
   void check_tokens(const int* tokens, Index B, Index T) const {
     const Config& c = config();
@@ -884,6 +899,8 @@ class Model {
   std::vector<Mat<S>> cache_k_, cache_v_;  // per layer: keys and values of the cached positions (P, C)
   Index cached_ = 0;
   Mat<S> next_logits_;
+  LayerActs step_;  // forward_next's block buffers (count rows), apart from forward()'s
+  Mat<S> step_x_, step_tmp_;
 };
 
 }  // namespace gpt
