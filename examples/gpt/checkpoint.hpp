@@ -111,7 +111,11 @@ Weights<S> load_model(const std::string& dir, LoadMode mode = LoadMode::view) {
               reinterpret_cast<std::uintptr_t>(file->bytes(*found[i])) % alignof(S) == 0;
     if (!view[i]) copied += w.specs[i].size();
   }
-  Vec<S> buffer(mode == LoadMode::copy ? w.total_size() : copied);
+  // Converted values go straight to where they will live (the model's own buffer, or one the views keep alive):
+  // nothing is moved after the pointers into it are taken.
+  auto converted = std::make_shared<Vec<S>>();
+  Vec<S>& buffer = mode == LoadMode::copy ? w.owned : *converted;
+  buffer.resize(mode == LoadMode::copy ? w.total_size() : copied);
   Index at = 0;
   w.data.resize(w.specs.size());
   for (std::size_t i = 0; i < w.specs.size(); ++i) {
@@ -124,12 +128,7 @@ Weights<S> load_model(const std::string& dir, LoadMode mode = LoadMode::view) {
     w.data[i] = out;
     at += w.specs[i].size();
   }
-  if (mode == LoadMode::copy) {
-    w.owned = std::move(buffer);
-    // Moving a Vec keeps its heap buffer, so the pointers above stay valid; re-derive them to be plain about it.
-    for (std::size_t i = 0; i < w.specs.size(); ++i) w.data[i] = w.owned.data() + w.specs[i].offset;
-  } else {
-    auto converted = std::make_shared<Vec<S>>(std::move(buffer));
+  if (mode != LoadMode::copy) {
     w.keep_alive = std::shared_ptr<const void>(
         new std::pair<std::shared_ptr<st::File>, std::shared_ptr<Vec<S>>>(file, converted), [](const void* p) {
           delete static_cast<const std::pair<std::shared_ptr<st::File>, std::shared_ptr<Vec<S>>>*>(p);
