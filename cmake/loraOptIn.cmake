@@ -9,6 +9,10 @@
 #                   Defined only when find_package(BLAS) with BLA_VENDOR OpenBLAS finds it.
 #   lora::openmp    the compiler's OpenMP: Eigen's own products run on Eigen::nbThreads() threads
 #                   (OMP_NUM_THREADS or Eigen::setNbThreads). Defined only when find_package(OpenMP) finds it.
+#   lora::dnnl      LORA_USE_DNNL and oneDNN: FrozenWeight<float>'s products (every layer's x Wᵀ and dy W) go to
+#                   oneDNN's sgemm, which picks its kernel from the CPU at run time; on Eigen::nbThreads() threads,
+#                   like Eigen's own products. Defined only when oneDNN's header and library are found (Debian:
+#                   libdnnl-dev) and, for a oneDNN built on OpenMP, the OpenMP runtime it runs on (libgomp).
 #   lora::mpi       MPI's C library, for <lora/distributed.hpp> (data-parallel training over MPI; the only header
 #                   that needs it). Defined only when find_package(MPI) finds MPI for C++ (Debian: libopenmpi-dev).
 #
@@ -17,7 +21,7 @@
 #
 # Included by the top-level CMakeLists.txt (normal INTERFACE targets with lora:: aliases, for add_subdirectory
 # and the project's own targets) and by the installed loraConfig.cmake (IMPORTED targets, searched for on the
-# consumer's machine). Missing OpenBLAS or OpenMP is not an error here: the target is then absent, and
+# consumer's machine). Missing OpenBLAS, OpenMP, oneDNN or MPI is not an error here: the target is then absent, and
 # find_package(lora REQUIRED COMPONENTS openblas) reports it.
 include_guard(DIRECTORY)
 
@@ -60,6 +64,33 @@ function(_lora_define_opt_in_targets)
     if(OpenMP_CXX_FOUND)
       _lora_opt_in_target(openmp tgt)
       target_link_libraries(${tgt} INTERFACE OpenMP::OpenMP_CXX)
+    endif()
+  endif()
+
+  if(NOT TARGET lora::dnnl)
+    find_path(LORA_DNNL_INCLUDE_DIR oneapi/dnnl/dnnl.h)
+    find_library(LORA_DNNL_LIBRARY dnnl)
+    set(runtime_ok FALSE)
+    if(LORA_DNNL_INCLUDE_DIR AND LORA_DNNL_LIBRARY)
+      # <lora/detail/dnnl_gemm.hpp> sets the OpenMP thread count around each call, so a oneDNN built on OpenMP
+      # needs that runtime linked too; one built on another runtime (TBB, threadpool) is not used.
+      file(STRINGS "${LORA_DNNL_INCLUDE_DIR}/oneapi/dnnl/dnnl_config.h" runtime
+           REGEX "^#define DNNL_CPU_THREADING_RUNTIME ")
+      if(runtime MATCHES "DNNL_RUNTIME_OMP")
+        find_library(LORA_GOMP_LIBRARY NAMES gomp libgomp.so.1)
+        if(LORA_GOMP_LIBRARY)
+          set(runtime_ok TRUE)
+        endif()
+      elseif(runtime MATCHES "DNNL_RUNTIME_SEQ")
+        set(runtime_ok TRUE)
+        set(LORA_GOMP_LIBRARY "")
+      endif()
+    endif()
+    if(runtime_ok)
+      _lora_opt_in_target(dnnl tgt)
+      target_compile_definitions(${tgt} INTERFACE LORA_USE_DNNL)
+      target_include_directories(${tgt} SYSTEM INTERFACE "${LORA_DNNL_INCLUDE_DIR}")
+      target_link_libraries(${tgt} INTERFACE "${LORA_DNNL_LIBRARY}" ${LORA_GOMP_LIBRARY})
     endif()
   endif()
 

@@ -43,10 +43,12 @@ lora::LoRALinear<S> adapted_layer(Index in, Index out, int r, double alpha, doub
   return layer;
 }
 
+// x Wᵀ + b with W's own product (FrozenWeight::forward: oneDNN's sgemm for float under LORA_USE_DNNL, Eigen's
+// otherwise), whose bits the layer's base output must have.
 template <class S>
 Mat<S> base_output(const lora::LoRALinear<S>& layer, const Mat<S>& x) {
   Mat<S> y(x.rows(), layer.out_features());
-  y.noalias() = x * layer.weight().transpose();
+  lora::FrozenWeight<S>::view(layer.weight().data(), layer.out_features(), layer.in_features()).forward(x, y);
   if (layer.has_bias()) y.rowwise() += layer.bias().row(0);
   return y;
 }

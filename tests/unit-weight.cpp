@@ -74,6 +74,82 @@ TEST_CASE("FrozenWeight products in both layouts, computed by hand", "[weight]")
   }
 }
 
+TEST_CASE("FrozenWeight<float> products match a double reference on strided blocks, in both layouts", "[weight]") {
+  // Whatever runs the float products (float_gemm_backend(): oneDNN's sgemm under LORA_USE_DNNL, Eigen otherwise),
+  // x, y, dy and dx may be blocks of larger matrices (a leading dimension beyond their width), `=` must not read
+  // what y held (NaN here), `+=` must add to it, and nothing outside the destination block may change.
+  INFO("backend: " << lora::float_gemm_backend());
+  struct Shape {
+    Index n, in, out;
+  };
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  unsigned seed = 100;
+  for (const Shape& sh :
+       {Shape{1, 3, 2}, Shape{1, 1, 1}, Shape{7, 33, 17}, Shape{64, 130, 70}, Shape{3, 257, 9}, Shape{0, 5, 4}}) {
+    const Mat<float> W = random_matrix<float>(sh.out, sh.in, ++seed);
+    const Mat<float> Wt = W.transpose();
+    // x and dy inside larger buffers, 2 rows and 5 columns in.
+    Mat<float> xbuf = random_matrix<float>(sh.n + 3, sh.in + 7, ++seed);
+    Mat<float> dybuf = random_matrix<float>(sh.n + 3, sh.out + 7, ++seed);
+    const auto x = xbuf.block(2, 5, sh.n, sh.in);
+    const auto dy = dybuf.block(2, 5, sh.n, sh.out);
+    const Mat<double> y_ref = x.cast<double>() * W.cast<double>().transpose();
+    const Mat<double> dx_ref = dy.cast<double>() * W.cast<double>();
+    const double tol = 1e-5 * double(std::max(sh.in, sh.out));
+    for (auto layout : {WeightLayout::out_in, WeightLayout::in_out}) {
+      const Mat<float>& stored = layout == WeightLayout::out_in ? W : Wt;
+      const auto w = FrozenWeight<float>::view(stored.data(), sh.out, sh.in, layout);
+      for (bool accumulate : {false, true}) {
+        INFO("N=" << sh.n << " I=" << sh.in << " O=" << sh.out << " layout " << lora::layout_name(layout)
+                  << (accumulate ? " +=" : " ="));
+        Mat<float> ybuf = random_matrix<float>(sh.n + 4, sh.out + 6, ++seed);
+        Mat<float> dxbuf = random_matrix<float>(sh.n + 4, sh.in + 6, ++seed);
+        if (!accumulate) {
+          ybuf.block(1, 3, sh.n, sh.out).setConstant(nan);
+          dxbuf.block(1, 3, sh.n, sh.in).setConstant(nan);
+        }
+        const Mat<float> ybefore = ybuf, dxbefore = dxbuf;
+        auto y = ybuf.block(1, 3, sh.n, sh.out);
+        auto dx = dxbuf.block(1, 3, sh.n, sh.in);
+        if (accumulate) {
+          w.forward_add(x, y);
+          w.backward_add(dy, dx);
+        } else {
+          w.forward(x, y);
+          w.backward(dy, dx);
+        }
+        const Mat<double> y_want =
+            accumulate ? Mat<double>(ybefore.block(1, 3, sh.n, sh.out).cast<double>() + y_ref) : y_ref;
+        const Mat<double> dx_want =
+            accumulate ? Mat<double>(dxbefore.block(1, 3, sh.n, sh.in).cast<double>() + dx_ref) : dx_ref;
+        if (sh.n > 0) {
+          CHECK(max_diff(Mat<float>(y).cast<double>(), y_want) < tol);
+          CHECK(max_diff(Mat<float>(dx).cast<double>(), dx_want) < tol);
+        }
+        // Outside the blocks, every value is as it was (NaN compares unequal, so the blocks are put back first).
+        y = ybefore.block(1, 3, sh.n, sh.out);
+        dx = dxbefore.block(1, 3, sh.n, sh.in);
+        CHECK(ybuf.cwiseEqual(ybefore).count() == ybuf.size() - (accumulate ? 0 : sh.n * sh.out));
+        CHECK(dxbuf.cwiseEqual(dxbefore).count() == dxbuf.size() - (accumulate ? 0 : sh.n * sh.in));
+      }
+    }
+  }
+}
+
+#if defined(LORA_USE_DNNL) && DNNL_CPU_THREADING_RUNTIME == DNNL_RUNTIME_OMP
+TEST_CASE("oneDNN's products leave the calling thread's OpenMP thread count as they found it", "[weight]") {
+  // dnnl_gemm sets the count to Eigen::nbThreads() for each call and puts the caller's back afterwards.
+  const int before = omp_get_max_threads();
+  omp_set_num_threads(3);
+  const Mat<float> W = random_matrix<float>(40, 30, 1), x = random_matrix<float>(20, 30, 2);
+  Mat<float> y(20, 40);
+  FrozenWeight<float>::view(W.data(), 40, 30).forward(x, y);
+  CHECK(omp_get_max_threads() == 3);
+  CHECK((y - x * W.transpose()).cwiseAbs().maxCoeff() < 1e-4f);
+  omp_set_num_threads(before);
+}
+#endif
+
 TEST_CASE("LoRALinear over an (in, out) view computes what it computes over the (out, in) copy", "[weight][linear]") {
   const Index O = 7, I = 5, N = 6;
   const int r = 3;

@@ -10,7 +10,7 @@ set -euo pipefail
 # libopenblas-dev: the LORA_USE_BLAS backend of the benchmarks. Not here: python3-torch (about 1 GB), which only
 # bench/peers/pytorch_lora.py and the golden-data scripts use; .ci/run installs it for its benchmark step.
 packages=(cmake g++ make git libeigen3-dev nlohmann-json3-dev libcli11-dev catch2 libbenchmark-dev clang-format
-  zlib1g-dev dataset-fashion-mnist libopenblas-dev libopenmpi-dev openmpi-bin fortunes)
+  zlib1g-dev dataset-fashion-mnist libopenblas-dev libdnnl-dev libopenmpi-dev openmpi-bin fortunes)
 
 missing=()
 for package in "${packages[@]}"; do

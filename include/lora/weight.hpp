@@ -35,6 +35,10 @@
 #include <lora/errors.hpp>
 #include <lora/types.hpp>
 
+#if defined(LORA_USE_DNNL)
+#include <lora/detail/dnnl_gemm.hpp>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
@@ -47,6 +51,19 @@
 #include <vector>
 
 namespace lora {
+
+/// Which library runs FrozenWeight<float>'s dense products (forward, backward) in this build: oneDNN's sgemm when
+/// LORA_USE_DNNL is defined (lora::dnnl), else Eigen's product, which EIGEN_USE_BLAS (lora::openblas) hands to the
+/// BLAS. For benchmarks and programs that report what they ran on.
+inline const char* float_gemm_backend() {
+#if defined(LORA_USE_DNNL)
+  return "oneDNN sgemm";
+#elif defined(EIGEN_USE_BLAS)
+  return "Eigen with EIGEN_USE_BLAS";
+#else
+  return "Eigen";
+#endif
+}
 
 /// How a frozen weight's buffer is laid out (row-major).
 enum class WeightLayout {
@@ -240,10 +257,7 @@ class FrozenWeight {
   /// y = x Wᵀ: x (N, I), y (N, O), y not overlapping x (the caller checks shapes).
   void forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) const {
     if (kind_ == Kind::quantized) return quantized_product(x, y, layout_ == WeightLayout::out_in, false);
-    if (layout_ == WeightLayout::out_in)
-      y.noalias() = x * stored().transpose();
-    else
-      y.noalias() = x * stored();
+    dense_product(x, y, layout_ == WeightLayout::out_in, false);
   }
 
   /// y = x Wᵀ for an x of a few rows (DoRA's A Wᵀ, R rows), W taken 128 outputs at a time: one product over all
@@ -265,10 +279,7 @@ class FrozenWeight {
   /// dx = dy W: dy (N, O), dx (N, I).
   void backward(const ConstRef<Scalar>& dy, MutRef<Scalar> dx) const {
     if (kind_ == Kind::quantized) return quantized_product(dy, dx, layout_ == WeightLayout::in_out, false);
-    if (layout_ == WeightLayout::out_in)
-      dx.noalias() = dy * stored();
-    else
-      dx.noalias() = dy * stored().transpose();
+    dense_product(dy, dx, layout_ == WeightLayout::in_out, false);
   }
 
   /// y += x Wᵀ and dx += dy W. Eigen's `=` product zeroes its destination and then adds into it, so a layer
@@ -276,17 +287,11 @@ class FrozenWeight {
   /// pass over y for them.
   void forward_add(const ConstRef<Scalar>& x, MutRef<Scalar> y) const {
     if (kind_ == Kind::quantized) return quantized_product(x, y, layout_ == WeightLayout::out_in, true);
-    if (layout_ == WeightLayout::out_in)
-      y.noalias() += x * stored().transpose();
-    else
-      y.noalias() += x * stored();
+    dense_product(x, y, layout_ == WeightLayout::out_in, true);
   }
   void backward_add(const ConstRef<Scalar>& dy, MutRef<Scalar> dx) const {
     if (kind_ == Kind::quantized) return quantized_product(dy, dx, layout_ == WeightLayout::in_out, true);
-    if (layout_ == WeightLayout::out_in)
-      dx.noalias() += dy * stored();
-    else
-      dx.noalias() += dy * stored().transpose();
+    dense_product(dy, dx, layout_ == WeightLayout::in_out, true);
   }
 
   /// W[out_begin : out_begin + O', :] += s · B A with B (O', R) and A (R, I): all of W when B has O rows, one
@@ -424,6 +429,27 @@ class FrozenWeight {
     w.in_ = layout == WeightLayout::out_in ? stored->cols() : stored->rows();
     w.lp_ = std::move(stored);
     return w;
+  }
+
+  // y (=|+=) x · op(S), S the stored float matrix, op = Sᵀ when `transposed`: oneDNN's sgemm for float under
+  // LORA_USE_DNNL (detail/dnnl_gemm.hpp), Eigen's product otherwise.
+  void dense_product(const ConstRef<Scalar>& x, MutRef<Scalar> y, bool transposed, bool accumulate) const {
+    const auto S = stored();
+#if defined(LORA_USE_DNNL)
+    if constexpr (std::is_same_v<Scalar, float>) {
+      return detail::dnnl_gemm("FrozenWeight", false, transposed, x.rows(), y.cols(), x.cols(), x.data(),
+                               detail::dnnl_leading_dimension(x), S.data(), S.cols(), accumulate ? 1.0f : 0.0f,
+                               y.data(), detail::dnnl_leading_dimension(y));
+    }
+#endif
+    if (transposed && accumulate)
+      y.noalias() += x * S.transpose();
+    else if (transposed)
+      y.noalias() = x * S.transpose();
+    else if (accumulate)
+      y.noalias() += x * S;
+    else
+      y.noalias() = x * S;
   }
 
   // y (=|+=) x · op(S), S the stored matrix: op = Sᵀ when `transposed` (S is (rows of y's columns, x's columns)).

@@ -1,6 +1,7 @@
 // Builds a rank-4 adapter on a 16 -> 8 layer, with lora installed (find_package/) or built as a subproject
 // (add_subdirectory/); fails unless the trainable count is R * (I + O) and the forward matches a naive product.
-// With LORA_CONSUMER_EXPECT_<NAME> (consumer.cmake: linked lora::native, lora::openblas, lora::openmp, lora::mpi)
+// With LORA_CONSUMER_EXPECT_<NAME> (consumer.cmake: linked lora::native, lora::openblas, lora::openmp, lora::mpi,
+// lora::dnnl)
 // it also fails unless that target took effect in this file (lora::mpi: <lora/distributed.hpp> builds, links and
 // trains one data-parallel step on MPI's singleton start).
 #include <lora/lora.hpp>
@@ -19,6 +20,9 @@ extern "C" char* openblas_get_corename(void);  // links only against OpenBLAS
 #endif
 #if defined(LORA_CONSUMER_EXPECT_OPENMP) && !defined(_OPENMP)
 #error "lora::openmp is linked but this file is not compiled with OpenMP"
+#endif
+#if defined(LORA_CONSUMER_EXPECT_DNNL) && !defined(LORA_USE_DNNL)
+#error "lora::dnnl is linked but LORA_USE_DNNL is not defined"
 #endif
 
 #ifdef __AVX2__
@@ -46,8 +50,9 @@ int main(int argc, char** argv) {
     return 1;
   }
 
-  // y = x Wᵀ + b + s · (x Aᵀ) Bᵀ against a loop in double: whichever GEMM runs (Eigen's, OpenBLAS's, threaded),
-  // the row-major products must be the right ones. 64 rows, so Eigen takes its GEMM path, not a lazy product.
+  // y = x Wᵀ + b + s · (x Aᵀ) Bᵀ against a loop in double: whichever GEMM runs (Eigen's, OpenBLAS's, oneDNN's,
+  // threaded), the row-major products must be the right ones. 64 rows, so Eigen takes its GEMM path, not a lazy
+  // product.
   layer.lora_B().setRandom();  // B starts at zero (PEFT); make the adapter path count
   const lora::Matrix<float> x = lora::Matrix<float>::Random(64, 16);
   lora::Matrix<float> y(64, 8);
@@ -86,6 +91,10 @@ int main(int argc, char** argv) {
 #endif
 #ifdef LORA_CONSUMER_EXPECT_OPENMP
   std::printf("lora::openmp: Eigen may use %d threads\n", Eigen::nbThreads());
+#endif
+#ifdef LORA_CONSUMER_EXPECT_DNNL
+  // The forward checked against a naive product above ran on oneDNN.
+  std::printf("lora::dnnl: the frozen weight's products run on %s\n", lora::float_gemm_backend());
 #endif
 #ifdef LORA_CONSUMER_EXPECT_MPI
   {
