@@ -5,9 +5,15 @@
 //   Backend   built with            threads set by
 //   Eigen     (default)             Eigen::setNbThreads, only with LORA_USE_OPENMP
 //   OpenBLAS  -DLORA_USE_BLAS=ON    openblas_set_num_threads
+//   oneDNN    LORA_USE_DNNL (the    Eigen::nbThreads(), which lora::detail::dnnl_gemm passes on for every call
+//             default where found)  (FrozenWeight's products only; Eigen or OpenBLAS run the rest)
 #pragma once
 
 #include <Eigen/Core>
+
+#ifdef LORA_USE_DNNL
+#include <oneapi/dnnl/dnnl.h>
+#endif
 
 #include <cstdio>
 #include <cstdlib>
@@ -58,7 +64,11 @@ inline Options take_options(int& argc, char** argv) {
 }
 
 inline std::string backend_name() {
-#ifdef LORA_USE_OPENBLAS
+#if defined(LORA_USE_DNNL) && defined(LORA_USE_OPENBLAS)
+  return "oneDNN for the frozen W's products, OpenBLAS for Eigen's";
+#elif defined(LORA_USE_DNNL)
+  return "oneDNN for the frozen W's products, Eigen for the rest";
+#elif defined(LORA_USE_OPENBLAS)
   return "OpenBLAS";
 #else
   return "Eigen";
@@ -111,14 +121,47 @@ inline std::string cpu_model() {
   return "unknown";
 }
 
-/// The GEMM kernel that runs: OpenBLAS's core name and build config, or Eigen's SIMD set.
+/// oneDNN's name for the instruction set it runs (dnnl_get_effective_cpu_isa(); dnnl_types.h's values).
+inline std::string dnnl_isa_name(int isa) {
+  switch (isa) {
+    case 0x3e7:
+      return "avx512_core_amx";
+    case 0xe7:
+      return "avx512_core_bf16";
+    case 0x67:
+      return "avx512_core_vnni";
+    case 0x27:
+      return "avx512_core";
+    case 0x407:
+      return "avx2_vnni";
+    case 0x7:
+      return "avx2";
+    case 0x3:
+      return "avx";
+    case 0x1:
+      return "sse41";
+    default: {
+      char b[32];
+      std::snprintf(b, sizeof b, "isa 0x%x", unsigned(isa));
+      return b;
+    }
+  }
+}
+
+/// The GEMM kernel that runs: OpenBLAS's core name and build config, or Eigen's SIMD set; oneDNN's instruction
+/// set first when the frozen weights' products run on it.
 inline std::string kernel_description() {
+  std::string dnnl;
+#ifdef LORA_USE_DNNL
+  dnnl = "oneDNN " + std::to_string(dnnl_version()->major) + "." + std::to_string(dnnl_version()->minor) +
+         " sgemm, ISA " + dnnl_isa_name(int(dnnl_get_effective_cpu_isa())) + "; ";
+#endif
 #ifdef LORA_USE_OPENBLAS
   const char* coretype = std::getenv("OPENBLAS_CORETYPE");
-  return std::string("core ") + openblas_get_corename() + " (OPENBLAS_CORETYPE=" + (coretype ? coretype : "unset") +
+  return dnnl + "core " + openblas_get_corename() + " (OPENBLAS_CORETYPE=" + (coretype ? coretype : "unset") +
          "), config: " + openblas_get_config();
 #else
-  return std::string("Eigen ") + std::to_string(EIGEN_WORLD_VERSION) + "." + std::to_string(EIGEN_MAJOR_VERSION) + "." +
+  return dnnl + "Eigen " + std::to_string(EIGEN_WORLD_VERSION) + "." + std::to_string(EIGEN_MAJOR_VERSION) + "." +
          std::to_string(EIGEN_MINOR_VERSION) + " GEMM, SIMD: " + Eigen::SimdInstructionSetsInUse();
 #endif
 }

@@ -32,7 +32,9 @@
 //                    the same N token ids (all below 1000) and d, r: "bwd V/1000", which must not grow with V
 //   dora_paired      LoRALinear with use_dora against the same layer without it (same W, A, B): "fwd dora/lora" and
 //                    "step dora/lora" (issue 16)
-// After the runs a table gives each variant's median time over its baseline's.
+// After the runs a table gives each variant's median time over its baseline's. The dense products (and full
+// fine-tuning's dW) run on the GEMM library the layers' products use (FrozenWeight: oneDNN's sgemm under
+// LORA_USE_DNNL, Eigen otherwise), so the ratios compare LoRA with the product it wraps.
 //
 // Flags besides google benchmark's: --threads=T (default 1) and --smoke (small
 // shapes, for CI). The first lines of the output name the backend, the GEMM
@@ -88,11 +90,26 @@ void set_flops(benchmark::State& state, double flops_per_iter) {
 
 double gemm_flops(double m, double n, double k) { return 2 * m * n * k; }
 
+// The dense baselines run the very products the layers wrap (FrozenWeight's: oneDNN's sgemm where the build has
+// it, Eigen's otherwise), so a ratio measures what LoRA adds and not a difference between GEMM libraries.
+lora::FrozenWeight<float> frozen(const Mat& W) { return lora::FrozenWeight<float>::view(W.data(), W.rows(), W.cols()); }
+
+// Full fine-tuning's weight gradient dW += dyᵀ x, on the same GEMM library as the products above.
+void add_weight_gradient(Mat& dW, const Mat& dy, const Mat& x) {
+#if defined(LORA_USE_DNNL)
+  lora::detail::dnnl_gemm("bench", true, false, dW.rows(), dW.cols(), dy.rows(), dy.data(), dy.cols(), x.data(),
+                          x.cols(), 1.0f, dW.data(), dW.cols());
+#else
+  dW.noalias() += dy.transpose() * x;
+#endif
+}
+
 void dense_forward(benchmark::State& state) {
   Problem p(state);
-  const auto W = p.layer.weight();
+  const Mat W = p.layer.weight();
+  const auto w = frozen(W);
   for (auto _ : state) {
-    p.y.noalias() = p.x * W.transpose();
+    w.forward(p.x, p.y);
     benchmark::DoNotOptimize(p.y.data());
     benchmark::ClobberMemory();
   }
@@ -128,7 +145,7 @@ void naive_rebuild(benchmark::State& state) {
   for (auto _ : state) {
     merged = p.layer.weight();
     merged.noalias() += s * p.layer.lora_B() * p.layer.lora_A();
-    p.y.noalias() = p.x * merged.transpose();
+    frozen(merged).forward(p.x, p.y);
     benchmark::DoNotOptimize(p.y.data());
     benchmark::ClobberMemory();
   }
@@ -137,10 +154,11 @@ void naive_rebuild(benchmark::State& state) {
 
 void dense_two_products(benchmark::State& state) {
   Problem p(state);
-  const auto W = p.layer.weight();
+  const Mat W = p.layer.weight();
+  const auto w = frozen(W);
   for (auto _ : state) {
-    p.y.noalias() = p.x * W.transpose();
-    p.dx.noalias() = p.dy * W;
+    w.forward(p.x, p.y);
+    w.backward(p.dy, p.dx);
     benchmark::DoNotOptimize(p.dx.data());
     benchmark::ClobberMemory();
   }
@@ -160,12 +178,13 @@ void lora_train_step(benchmark::State& state) {
 
 void full_ft_step(benchmark::State& state) {
   Problem p(state);
-  const auto W = p.layer.weight();
+  const Mat W = p.layer.weight();
+  const auto w = frozen(W);
   Mat dW = Mat::Zero(p.D, p.D);
   for (auto _ : state) {
-    p.y.noalias() = p.x * W.transpose();
-    p.dx.noalias() = p.dy * W;
-    dW.noalias() += p.dy.transpose() * p.x;
+    w.forward(p.x, p.y);
+    w.backward(p.dy, p.dx);
+    add_weight_gradient(dW, p.dy, p.x);
     benchmark::DoNotOptimize(dW.data());
     benchmark::ClobberMemory();
   }
@@ -174,9 +193,10 @@ void full_ft_step(benchmark::State& state) {
 
 void dense_dx(benchmark::State& state) {
   Problem p(state);
-  const auto W = p.layer.weight();
+  const Mat W = p.layer.weight();
+  const auto w = frozen(W);
   for (auto _ : state) {
-    p.dx.noalias() = p.dy * W;
+    w.backward(p.dy, p.dx);
     benchmark::DoNotOptimize(p.dx.data());
     benchmark::ClobberMemory();
   }
@@ -187,7 +207,7 @@ void dense_dW(benchmark::State& state) {
   Problem p(state);
   Mat dW = Mat::Zero(p.D, p.D);
   for (auto _ : state) {
-    dW.noalias() += p.dy.transpose() * p.x;
+    add_weight_gradient(dW, p.dy, p.x);
     benchmark::DoNotOptimize(dW.data());
     benchmark::ClobberMemory();
   }
@@ -214,10 +234,11 @@ void full_ft_step_adamw(benchmark::State& state) {
   Mat W = p.layer.weight();
   Mat dW = Mat::Zero(p.D, p.D);
   lora::AdamW<float> opt({{"weight", W.data(), dW.data(), p.D, p.D}});
+  const auto w = frozen(W);  // a view: AdamW's updates of W are what it reads
   for (auto _ : state) {
-    p.y.noalias() = p.x * W.transpose();
-    p.dx.noalias() = p.dy * W;
-    dW.noalias() += p.dy.transpose() * p.x;
+    w.forward(p.x, p.y);
+    w.backward(p.dy, p.dx);
+    add_weight_gradient(dW, p.dy, p.x);
     opt.step();
     opt.zero_grad();
     benchmark::DoNotOptimize(W.data());
@@ -487,9 +508,10 @@ void naive_merge_per_adapter(benchmark::State& state) {
       const auto a = p.layer.adapter(p.names[k]);
       const lora::Index count = static_cast<lora::Index>(rows[k].size());
       xg.resize(count, p.D);
+      yg.resize(count, p.D);
       for (lora::Index i = 0; i < count; ++i) xg.row(i) = p.x.row(rows[k][i]);
       W.noalias() += a->scaling() * a->lora_B * a->lora_A;
-      yg.noalias() = xg * W.transpose();
+      frozen(W).forward(xg, yg);
       W.noalias() -= a->scaling() * a->lora_B * a->lora_A;
       for (lora::Index i = 0; i < count; ++i) p.y.row(rows[k][i]) = yg.row(i);
     }

@@ -118,8 +118,9 @@ void lowp_paired(benchmark::State& state) {
   state.SetLabel(variant_name(variant));
 }
 
-// The base product alone, y = x Wᵀ, through the low-precision kernels against Eigen's float product, paired as above
-// ("base fmt/f32"). Without the LoRA path and the layer's bookkeeping this isolates the kernels.
+// The base product alone, y = x Wᵀ, through the low-precision kernels against the float product the float layer runs
+// (FrozenWeight's: oneDNN's sgemm under LORA_USE_DNNL, Eigen's otherwise), paired as above ("base fmt/f32").
+// Without the LoRA path and the layer's bookkeeping this isolates the kernels.
 void base_paired(benchmark::State& state) {
   const lora::Index N = state.range(0), D = state.range(1);
   const int variant = static_cast<int>(state.range(2));
@@ -128,7 +129,8 @@ void base_paired(benchmark::State& state) {
   Mat y(N, D);
   const auto q = stored_as(W, variant);
   const auto low = [&] { lora::detail::QGemm::run(x.data(), D, N, D, q, true, y.data(), D, false); };
-  const auto dense = [&] { y.noalias() = x * W.transpose(); };
+  const auto w = lora::FrozenWeight<float>::view(W.data(), D, D);
+  const auto dense = [&] { w.forward(x, y); };
   low();
   dense();
   std::vector<double> ratios;

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds and runs every benchmark (bench_params, bench_compute, bench_memory,
-# bench_lowp, bench/peers/pytorch_lora.py, bench_mpi_scaling under mpirun -np 2 when the first backend's build
+# bench_gemm, bench_lowp, bench/peers/pytorch_lora.py, bench_mpi_scaling under mpirun -np 2 when the first backend's build
 # has MPI, and examples/gpt's training throughput against bench/peers/pytorch_gpt.py) and prints one table of ratios at the end.
 #
 #   bench/run_all.sh            Eigen and OpenBLAS backends, 1 and 2 threads, the issue's headline
@@ -32,16 +32,18 @@ out=${OUT:-build-bench/results}
 jobs=${JOBS:-2}
 python=${PYTHON:-/usr/bin/python3}
 mkdir -p "$out"
-rm -f "$out"/compute-*.json "$out"/pytorch-*.json "$out"/memory.txt "$out"/lowp.txt "$out"/mpi_scaling.txt
+rm -f "$out"/compute-*.json "$out"/pytorch-*.json "$out"/memory.txt "$out"/lowp.txt "$out"/gemm.txt "$out"/mpi_scaling.txt
 
 section() { printf '\n===== %s\n' "$*"; }
 
-# Eigen's products use threads only under OpenMP; OpenBLAS has its own.
+# Eigen's products use threads only under OpenMP; OpenBLAS has its own. The eigen backend is the README's build:
+# its layers' frozen-weight products run on oneDNN where libdnnl-dev is installed (LORA_USE_DNNL=AUTO); the blas
+# backend turns that off, so OpenBLAS runs them.
 declare -A bench_dir
 for backend in "${backends[@]}"; do
   case "$backend" in
     eigen) flags=(-DLORA_USE_OPENMP=ON) ;;
-    blas) flags=(-DLORA_USE_BLAS=ON) ;;
+    blas) flags=(-DLORA_USE_BLAS=ON -DLORA_USE_DNNL=OFF) ;;
     *)
       echo "run_all.sh: unknown backend '$backend' (eigen or blas)" >&2
       exit 2
@@ -49,14 +51,15 @@ for backend in "${backends[@]}"; do
   esac
   if [ "$backend" = eigen ] && [ -n "${EIGEN_BUILD:-}" ]; then
     section "build: eigen backend from EIGEN_BUILD=$EIGEN_BUILD (built already)"
-    cmake --build "$EIGEN_BUILD" -j"$jobs" --target bench_params bench_compute bench_memory bench_lowp
+    cmake --build "$EIGEN_BUILD" -j"$jobs" --target bench_params bench_compute bench_memory bench_lowp bench_gemm
     bench_dir[$backend]="$EIGEN_BUILD/bench"
     continue
   fi
   section "build: $backend backend in build-bench/$backend"
   cmake -S . -B "build-bench/$backend" -DCMAKE_BUILD_TYPE=Release -DLORA_BUILD_TESTS=OFF \
     -DLORA_BUILD_EXAMPLES=OFF -DLORA_INSTALL=OFF "${flags[@]}" >/dev/null
-  cmake --build "build-bench/$backend" -j"$jobs" --target bench_params bench_compute bench_memory bench_lowp
+  cmake --build "build-bench/$backend" -j"$jobs" --target bench_params bench_compute bench_memory bench_lowp \
+    bench_gemm
   bench_dir[$backend]="build-bench/$backend/bench"
 done
 first="${bench_dir[${backends[0]}]}"
@@ -88,6 +91,13 @@ for backend in "${backends[@]}"; do
       --benchmark_out="$out/compute-$backend-t$threads.json" --benchmark_out_format=json
   done
 done
+
+section "bench_gemm (the ${backends[0]} build's float products against every float GEMM on this machine, 1 thread)"
+if [ "$smoke" = 1 ]; then
+  "$first/bench_gemm" --smoke
+else
+  "$first/bench_gemm" | tee "$out/gemm.txt"
+fi
 
 section "bench_lowp (low-precision bases; ${backends[0]}'s float layer as the baseline, 1 thread)"
 if [ "$smoke" = 1 ]; then
