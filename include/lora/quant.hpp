@@ -642,24 +642,38 @@ class QuantizedMatrix {
 
   static std::uint16_t load16(const std::uint8_t* p) { return static_cast<std::uint16_t>(p[0] | (p[1] << 8)); }
 
+  // Where value e of the flat array is stored: its own bytes (f32, bf16, f16), the byte that holds its nibble
+  // (NF4), or its block, scale first (q8_0). decode32_avx512 reads from here, and QGemm's kernels and prefetches.
+  template <WeightFormat F>
+  static const std::uint8_t* bytes_of(const State& s, std::size_t e) {
+    if constexpr (F == WeightFormat::f32)
+      return s.data + 4 * e;
+    else if constexpr (F == WeightFormat::bf16 || F == WeightFormat::f16)
+      return s.data + 2 * e;
+    else if constexpr (F == WeightFormat::q8_0)
+      return s.data + e / quant::q8_0_block * quant::q8_0_block_bytes;
+    else
+      return s.data + e / 2;
+  }
+
 #ifdef LORA_X86_KERNELS
   // Values e .. e + 31 of the flat array into two registers (e a multiple of 32 for q8_0 and NF4, so the 32 values
   // lie in one block): decode_avx512 below, and QGemm's fused kernels, which use them in place.
   template <WeightFormat F>
   LORA_AVX512 static void decode32_avx512(const State& s, std::size_t e, __m512& w0, __m512& w1) {
-    const std::uint8_t* p = s.data;
+    const std::uint8_t* p = bytes_of<F>(s, e);
     if constexpr (F == WeightFormat::f32) {
-      w0 = _mm512_loadu_ps(reinterpret_cast<const float*>(p) + e);
-      w1 = _mm512_loadu_ps(reinterpret_cast<const float*>(p) + e + 16);
+      w0 = _mm512_loadu_ps(reinterpret_cast<const float*>(p));
+      w1 = _mm512_loadu_ps(reinterpret_cast<const float*>(p) + 16);
     } else if constexpr (F == WeightFormat::bf16) {
-      const __m512i h = _mm512_loadu_si512(p + 2 * e);
+      const __m512i h = _mm512_loadu_si512(p);
       w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
       w1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
     } else if constexpr (F == WeightFormat::f16) {
-      w0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2 * e)));
-      w1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2 * e + 32)));
+      w0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+      w1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
     } else if constexpr (F == WeightFormat::q8_0) {
-      const std::uint8_t* blk = p + e / quant::q8_0_block * quant::q8_0_block_bytes;
+      const std::uint8_t* blk = p;
       const __m512 d = _mm512_set1_ps(_cvtsh_ss(static_cast<unsigned short>(blk[0] | (blk[1] << 8))));
       w0 = _mm512_mul_ps(
           _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)))), d);
@@ -670,7 +684,7 @@ class QuantizedMatrix {
       const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
       const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
       const __m512 scale = _mm512_set1_ps(s.absmax_at(e));
-      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + e / 2)));
+      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
       const __m512i hi = _mm512_srli_epi32(bytes, 4), lo = _mm512_and_si512(bytes, _mm512_set1_epi32(0xf));
       w0 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_permutex2var_epi32(hi, first, lo), table), scale);
       w1 = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_permutex2var_epi32(hi, second, lo), table), scale);

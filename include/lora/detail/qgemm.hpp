@@ -87,8 +87,10 @@ struct QGemm {
       // same exact products.
       if (M > gemv_rows && K % 2 == 0) return gemm_bf16(A, lda, M, K, N, S, transposed, C, ldc, accumulate);
       float* rounded = reserve(buffers().rounded, static_cast<std::size_t>(M * K));
-      for (Index m = 0; m < M; ++m)
-        for (Index k = 0; k < K; ++k) rounded[m * K + k] = bf16_to_float(float_to_bf16(A[m * lda + k]));
+      for (Index m = 0; m < M; ++m) {
+        std::copy(A + m * lda, A + m * lda + K, rounded + m * K);
+        round_to_bf16(rounded + m * K, static_cast<std::size_t>(K));
+      }
       A = rounded;
       lda = K;
     }
@@ -97,11 +99,16 @@ struct QGemm {
   }
 
  private:
+  // Each of v[0 .. n) rounded to the nearest bf16, ties to even (float_to_bf16): the operands of bf16 products.
+  static void round_to_bf16(float* v, std::size_t n) {
+    for (std::size_t i = 0; i < n; ++i) v[i] = bf16_to_float(float_to_bf16(v[i]));
+  }
+
   // S's values from (row, col) into out, rounded to bf16 when S's products are bf16 (bf16 storage needs no rounding).
   static void decode_for_products(const QuantizedMatrix& S, Index row, Index col, Index count, float* out) {
     S.decode(row, col, count, out);
     if (S.products() == Products::bf16 && S.format() != WeightFormat::bf16)
-      for (Index i = 0; i < count; ++i) out[i] = bf16_to_float(float_to_bf16(out[i]));
+      round_to_bf16(out, static_cast<std::size_t>(count));
   }
 
   // ---- few rows ----
@@ -214,8 +221,7 @@ struct QGemm {
   template <bool Round>
   static void decode_tail(const State& s, std::size_t e, std::size_t count, float* out) {
     QuantizedMatrix::decode_portable(s, e, count, out);
-    if constexpr (Round)
-      for (std::size_t i = 0; i < count; ++i) out[i] = bf16_to_float(float_to_bf16(out[i]));
+    if constexpr (Round) round_to_bf16(out, count);
   }
 
   // Values e .. e + 31 of S's flat array into two registers (QuantizedMatrix's decoder, shared with decode()).
@@ -228,14 +234,14 @@ struct QGemm {
   // split the same way. xd holds A's rows with each run of 32 reordered as its 16 even then its 16 odd values.
   template <WeightFormat F>
   LORA_AVX512 static void load32_split(const State& s, std::size_t e, __m512& even, __m512& odd) {
-    const std::uint8_t* p = s.data;
+    const std::uint8_t* p = QuantizedMatrix::bytes_of<F>(s, e);
     if constexpr (F == WeightFormat::bf16) {
-      const __m512i v = _mm512_loadu_si512(p + 2 * e);  // lane i: value 2i in the low half, 2i + 1 in the high
+      const __m512i v = _mm512_loadu_si512(p);  // lane i: value 2i in the low half, 2i + 1 in the high
       even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
       odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
     } else {  // NF4: byte i holds value 2i (high nibble) and 2i + 1 (low); scaled by the block's absmax by the caller
       const __m512 table = _mm512_loadu_ps(s.code.data());
-      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + e / 2)));
+      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
       even = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
       odd = _mm512_permutexvar_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(0xf)), table);
     }
@@ -275,7 +281,7 @@ struct QGemm {
         for (int r = 0; r < rs; ++r) {
           const std::size_t e =
               static_cast<std::size_t>(n0 + r) * static_cast<std::size_t>(K) + static_cast<std::size_t>(k);
-          prefetch(s.data + (F == WeightFormat::bf16 ? 2 * e : e / 2));
+          prefetch(QuantizedMatrix::bytes_of<F>(s, e));
           __m512 even, odd;
           load32_split<F>(s, e, even, odd);
           if constexpr (F == WeightFormat::nf4) {
@@ -320,6 +326,8 @@ struct QGemm {
   template <int M>
   LORA_AVX512 static void gemv_dots_nf4(const State& s, const float* A, Index lda, Index K, float* C, Index ldc,
                                         bool accumulate) {
+    // 4 rows of S side by side at M = 1, not dot_streams<1>'s 8: each run keeps 8 decoded registers live per row,
+    // and 4 measured faster than 8 on the Xeon when this kernel was written (2026-12-05).
     constexpr int RS = M == 1 ? 4 : 2;
     static constexpr int c[8] = {1, 0, 3, 2, 5, 4, 7, 6};
     const Index N = s.rows;
@@ -338,8 +346,9 @@ struct QGemm {
         for (int r = 0; r < rs; ++r) {
           const std::size_t e =
               static_cast<std::size_t>(n0 + r) * static_cast<std::size_t>(K) + static_cast<std::size_t>(run);
-          prefetch(s.data + e / 2);
-          const __m512i v = _mm512_loadu_si512(s.data + e / 2);
+          const std::uint8_t* p = QuantizedMatrix::bytes_of<WeightFormat::nf4>(s, e);
+          prefetch(p);
+          const __m512i v = _mm512_loadu_si512(p);
           __m512 w[8];
           w[0] = _mm512_permutexvar_ps(v, table);
           w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
@@ -381,8 +390,8 @@ struct QGemm {
     // Rounding needs each decoded value on its own: the generic loop below, over load32's values.
     if constexpr (!Round && (F == WeightFormat::bf16 || F == WeightFormat::nf4)) {
       // NF4 runs of 32 must start at an even element: rows of a length that is a multiple of 32 (checked above)
-      if (F == WeightFormat::nf4 && K % nf4_run == 0 && s.block % 64 == 0)
-        return gemv_dots_nf4<M>(s, A, lda, K, C, ldc, accumulate);
+      if constexpr (F == WeightFormat::nf4)
+        if (K % nf4_run == 0 && s.block % 64 == 0) return gemv_dots_nf4<M>(s, A, lda, K, C, ldc, accumulate);
       return gemv_dots_split<F, M>(s, A, lda, K, C, ldc, accumulate);
     }
     constexpr int RS = dot_streams<M>;
@@ -398,7 +407,7 @@ struct QGemm {
           const std::size_t e =
               static_cast<std::size_t>(n + r) * static_cast<std::size_t>(K) + static_cast<std::size_t>(k);
           if constexpr (F == WeightFormat::q8_0 && !Round) {  // Σ q·x over the block, then one multiply by d
-            const std::uint8_t* blk = s.data + e / quant::q8_0_block * quant::q8_0_block_bytes;
+            const std::uint8_t* blk = QuantizedMatrix::bytes_of<F>(s, e);
             prefetch(blk);
             const __m512 q0 =
                 _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2))));
@@ -412,12 +421,7 @@ struct QGemm {
             }
             continue;
           }
-          if constexpr (F == WeightFormat::q8_0)
-            prefetch(s.data + e / quant::q8_0_block * quant::q8_0_block_bytes);
-          else if constexpr (F == WeightFormat::nf4)
-            prefetch(s.data + e / 2);
-          else
-            prefetch(s.data + e * (F == WeightFormat::f32 ? 4 : 2));
+          prefetch(QuantizedMatrix::bytes_of<F>(s, e));
           __m512 w0, w1;
           load32_for_products<F, Round>(s, e, w0, w1);
           for (int m = 0; m < M; ++m) {
