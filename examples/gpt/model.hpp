@@ -771,6 +771,7 @@ class Model {
     Mat<S>& x = step_x_;
     x.resize(count, C);
     step_tmp_.resize(count, C);
+    size_block(step_, count, C);
     Eigen::Matrix<S, 1, Eigen::Dynamic> scores;
     for (Index n = 0; n < count; ++n) x.row(n) = wte.row(tokens[n]) + wpe.row(cached_ + n);
     for (Index l = 0; l < c.n_layer; ++l) {
@@ -809,21 +810,25 @@ class Model {
     Vec<S> ln1_mean, ln1_rstd, ln2_mean, ln2_rstd;
   };
 
-  /// Block l on x (N, C): res = x + attn.c_proj(attention(c_attn(ln_1(x)))), out = res + mlp.c_proj(gelu(c_fc(
-  /// ln_2(res)))), keeping in `a` what backward needs; `tmp` is scratch (N, C). `attend(qkv, atty)` is the causal
-  /// attention: over the whole sequence in forward(), over the key/value cache in forward_next(). out may be x.
-  template <class Attend>
-  void block_forward(Index l, const Mat<S>& x, LayerActs& a, Mat<S>& tmp, Mat<S>& out, Attend&& attend) {
-    const Config& c = config();
-    const Index N = x.rows(), C = c.n_embd;
-    const S eps = static_cast<S>(c.layer_norm_epsilon);
-    a.ln1.resize(N, C);  // no-ops when forward() has sized them
+  /// The buffers of `a` that block_forward writes, sized for N rows (a.x and the attention's a.att are forward()'s).
+  static void size_block(LayerActs& a, Index N, Index C) {
+    a.ln1.resize(N, C);
     a.qkv.resize(N, 3 * C);
     a.atty.resize(N, C);
+    a.res.resize(N, C);
     a.ln2.resize(N, C);
     a.fch.resize(N, 4 * C);
     a.fch_gelu.resize(N, 4 * C);
     for (Vec<S>* v : {&a.ln1_mean, &a.ln1_rstd, &a.ln2_mean, &a.ln2_rstd}) v->resize(N);
+  }
+
+  /// Block l on x (N, C): res = x + attn.c_proj(attention(c_attn(ln_1(x)))), out = res + mlp.c_proj(gelu(c_fc(
+  /// ln_2(res)))), keeping in `a` (sized by size_block) what backward needs; `tmp` is scratch (N, C). `attend(qkv,
+  /// atty)` is the causal attention: over the whole sequence in forward(), over the key/value cache in forward_next().
+  /// out may be x.
+  template <class Attend>
+  void block_forward(Index l, const Mat<S>& x, LayerActs& a, Mat<S>& tmp, Mat<S>& out, Attend&& attend) {
+    const S eps = static_cast<S>(config().layer_norm_epsilon);
     layernorm_forward(x, w_->data[block_index(l, ln_1_weight)], w_->data[block_index(l, ln_1_bias)], eps, a.ln1,
                       a.ln1_mean, a.ln1_rstd);
     proj_[4 * l + 0].forward(a.ln1, a.qkv);
@@ -861,18 +866,8 @@ class Model {
     acts_.resize(c.n_layer);
     for (auto& a : acts_) {
       a.x.resize(N, C);
-      a.ln1.resize(N, C);
-      a.qkv.resize(N, 3 * C);
       a.att.resize(B * c.n_head, T * T);
-      a.atty.resize(N, C);
-      a.res.resize(N, C);
-      a.ln2.resize(N, C);
-      a.fch.resize(N, 4 * C);
-      a.fch_gelu.resize(N, 4 * C);
-      a.ln1_mean.resize(N);
-      a.ln1_rstd.resize(N);
-      a.ln2_mean.resize(N);
-      a.ln2_rstd.resize(N);
+      size_block(a, N, C);
     }
     xL_.resize(N, C);
     lnf_.resize(N, C);
