@@ -231,11 +231,14 @@ class BpeTokenizer {
     }
   }
 
-  /// Whether <dir> holds both vocab.json and merges.txt (as regular files, or links to them).
+  /// Whether <dir> has vocab.json or merges.txt, of whatever kind (a dangling link too): its model then uses BPE,
+  /// and load() reads both, refusing one that is missing or no regular file by name, rather than the model
+  /// falling back to bytes.
   static bool available(const std::string& dir) {
+    const std::filesystem::path d(dir);
     std::error_code ec;
-    return std::filesystem::is_regular_file(std::filesystem::path(dir) / "vocab.json", ec) &&
-           std::filesystem::is_regular_file(std::filesystem::path(dir) / "merges.txt", ec);
+    return std::filesystem::exists(std::filesystem::symlink_status(d / "vocab.json", ec)) ||
+           std::filesystem::exists(std::filesystem::symlink_status(d / "merges.txt", ec));
   }
 
   /// `vocab`: token (written in bytes_to_unicode's characters, or any string of them such as "<|endoftext|>") ->
