@@ -15,11 +15,14 @@
 #include <oneapi/dnnl/dnnl.h>
 #endif
 
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <string>
+#include <vector>
 
 #ifdef LORA_USE_OPENBLAS
 extern "C" {
@@ -164,6 +167,20 @@ inline std::string kernel_description() {
   return dnnl + "Eigen " + std::to_string(EIGEN_WORLD_VERSION) + "." + std::to_string(EIGEN_MAJOR_VERSION) + "." +
          std::to_string(EIGEN_MINOR_VERSION) + " GEMM, SIMD: " + Eigen::SimdInstructionSetsInUse();
 #endif
+}
+
+/// The seconds one call of f takes (steady clock).
+template <class F>
+double seconds(F&& f) {
+  const auto t0 = std::chrono::steady_clock::now();
+  f();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+/// The median of v (its upper middle value when v has an even size); v must not be empty.
+inline double median(std::vector<double> v) {
+  std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
+  return v[v.size() / 2];
 }
 
 /// A field of /proc/self/status in KiB ("VmHWM", "VmRSS"), or -1.

@@ -27,7 +27,6 @@
 #include "bench_common.hpp"
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -60,12 +59,13 @@ lora::LoraConfig config(int r) {
   return c;
 }
 
+// lora_bench::seconds with the call's writes completed inside the timed span.
 template <class F>
 double seconds(F&& f) {
-  const auto t0 = std::chrono::steady_clock::now();
-  f();
-  benchmark::ClobberMemory();
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return lora_bench::seconds([&] {
+    f();
+    benchmark::ClobberMemory();
+  });
 }
 
 void lowp_paired(benchmark::State& state) {
@@ -106,15 +106,11 @@ void lowp_paired(benchmark::State& state) {
     low_times.push_back(tl);
     low_first = !low_first;
   }
-  const auto median = [](std::vector<double> v) {
-    std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
-    return v[v.size() / 2];
-  };
-  state.counters["time fmt/f32"] = median(ratios);
+  state.counters["time fmt/f32"] = lora_bench::median(ratios);
   const double base_flops =
       2.0 * static_cast<double>(N) * static_cast<double>(D) * static_cast<double>(D) * (step ? 2 : 1);
-  state.counters["base GFLOP/s"] = base_flops / median(low_times) * 1e-9;
-  state.counters["low ms"] = median(low_times) * 1e3;
+  state.counters["base GFLOP/s"] = base_flops / lora_bench::median(low_times) * 1e-9;
+  state.counters["low ms"] = lora_bench::median(low_times) * 1e3;
   state.SetLabel(variant_name(variant));
 }
 
@@ -147,8 +143,7 @@ void base_paired(benchmark::State& state) {
     ratios.push_back(tl / td);
     low_first = !low_first;
   }
-  std::nth_element(ratios.begin(), ratios.begin() + ratios.size() / 2, ratios.end());
-  state.counters["base fmt/f32"] = ratios[ratios.size() / 2];
+  state.counters["base fmt/f32"] = lora_bench::median(ratios);
   state.SetLabel(variant_name(variant));
 }
 
