@@ -136,6 +136,47 @@ TEST_CASE("FrozenWeight<float> products match a double reference on strided bloc
   }
 }
 
+TEST_CASE("the adapters' products (detail::product) match a double reference, transposed or not, on blocks",
+          "[weight]") {
+  // FusedLoRALinear's thin products (x Aᵀ, dyᵀ H, dy B, Gᵀ x, G A) go through detail::product, on the backend of
+  // FrozenWeight's float products. Every operand here is a block inside a larger buffer, 0-row and 1-row cases
+  // included; `=` must not read C (NaN), `+=` adds, alpha scales, and nothing outside C changes.
+  INFO("backend: " << lora::float_gemm_backend());
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  unsigned seed = 300;
+  struct Shape {
+    Index m, n, k;
+  };
+  for (const Shape& sh : {Shape{5, 8, 33}, Shape{64, 16, 130}, Shape{1, 7, 9}, Shape{6, 1, 4}, Shape{3, 5, 1},
+                          Shape{4, 3, 0}, Shape{0, 3, 4}}) {
+    for (int t = 0; t < 4; ++t) {
+      const bool ta = (t & 1) != 0, tb = (t & 2) != 0;
+      // op(A) (m, k), op(B) (k, n), stored transposed when asked, each 1 row and 2 columns into a larger buffer.
+      const Index ar = ta ? sh.k : sh.m, ac = ta ? sh.m : sh.k, br = tb ? sh.n : sh.k, bc = tb ? sh.k : sh.n;
+      const Mat<float> abuf = random_matrix<float>(ar + 2, ac + 5, ++seed);
+      const Mat<float> bbuf = random_matrix<float>(br + 2, bc + 5, ++seed);
+      const auto A = abuf.block(1, 2, ar, ac);
+      const auto B = bbuf.block(1, 2, br, bc);
+      const Mat<double> a = ta ? Mat<double>(A.cast<double>().transpose()) : Mat<double>(A.cast<double>());
+      const Mat<double> b = tb ? Mat<double>(B.cast<double>().transpose()) : Mat<double>(B.cast<double>());
+      const Mat<double> ref = 0.75 * a * b;
+      for (bool accumulate : {false, true}) {
+        INFO("m=" << sh.m << " n=" << sh.n << " k=" << sh.k << " trans_a " << ta << " trans_b " << tb
+                  << (accumulate ? " +=" : " ="));
+        Mat<float> cbuf = random_matrix<float>(sh.m + 3, sh.n + 4, ++seed);
+        if (!accumulate) cbuf.block(2, 1, sh.m, sh.n).setConstant(nan);
+        const Mat<float> before = cbuf;
+        auto C = cbuf.block(2, 1, sh.m, sh.n);
+        lora::detail::product<float>("test", 0.75f, A, ta, B, tb, accumulate, C);
+        const Mat<double> want = accumulate ? Mat<double>(before.block(2, 1, sh.m, sh.n).cast<double>() + ref) : ref;
+        if (sh.m > 0 && sh.n > 0) CHECK(max_diff(Mat<float>(C).cast<double>(), want) < 1e-5 * double(sh.k + 1));
+        C = before.block(2, 1, sh.m, sh.n);
+        CHECK(cbuf.cwiseEqual(before).count() == cbuf.size() - (accumulate ? 0 : sh.m * sh.n));
+      }
+    }
+  }
+}
+
 #if defined(LORA_USE_DNNL) && DNNL_CPU_THREADING_RUNTIME == DNNL_RUNTIME_OMP
 TEST_CASE("oneDNN's products leave the calling thread's OpenMP thread count as they found it", "[weight]") {
   // dnnl_gemm sets the count to Eigen::nbThreads() for each call and puts the caller's back afterwards.

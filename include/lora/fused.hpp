@@ -18,14 +18,14 @@
 //              dx   = dy W + (G A) ⊙ mask                  (N, I)
 //   merge:     W_k += s_k · B_k A_k on each adapted slice  (unmerge subtracts what was added)
 //
-// Cost. The flops beyond the base product are 2·N·R·(I + O_k) in forward; the
-// rest is memory traffic, which decides the ratio at GPT-2's sizes. So the
-// low-rank terms go first, in blocks of `block_rows` rows whose x, y, dy and
-// dx stay in cache between the products that use them, and the base product
-// is added last (y += x Wᵀ, dx += dy W): it reads and writes y or dx once
-// either way (Eigen's `=` product zeroes its destination and adds into it),
-// so the adapters make no pass of their own over y, dx, and only one over x
-// and dy.
+// Cost. The flops beyond the base product are 2·N·R·(I + O_k) in forward,
+// 1.4% of it at GPT-2's sizes with q and v adapted; the rest is how fast the
+// thin products run and memory traffic. So the adapters' products run on the
+// base product's GEMM (detail/gemm.hpp: oneDNN, twice Eigen's speed at these
+// shapes), the low-rank terms are written into y and dx first, and the base
+// product is added last (y += x Wᵀ, dx += dy W): it reads and writes y or dx
+// once either way, so the adapters add one write of y's adapted slices and
+// of dx to the base product's traffic.
 //
 // One dropout mask serves every slice (drop(x) is taken once, as in
 // loralib's MergedLinear and PEFT's LoRA on the fused module).
@@ -52,6 +52,7 @@
 
 #include <lora/config.hpp>
 #include <lora/detail/checks.hpp>
+#include <lora/detail/gemm.hpp>
 #include <lora/detail/random.hpp>
 #include <lora/errors.hpp>
 #include <lora/linear.hpp>
@@ -256,10 +257,7 @@ class FusedLoRALinear {
   Index a_at(std::size_t k) const { return a_row_.at(k) * in_; }
   void check_forward_args(const char* where, const ConstRef<Scalar>& x, const MutRef<Scalar>& y) const;
   void backward_impl(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy, MutRef<Scalar>* dx);
-  /// Rows processed together by forward and backward: x, y, dy and dx blocks of 64 rows stay in L2 between the
-  /// low-rank products that read them (64 · 2304 floats is 576 KiB).
-  static constexpr Index block_rows = 64;
-  /// H = xa Aᵀ block by block, and y = b + [s_k · H_k B_kᵀ] (0 for a frozen slice) row by row; then y += x Wᵀ.
+  /// H = xa Aᵀ, and y = b + [s_k · H_k B_kᵀ] (0 for a frozen slice) row by row; then y += x Wᵀ.
   /// With DoRA (unmerged) y = b + c ⊙ Z, and Z is copied into *Z when Z is given.
   void forward_impl(const ConstRef<Scalar>& x, const ConstRef<Scalar>& xa, Mat& H, MutRef<Scalar> y, Mat* Z = nullptr,
                     Row* norm = nullptr, Row* scale = nullptr) const;
@@ -291,6 +289,7 @@ class FusedLoRALinear {
 
   Index cached_rows_ = -1;
   Mat H_, G_, mask_, x_dropped_;
+  Mat dBt_;                     // dB_kᵀ of one slice, in backward
   Mat Z_, D_;                   // DoRA: Z of the last training forward, and dy ⊙ c
   Row dora_norm_, dora_scale_;  // DoRA: n and c of the last training forward
 };
@@ -449,24 +448,22 @@ void FusedLoRALinear<Scalar>::forward_impl(const ConstRef<Scalar>& x, const Cons
     n = dora_norm("FusedLoRALinear::forward");
     c = magnitude().row(0).cwiseQuotient(n);
   }
-  if (adapters) H.resize(N, rank_);
-  // B_kᵀ (R_k, O_k) row-major, so each row of y_k is a sum of R_k contiguous rows: written once, never read.
   std::vector<Mat> Bt(slices_.size());
-  if (adapters)
+  if (adapters) {
+    H.resize(N, rank_);
+    detail::product<Scalar>("FusedLoRALinear::forward", Scalar(1), xa, false, stacked_A(), true, false, H);
+    // B_kᵀ (R_k, O_k) row-major, so each row of y_k is a sum of R_k contiguous rows: written once, never read.
     for (std::size_t k = 0; k < slices_.size(); ++k)
       if (slice_rank(k) > 0) Bt[k] = scaling_[k] * lora_B(k).transpose();
-  for (Index n0 = 0; n0 < N; n0 += block_rows) {
-    const Index n = std::min(block_rows, N - n0);
-    if (adapters) H.middleRows(n0, n).noalias() = xa.middleRows(n0, n) * stacked_A().transpose();
-    for (Index row = n0; row < n0 + n; ++row) {
-      for (std::size_t k = 0; k < slices_.size(); ++k) {
-        auto y_k = y.row(row).segment(out_offset_[k], slices_[k].out_features);
-        if (adapters && slice_rank(k) > 0)
-          y_k.noalias() = H.row(row).segment(a_row_[k], slice_rank(k)) * Bt[k];
-        else
-          y_k.setZero();
-        if (has_bias_ && !dora) y_k += bias_.segment(out_offset_[k], slices_[k].out_features);
-      }
+  }
+  for (Index row = 0; row < N; ++row) {
+    for (std::size_t k = 0; k < slices_.size(); ++k) {
+      auto y_k = y.row(row).segment(out_offset_[k], slices_[k].out_features);
+      if (adapters && slice_rank(k) > 0)
+        y_k.noalias() = H.row(row).segment(a_row_[k], slice_rank(k)) * Bt[k];
+      else
+        y_k.setZero();
+      if (has_bias_ && !dora) y_k += bias_.segment(out_offset_[k], slices_[k].out_features);
     }
   }
   weight_.forward_add(x, y);
@@ -561,28 +558,26 @@ void FusedLoRALinear<Scalar>::backward_impl(const ConstRef<Scalar>& x, const Con
   const ConstRef<Scalar> dz = dora_ ? ConstRef<Scalar>(D_) : dy;
   if (rank_ > 0) {
     // forward: y_k += s_k · H_k B_kᵀ, so dB_k += s_k · dy_kᵀ H_k and dH_k = s_k · dy_k B_k (= G_k); and
-    // H = drop(x) Aᵀ, so dA += Gᵀ drop(x), all slices in one product. Block by block: dy's and x's rows are
-    // read from memory once.
+    // H = drop(x) Aᵀ, so dA += Gᵀ drop(x), all slices in one product. dB_kᵀ (R_k, O_k) is the product's wide
+    // shape: 1.6x (Eigen) to 2.7x (oneDNN) faster than dB_k's (O_k, R_k), and it is added into dB_k after.
     G_.resize(N, rank_);
-    MatrixMap<Scalar> dA(grads_.data(), rank_, in_);
     const ConstRef<Scalar> xa = dropout_ > 0 ? ConstRef<Scalar>(x_dropped_) : x;
-    for (Index n0 = 0; n0 < N; n0 += block_rows) {
-      const Index n = std::min(block_rows, N - n0);
-      for (std::size_t k = 0; k < slices_.size(); ++k) {
-        if (slice_rank(k) == 0) continue;
-        const auto dy_k = dz.block(n0, out_offset_[k], n, slices_[k].out_features);
-        MatrixMap<Scalar>(grads_.data() + b_at_[k], slices_[k].out_features, slice_rank(k)).noalias() +=
-            scaling_[k] * dy_k.transpose() * H_.block(n0, a_row_[k], n, slice_rank(k));
-        G_.block(n0, a_row_[k], n, slice_rank(k)).noalias() = scaling_[k] * dy_k * lora_B(k);
-      }
-      dA.noalias() += G_.middleRows(n0, n).transpose() * xa.middleRows(n0, n);
+    const char* name = "FusedLoRALinear::backward";
+    for (std::size_t k = 0; k < slices_.size(); ++k) {
+      if (slice_rank(k) == 0) continue;
+      const Index O_k = slices_[k].out_features, R_k = slice_rank(k);
+      const auto dy_k = dz.middleCols(out_offset_[k], O_k);
+      dBt_.resize(R_k, O_k);
+      detail::product<Scalar>(name, scaling_[k], H_.middleCols(a_row_[k], R_k), true, dy_k, false, false, dBt_);
+      MatrixMap<Scalar>(grads_.data() + b_at_[k], O_k, R_k) += dBt_.transpose();
+      detail::product<Scalar>(name, scaling_[k], dy_k, false, lora_B(k), false, false, G_.middleCols(a_row_[k], R_k));
     }
+    detail::product<Scalar>(name, Scalar(1), G_, true, xa, false, true, MatrixMap<Scalar>(grads_.data(), rank_, in_));
   }
   if (dx != nullptr) {
     if (rank_ > 0) {
       // dx = (G A) ⊙ mask + dy W: the low-rank term written first (after every read of x, so dx may be x's
       // buffer), the base product added into it.
-      // Row by row, as forward writes y: each row of dx is written once, never read before the base product.
       if (dora_ && dropout_ > 0) {
         // y = x Wᵀ − drop(x) Wᵀ + b + c ⊙ Z: dx = dy W + mask ⊙ ((dy ⊙ (c − 1)) W + G A)
         Mat low(N, in_);
@@ -592,11 +587,8 @@ void FusedLoRALinear<Scalar>::backward_impl(const ConstRef<Scalar>& x, const Con
         *dx += low.cwiseProduct(mask_);
         return;
       }
-      for (Index row = 0; row < N; ++row) {
-        auto dx_row = dx->row(row);
-        dx_row.noalias() = G_.row(row) * stacked_A();
-        if (dropout_ > 0) dx_row.array() *= mask_.row(row).array();
-      }
+      detail::product<Scalar>("FusedLoRALinear::backward", Scalar(1), G_, false, stacked_A(), false, false, *dx);
+      if (dropout_ > 0) dx->array() *= mask_.array();
       weight_.backward_add(dz, *dx);
     } else {
       weight_.backward(dz, *dx);

@@ -437,7 +437,7 @@ class FrozenWeight {
     const auto S = stored();
 #if defined(LORA_USE_DNNL)
     if constexpr (std::is_same_v<Scalar, float>) {
-      return detail::dnnl_gemm("FrozenWeight", false, transposed, x.rows(), y.cols(), x.cols(), x.data(),
+      return detail::dnnl_gemm("FrozenWeight", false, transposed, x.rows(), y.cols(), x.cols(), 1.0f, x.data(),
                                detail::dnnl_leading_dimension(x), S.data(), S.cols(), accumulate ? 1.0f : 0.0f,
                                y.data(), detail::dnnl_leading_dimension(y));
     }

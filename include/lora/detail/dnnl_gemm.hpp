@@ -34,10 +34,10 @@ void omp_set_num_threads(int);
 
 namespace lora::detail {
 
-/// C (M, N) = op(A) op(B) + beta C, every matrix row-major with leading dimension ld*, op(X) = Xᵀ when trans_x.
-/// beta is 0 (C's old values, NaN included, are never read) or 1. `where` names the caller in errors.
-inline void dnnl_gemm(const char* where, bool trans_a, bool trans_b, Index M, Index N, Index K, const float* A,
-                      Index lda, const float* B, Index ldb, float beta, float* C, Index ldc) {
+/// C (M, N) = alpha op(A) op(B) + beta C, every matrix row-major with leading dimension ld*, op(X) = Xᵀ when
+/// trans_x. beta is 0 (C's old values, NaN included, are never read) or 1. `where` names the caller in errors.
+inline void dnnl_gemm(const char* where, bool trans_a, bool trans_b, Index M, Index N, Index K, float alpha,
+                      const float* A, Index lda, const float* B, Index ldb, float beta, float* C, Index ldc) {
   if (M == 0 || N == 0) return;
   if (K == 0) {
     // Nothing to add: an empty product is zero. oneDNN refuses K = 0, so it is done here.
@@ -59,7 +59,7 @@ inline void dnnl_gemm(const char* where, bool trans_a, bool trans_b, Index M, In
   } threads;
 #endif
   const dnnl_status_t status =
-      dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', M, N, K, 1.0f, A, lda, B, ldb, beta, C, ldc);
+      dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
   if (status == dnnl_success) return;
   if (status == dnnl_out_of_memory) throw std::bad_alloc();
   throw error(std::string(where) + ": oneDNN's sgemm failed with status " + std::to_string(int(status)) +

@@ -132,10 +132,10 @@ struct QGemm {
       const Index n = std::min(dnnl_panel, N - j);
       if (transposed) {  // S (N, K): its rows j .. j + n, (n, K)
         for (Index r = 0; r < n; ++r) S.decode(j + r, 0, K, panel + r * K);
-        dnnl_gemm("QGemm", false, true, M, n, K, A, lda, panel, K, accumulate ? 1.0f : 0.0f, C + j, ldc);
+        dnnl_gemm("QGemm", false, true, M, n, K, 1.0f, A, lda, panel, K, accumulate ? 1.0f : 0.0f, C + j, ldc);
       } else {  // S (K, N): columns j .. j + n of every row, (K, n)
         for (Index k = 0; k < K; ++k) S.decode(k, j, n, panel + k * n);
-        dnnl_gemm("QGemm", false, false, M, n, K, A, lda, panel, n, accumulate ? 1.0f : 0.0f, C + j, ldc);
+        dnnl_gemm("QGemm", false, false, M, n, K, 1.0f, A, lda, panel, n, accumulate ? 1.0f : 0.0f, C + j, ldc);
       }
     }
   }
