@@ -14,7 +14,8 @@
 //                 products. Variants 0-4 are the formats f32, bf16, f16, q8_0, nf4 with float products; 5-7 are
 //                 bf16, q8_0 and nf4 with bf16 products (x and W's values rounded to bf16; AMX or AVX512_BF16). Format
 //                 "f32" here is the float W through the same tiled kernels (QuantizedMatrix format f32), so its ratio
-//                 measures those kernels against the backend's GEMM.
+//                 measures those kernels against the backend's GEMM. At N = 1, variant 8 is q8_0 with int8
+//                 products (x quantised per block of 32 as llama.cpp does; integer dot products on AVX512_VNNI).
 // and, before the runs, the resident bytes per parameter of each format and the peak RSS of a training step over 8
 // layers in each (a child process each: --rss=V).
 //
@@ -40,16 +41,26 @@ using lora::WeightFormat;
 const WeightFormat formats[] = {WeightFormat::f32, WeightFormat::bf16, WeightFormat::f16, WeightFormat::q8_0,
                                 WeightFormat::nf4};
 // The benchmark's variants: the five formats with float products (0-4), then bf16, q8_0 and nf4 with bf16
-// products (5-7: x and W's values rounded to bf16, on AMX tiles where the CPU has them).
-constexpr int bf16_products = 5, variants = 8;
+// products (5-7: x and W's values rounded to bf16, on AMX tiles where the CPU has them), then q8_0 with int8
+// products (8: x quantised per block of 32, integer dot products on AVX512_VNNI; N = 1 only, since more than two
+// rows are float products).
+constexpr int bf16_products = 5, variants = 8, int8_variant = 8;
 const WeightFormat bf16_product_formats[] = {WeightFormat::bf16, WeightFormat::q8_0, WeightFormat::nf4};
-WeightFormat variant_format(int v) { return v >= bf16_products ? bf16_product_formats[v - bf16_products] : formats[v]; }
+WeightFormat variant_format(int v) {
+  if (v == int8_variant) return WeightFormat::q8_0;
+  return v >= bf16_products ? bf16_product_formats[v - bf16_products] : formats[v];
+}
+lora::Products variant_products(int v) {
+  if (v == int8_variant) return lora::Products::int8;
+  return v >= bf16_products ? lora::Products::bf16 : lora::Products::float32;
+}
 std::string variant_name(int v) {
-  return std::string(lora::format_name(variant_format(v))) + (v >= bf16_products ? " (bf16 products)" : "");
+  const lora::Products p = variant_products(v);
+  return std::string(lora::format_name(variant_format(v))) +
+         (p == lora::Products::float32 ? "" : std::string(" (") + lora::products_name(p) + " products)");
 }
 lora::QuantizedMatrix stored_as(const Mat& W, int v) {
-  auto q = lora::QuantizedMatrix::quantize(W, variant_format(v));
-  return v >= bf16_products ? q.with_products(lora::Products::bf16) : q;
+  return lora::QuantizedMatrix::quantize(W, variant_format(v)).with_products(variant_products(v));
 }
 
 lora::LoraConfig config(int r) {
@@ -214,7 +225,7 @@ void rss_table(const char* self, lora::Index D, lora::Index N) {
 
 void register_all(bool smoke) {
   const lora::Index D = smoke ? 128 : 4096;
-  for (int v = 0; v < variants; ++v)
+  for (int v = 0; v <= int8_variant; ++v)
     benchmark::RegisterBenchmark("base_paired", base_paired)
         ->ArgNames({"N", "D", "fmt"})
         ->Args({1, D, v})
@@ -225,7 +236,7 @@ void register_all(bool smoke) {
   for (int step = 0; step < 2; ++step)
     for (lora::Index N : rows) {
       if (step == 1 && N == 1) continue;  // a training step on one row is not the case this measures
-      for (int v = 0; v < variants; ++v)
+      for (int v = 0; v < (N == 1 ? int8_variant + 1 : variants); ++v)
         benchmark::RegisterBenchmark("lowp_paired", lowp_paired)
             ->ArgNames({"N", "D", "R", "fmt", "step"})
             ->Args({N, D, 8, v, step})
@@ -252,11 +263,12 @@ int main(int argc, char** argv) {
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   lora_bench::set_threads(1, argv[0]);
   std::fputs(lora_bench::context_lines().c_str(), stdout);
-  std::printf("# kernels (chosen at run time): %s; bf16 products on %s\n",
+  std::printf("# kernels (chosen at run time): %s; bf16 products on %s; int8 products on %s\n",
               lora::QuantizedMatrix::has_avx512() ? "AVX-512" : "portable",
               lora::detail::QGemm::has_amx_bf16()        ? "AMX tiles"
               : lora::QuantizedMatrix::has_avx512_bf16() ? "AVX512_BF16"
-                                                         : "the portable kernel");
+                                                         : "the portable kernel",
+              lora::QuantizedMatrix::has_avx512_vnni() ? "AVX512_VNNI" : "the portable kernel");
   // Resident bytes per parameter of each format, for a 4096 x 4096 W (smoke: 128 x 128).
   const lora::Index D = options.smoke ? 128 : 4096;
   const Mat W = Mat::Random(D, D);

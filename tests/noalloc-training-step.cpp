@@ -52,14 +52,15 @@ TEST_CASE("a steady-state LoRALinear training step allocates nothing", "[noalloc
 
 TEST_CASE("a steady-state training step over a low-precision W allocates nothing", "[noalloc]") {
   // The tiled kernels' packing buffers grow on the first call and are reused (one set per thread), for every
-  // format, every product path (few rows, many rows, bf16 products) and both layouts.
+  // format, every product path (few rows, many rows, bf16 and int8 products) and both layouts.
   lora::LoraConfig cfg;
   cfg.r = 4;
   cfg.lora_alpha = 8;
   for (const auto format : {lora::WeightFormat::bf16, lora::WeightFormat::q8_0, lora::WeightFormat::nf4}) {
-    for (const auto products : {lora::Products::float32, lora::Products::bf16}) {
-      for (const lora::Index N : {lora::Index(3), lora::Index(40)}) {
-        INFO(lora::format_name(format) << (products == lora::Products::bf16 ? ", bf16 products" : "") << ", N = " << N);
+    for (const auto products : {lora::Products::float32, lora::Products::bf16, lora::Products::int8}) {
+      if (products == lora::Products::int8 && format != lora::WeightFormat::q8_0) continue;
+      for (const lora::Index N : {lora::Index(2), lora::Index(3), lora::Index(40)}) {
+        INFO(lora::format_name(format) << ", " << lora::products_name(products) << " products, N = " << N);
         const lora::Matrix<float> W = lora::Matrix<float>::Random(64, 96);
         auto q = lora::QuantizedMatrix::quantize(W, format).with_products(products);
         lora::LoRALinear<float> layer(lora::FrozenWeight<float>::quantized(q), cfg);

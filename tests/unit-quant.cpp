@@ -292,6 +292,90 @@ TEST_CASE("quant: bf16 products round the other operand to bf16 and sum exact pr
     }
 }
 
+TEST_CASE("quant: int8 products quantise x per block of 32 as llama.cpp does and sum exact integer products",
+          "[quant][gemm]") {
+  // The reference quantises A here, by llama.cpp's rule for q8_0 activations (d = amax / 127, q = x / d to nearest,
+  // ties to even), and sums q · d · W's decoded values (fp16 scale times int8 code: exact in float) in double.
+  const auto quantised = [](const Mat& A, Mat& bound_scale) {
+    Mat out(A.rows(), A.cols());
+    bound_scale.resize(A.rows(), A.cols());
+    for (Index m = 0; m < A.rows(); ++m)
+      for (Index b = 0; b < A.cols(); b += 32) {
+        float amax = 0.0f;
+        for (Index j = b; j < b + 32; ++j) amax = std::max(amax, std::fabs(A(m, j)));
+        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        for (Index j = b; j < b + 32; ++j) {
+          out(m, j) = std::nearbyint(A(m, j) * id) * d;
+          bound_scale(m, j) = d / 2;  // x's rounding error is at most d / 2
+        }
+      }
+    return out;
+  };
+  for (Index K : {32, 96, 1024}) {
+    const Index N = 70;   // not a multiple of the kernel's 8 or 4 rows side by side
+    const Index Nt = 64;  // S stored (K, Nt): q8_0 rows are whole blocks
+    const Mat S = random_matrix(N, K, 31), St = random_matrix(K, Nt, 32);
+    const QuantizedMatrix f = QuantizedMatrix::quantize(S, WeightFormat::q8_0);
+    const QuantizedMatrix q = f.with_products(lora::Products::int8);
+    const QuantizedMatrix qt = QuantizedMatrix::quantize(St, WeightFormat::q8_0).with_products(lora::Products::int8);
+    const QuantizedMatrix ft = QuantizedMatrix::quantize(St, WeightFormat::q8_0);
+    CHECK(q.products() == lora::Products::int8);
+    const Mat Sd = q.dequantize();
+    for (Index M : {1, 2, 3, 5}) {
+      INFO("K = " << K << ", M = " << M);
+      Mat A = random_matrix(M, K, 33);
+      A.row(0).segment(0, 32).setZero();  // an all-zero block: d = 0
+      Mat half_step;
+      const Mat Aq = quantised(A, half_step);
+      const Mat want = (Aq.cast<double>() * Sd.cast<double>().transpose()).cast<float>();
+      const Mat bound = (half_step.cast<double>() * Sd.cast<double>().cwiseAbs().transpose()).cast<float>();
+      with_each_kernel([&] {
+        Mat C(M, N), F(M, N), D = Mat::Constant(M, N, 2.0f), Dt(M, Nt), Ft(M, Nt);
+        lora::detail::QGemm::run(A.data(), K, M, K, q, true, C.data(), N, false);
+        lora::detail::QGemm::run(A.data(), K, M, K, f, true, F.data(), N, false);
+        lora::detail::QGemm::run(A.data(), K, M, K, q, true, D.data(), N, true);
+        if (M <= 2) {
+          CHECK((C - want).cwiseAbs().maxCoeff() <= 1e-6f * static_cast<float>(K));
+          CHECK((D - Mat::Constant(M, N, 2.0f) - want).cwiseAbs().maxCoeff() <= 1e-6f * static_cast<float>(K));
+          // and within x's rounding of the float products, as the documentation says
+          CHECK(((C - F).cwiseAbs() - bound).maxCoeff() <= 1e-6f * static_cast<float>(K));
+          if (K > 32 || M > 1) CHECK(C != F);  // (K = 32, M = 1: the one block is zero)
+        } else {
+          CHECK(C == F);  // more rows: float products, bit for bit
+        }
+        // W stored (K, N), the axpy form (dy W in backward, an (in, out) layer's forward): float products
+        lora::detail::QGemm::run(A.data(), K, M, K, qt, false, Dt.data(), Nt, false);
+        lora::detail::QGemm::run(A.data(), K, M, K, ft, false, Ft.data(), Nt, false);
+        CHECK(Dt == Ft);
+      });
+    }
+  }
+  // NaN or infinity in a block of x gives NaN in that row, on every kernel.
+  const Index K = 64, N = 9;
+  const QuantizedMatrix q =
+      QuantizedMatrix::quantize(random_matrix(N, K, 34), WeightFormat::q8_0).with_products(lora::Products::int8);
+  for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+    Mat A = random_matrix(2, K, 35);
+    A(1, 40) = bad;
+    with_each_kernel([&] {
+      Mat C(2, N);
+      lora::detail::QGemm::run(A.data(), K, 2, K, q, true, C.data(), N, false);
+      CHECK(C.row(0).allFinite());
+      CHECK(C.row(1).array().isNaN().all());
+    });
+  }
+  // int8 products need int8 codes: q8_0 only, and the refused matrix keeps its products.
+  for (WeightFormat format : {WeightFormat::f32, WeightFormat::bf16, WeightFormat::f16, WeightFormat::nf4}) {
+    INFO(lora::format_name(format));
+    const QuantizedMatrix other = QuantizedMatrix::quantize(random_matrix(4, 64, 36), format);
+    CHECK_THROWS_AS(other.with_products(lora::Products::int8), lora::config_error);
+    CHECK_THAT(error_of([&] { (void)other.with_products(lora::Products::int8); }),
+               Contains("need a q8_0 matrix") && Contains(std::string("this one is ") + lora::format_name(format)));
+    CHECK(other.products() == lora::Products::float32);
+  }
+  CHECK(std::string(lora::products_name(lora::Products::int8)) == "int8");
+}
+
 TEST_CASE("quant: LoRALinear over a quantized W, both layouts, matches the layer over W's decoded float copy",
           "[quant][layer]") {
   const Index O = 64, I = 96, N = 9;

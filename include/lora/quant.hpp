@@ -204,7 +204,27 @@ struct QuantizeOptions {
 ///            rounded to bf16; products of two bf16 values are exact in float and summed in float: PyTorch's bf16
 ///            Linear, and QLoRA's compute (bitsandbytes dequantises NF4 to bf16). Runs on AMX tiles where the CPU
 ///            and the OS allow them (several times float's rate), else AVX512_BF16, else portable code.
-enum class Products { float32, bf16 };
+///   int8     q8_0 only: x Wᵀ with 1 or 2 rows of x (a decoding step) on integer dot products, as llama.cpp
+///            runs q8_0: each block of 32 values of x quantised to int8 with a float scale d = amax / 127
+///            (q = x / d rounded to nearest, ties to even), its exact integer dot product with W's block in 32
+///            bits, times d · W's scale, summed in float. On AVX512_VNNI where the CPU has it, else portable
+///            code with the same integers. Results differ from float products by x's rounding: at most d / 2
+///            per value of x, so |Δy| ≤ Σ_blocks d_x / 2 · Σ |w| over the block. Every other product (more rows,
+///            dy W in backward, W stored (I, O)) is a float product.
+enum class Products { float32, bf16, int8 };
+
+/// "float32", "bf16" or "int8".
+inline const char* products_name(Products p) {
+  switch (p) {
+    case Products::float32:
+      return "float32";
+    case Products::bf16:
+      return "bf16";
+    case Products::int8:
+      return "int8";
+  }
+  return "unknown";
+}
 
 class QuantizedMatrix {
  public:
@@ -351,8 +371,13 @@ class QuantizedMatrix {
     return QuantizedMatrix(std::move(s));
   }
 
-  /// This matrix with products computed as `products` says (a copy sharing the bytes).
+  /// This matrix with products computed as `products` says (a copy sharing the bytes). Throws config_error for
+  /// int8 products over a format other than q8_0, and leaves this matrix as it was.
   QuantizedMatrix with_products(Products products) const {
+    if (products == Products::int8 && format() != WeightFormat::q8_0)
+      throw config_error(std::string("QuantizedMatrix::with_products: int8 products need a q8_0 matrix (int8 codes), "
+                                     "this one is ") +
+                         format_name(format()));
     QuantizedMatrix q = *this;
     q.products_ = products;
     return q;
@@ -439,6 +464,16 @@ class QuantizedMatrix {
   static bool has_avx512_bf16() {
 #ifdef LORA_X86_KERNELS
     static const bool has = __builtin_cpu_supports("avx512bf16");
+    return has && has_avx512();
+#else
+    return false;
+#endif
+  }
+
+  /// True when the int8 dot-product kernels run: has_avx512() and this CPU has AVX512_VNNI.
+  static bool has_avx512_vnni() {
+#ifdef LORA_X86_KERNELS
+    static const bool has = __builtin_cpu_supports("avx512vnni");
     return has && has_avx512();
 #else
     return false;

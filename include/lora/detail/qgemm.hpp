@@ -36,8 +36,16 @@
 #include <unistd.h>
 #endif
 
+#ifdef LORA_X86_KERNELS
+// The int8 dot-product kernel: AVX-512 with VNNI, called only when the CPU has it (has_avx512_vnni()).
+#define LORA_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")))
+#endif
+
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 // GCC before 13 reports -W(maybe-)uninitialized inside its own AVX-512 intrinsics once they are inlined into the
@@ -56,6 +64,7 @@ struct QGemm {
   static constexpr Index MC = 12 * MR;      // rows of A packed at once (144 × 256 floats, in L2)
   static constexpr Index NC = 1024;         // columns of B packed at once (256 × 1024 floats: 1 MiB, in L2)
   static constexpr Index gemv_rows = 4;     // M at or below this: decode and use row by row
+  static constexpr Index int8_rows = 2;     // int8 products: M at or below this (float products beyond)
   static constexpr Index chunk = 1024;      // GEMV: values of S decoded at a time
 
   static constexpr Index KP = 256;  // bf16 products: k-pairs of a packed panel (512 values)
@@ -65,6 +74,9 @@ struct QGemm {
     std::vector<float> a, b, row, rounded, split, panel;
     std::vector<std::uint32_t> a16, b16;
     std::vector<std::uint16_t> x16, x16_row;
+    std::vector<std::int8_t> x8;  // int8 products: A's rows quantised, their scales and corrections
+    std::vector<float> x8_scale;
+    std::vector<std::int32_t> x8_corr;
   };
   static Buffers& buffers() {
     thread_local Buffers buf;
@@ -85,6 +97,8 @@ struct QGemm {
         for (Index m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, 0.0f);
       return;
     }
+    if (S.products() == Products::int8 && transposed && M <= int8_rows)
+      return gemv_int8(A, lda, M, K, S, C, ldc, accumulate);
     if (S.products() == Products::bf16) {
       // The other operand rounded to bf16: with more than a few rows (and an even depth, so k-pairs never straddle
       // two rows of S) the bf16 dot-product kernel; otherwise the float path over the rounded rows, which gives the
@@ -100,7 +114,7 @@ struct QGemm {
     }
     if (M <= gemv_rows) return gemv(A, lda, M, K, S, transposed, C, ldc, accumulate);
 #if defined(LORA_USE_DNNL)
-    if (S.products() == Products::float32) return gemm_dnnl(A, lda, M, K, N, S, transposed, C, ldc, accumulate);
+    if (S.products() != Products::bf16) return gemm_dnnl(A, lda, M, K, N, S, transposed, C, ldc, accumulate);
 #endif
     gemm(A, lda, M, K, N, S, transposed, C, ldc, accumulate);
   }
@@ -137,6 +151,126 @@ struct QGemm {
         for (Index k = 0; k < K; ++k) S.decode(k, j, n, panel + k * n);
         dnnl_gemm("QGemm", false, false, M, n, K, 1.0f, A, lda, panel, n, accumulate ? 1.0f : 0.0f, C + j, ldc);
       }
+    }
+  }
+#endif
+
+  // ---- int8 products: q8_0, x Wᵀ over at most int8_rows rows (Products::int8) ----
+  //
+  // Each block of 32 values of A's rows is quantised to int8 as llama.cpp quantises activations for q8_0
+  // (d = amax / 127, q = x / d to nearest, ties to even), and dotted with W's block in integers: exact, and on
+  // AVX512_VNNI 32 products an instruction. The dot product instruction multiplies unsigned by signed bytes, so
+  // W's codes go in as w + 128 (one xor; every int8 w fits) and 128 · Σ q, kept per block of x, is taken off.
+  // Measured on the Xeon (4096², one thread, session program, medians of 41), against float products over the same
+  // q8_0 bytes and the float product on oneDNN: one row 0.73-0.74 ms, 0.98-0.99, 2.41; two rows 1.28-1.30, 1.53-1.54,
+  // 2.39-2.43; four rows 2.70-2.74, 2.54-2.61, 4.81. So two rows at most: beyond, the float kernels share each
+  // decoded value among the rows and win.
+  struct Int8Rows {
+    std::int8_t* q;      // (M, K) codes
+    float* d;            // (M, K / 32) scales
+    std::int32_t* corr;  // (M, K / 32) 128 · Σ q over each block
+  };
+  static Int8Rows quantize_rows_int8(const float* A, Index lda, Index M, Index K) {
+    const Index blocks = K / 32;
+    Buffers& b = buffers();
+    Int8Rows x{reserve(b.x8, static_cast<std::size_t>(M * K)),
+               reserve(b.x8_scale, static_cast<std::size_t>(M * blocks)),
+               reserve(b.x8_corr, static_cast<std::size_t>(M * blocks))};
+    for (Index m = 0; m < M; ++m)
+      for (Index blk = 0; blk < blocks; ++blk) {
+        const float* v = A + m * lda + blk * 32;
+        std::int8_t* q = x.q + m * K + blk * 32;
+        float amax = 0.0f;
+        bool finite = true;
+        for (int j = 0; j < 32; ++j) {
+          finite = finite && std::isfinite(v[j]);
+          amax = std::max(amax, std::fabs(v[j]));
+        }
+        std::int32_t sum = 0;
+        if (!finite) {  // NaN or infinity in x: the block's products are NaN, as a float product's would be (or ±inf)
+          std::fill(q, q + 32, std::int8_t(0));
+          x.d[m * blocks + blk] = std::numeric_limits<float>::quiet_NaN();
+        } else {
+          const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+          for (int j = 0; j < 32; ++j) {
+            const float r = std::nearbyint(v[j] * id);  // the default rounding mode: to nearest, ties to even
+            q[j] = static_cast<std::int8_t>(std::min(127.0f, std::max(-127.0f, r)));
+            sum += q[j];
+          }
+          x.d[m * blocks + blk] = d;
+        }
+        x.corr[m * blocks + blk] = 128 * sum;
+      }
+    return x;
+  }
+  static void gemv_int8(const float* A, Index lda, Index M, Index K, const QuantizedMatrix& S, float* C, Index ldc,
+                        bool accumulate) {
+    const QuantizedMatrix::State& s = *S.s_;
+    const Int8Rows x = quantize_rows_int8(A, lda, M, K);
+#ifdef LORA_X86_KERNELS
+    if (QuantizedMatrix::has_avx512_vnni()) {
+      if (M == 1) return gemv_int8_vnni<1>(s, x, K, C, ldc, accumulate);
+      return gemv_int8_vnni<2>(s, x, K, C, ldc, accumulate);
+    }
+#endif
+    const Index N = s.rows, blocks = K / 32;
+    for (Index n = 0; n < N; ++n)
+      for (Index m = 0; m < M; ++m) {
+        float acc = 0.0f;
+        for (Index blk = 0; blk < blocks; ++blk) {
+          const std::uint8_t* w = QuantizedMatrix::bytes_of<WeightFormat::q8_0>(
+              s, static_cast<std::size_t>(n) * static_cast<std::size_t>(K) + static_cast<std::size_t>(blk * 32));
+          const std::int8_t* q = x.q + m * K + blk * 32;
+          std::int32_t dot = 0;
+          for (int j = 0; j < 32; ++j) dot += static_cast<std::int32_t>(static_cast<std::int8_t>(w[2 + j])) * q[j];
+          const float dw = half_to_float(static_cast<std::uint16_t>(w[0] | (w[1] << 8)));
+          acc += static_cast<float>(dot) * (dw * x.d[m * blocks + blk]);
+        }
+        C[m * ldc + n] = accumulate ? C[m * ldc + n] + acc : acc;
+      }
+  }
+#ifdef LORA_X86_KERNELS
+  template <int M>
+  LORA_AVX512_VNNI static void gemv_int8_vnni(const QuantizedMatrix::State& s, const Int8Rows& x, Index K, float* C,
+                                              Index ldc, bool accumulate) {
+    // Rows of S side by side: with one row of x, 12 streams measured best (Xeon, 4096², against 8: 0.93-0.96 ms
+    // against 1.00-1.02, one row at a time 1.4-1.8); with two, dot_streams<2>.
+    constexpr int RS = M == 1 ? 12 : dot_streams<M>;
+    const Index N = s.rows, blocks = K / 32;
+    const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+    for (Index n0 = 0; n0 < N; n0 += RS) {
+      const int rs = static_cast<int>(std::min<Index>(RS, N - n0));
+      __m256 acc[RS][M];
+      for (int r = 0; r < RS; ++r)
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
+      for (Index blk = 0; blk < blocks; ++blk) {
+        __m256i xq[M], corr[M];
+        __m256 dx[M];
+        for (int m = 0; m < M; ++m) {
+          xq[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + m * K + blk * 32));
+          corr[m] = _mm256_setr_epi32(-x.corr[m * blocks + blk], 0, 0, 0, 0, 0, 0, 0);
+          dx[m] = _mm256_set1_ps(x.d[m * blocks + blk]);
+        }
+        for (int r = 0; r < rs; ++r) {
+          const std::uint8_t* w = QuantizedMatrix::bytes_of<WeightFormat::q8_0>(
+              s, static_cast<std::size_t>(n0 + r) * static_cast<std::size_t>(K) + static_cast<std::size_t>(blk * 32));
+          prefetch(w);
+          const __m256i wu = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2)), flip);
+          const __m256 dw = _mm256_set1_ps(_cvtsh_ss(static_cast<unsigned short>(w[0] | (w[1] << 8))));
+          for (int m = 0; m < M; ++m) {
+            // Σ (w + 128) q − 128 Σ q, the correction in lane 0 before the products are added
+            const __m256i dot = _mm256_dpbusd_epi32(corr[m], wu, xq[m]);
+            acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(dw, dx[m]), acc[r][m]);
+          }
+        }
+      }
+      for (int r = 0; r < rs; ++r)
+        for (int m = 0; m < M; ++m) {
+          const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r][m]), _mm256_extractf128_ps(acc[r][m], 1));
+          const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+          const float v = _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+          C[m * ldc + n0 + r] = accumulate ? C[m * ldc + n0 + r] + v : v;
+        }
     }
   }
 #endif
