@@ -14,8 +14,9 @@
 //                 products. Variants 0-4 are the formats f32, bf16, f16, q8_0, nf4 with float products; 5-7 are
 //                 bf16, q8_0 and nf4 with bf16 products (x and W's values rounded to bf16; AMX or AVX512_BF16). Format
 //                 "f32" here is the float W through the same tiled kernels (QuantizedMatrix format f32), so its ratio
-//                 measures those kernels against the backend's GEMM. At N = 1, variant 8 is q8_0 with int8
-//                 products (x quantised per block of 32 as llama.cpp does; integer dot products on AVX512_VNNI).
+//                 measures those kernels against the backend's GEMM. At N = 1, variants 8-9 are q8_0 and nf4
+//                 with int8 products (x quantised per block of 32 as llama.cpp does; integer dot products on
+//                 AVX512_VNNI).
 // and, before the runs, the resident bytes per parameter of each format and the peak RSS of a training step over 8
 // layers in each (a child process each: --rss=V).
 //
@@ -41,17 +42,17 @@ using lora::WeightFormat;
 const WeightFormat formats[] = {WeightFormat::f32, WeightFormat::bf16, WeightFormat::f16, WeightFormat::q8_0,
                                 WeightFormat::nf4};
 // The benchmark's variants: the five formats with float products (0-4), then bf16, q8_0 and nf4 with bf16
-// products (5-7: x and W's values rounded to bf16, on AMX tiles where the CPU has them), then q8_0 with int8
-// products (8: x quantised per block of 32, integer dot products on AVX512_VNNI; N = 1 only, since more than two
-// rows are float products).
-constexpr int bf16_products = 5, variants = 8, int8_variant = 8;
+// products (5-7: x and W's values rounded to bf16, on AMX tiles where the CPU has them), then q8_0 and nf4 with
+// int8 products (8-9: x quantised per block of 32, integer dot products on AVX512_VNNI; N = 1 only, since more
+// than two rows are float products).
+constexpr int bf16_products = 5, variants = 8, int8_variant = 8, last_variant = 9;
 const WeightFormat bf16_product_formats[] = {WeightFormat::bf16, WeightFormat::q8_0, WeightFormat::nf4};
 WeightFormat variant_format(int v) {
-  if (v == int8_variant) return WeightFormat::q8_0;
+  if (v >= int8_variant) return v == int8_variant ? WeightFormat::q8_0 : WeightFormat::nf4;
   return v >= bf16_products ? bf16_product_formats[v - bf16_products] : formats[v];
 }
 lora::Products variant_products(int v) {
-  if (v == int8_variant) return lora::Products::int8;
+  if (v >= int8_variant) return lora::Products::int8;
   return v >= bf16_products ? lora::Products::bf16 : lora::Products::float32;
 }
 std::string variant_name(int v) {
@@ -225,7 +226,7 @@ void rss_table(const char* self, lora::Index D, lora::Index N) {
 
 void register_all(bool smoke) {
   const lora::Index D = smoke ? 128 : 4096;
-  for (int v = 0; v <= int8_variant; ++v)
+  for (int v = 0; v <= last_variant; ++v)
     benchmark::RegisterBenchmark("base_paired", base_paired)
         ->ArgNames({"N", "D", "fmt"})
         ->Args({1, D, v})
@@ -236,7 +237,7 @@ void register_all(bool smoke) {
   for (int step = 0; step < 2; ++step)
     for (lora::Index N : rows) {
       if (step == 1 && N == 1) continue;  // a training step on one row is not the case this measures
-      for (int v = 0; v < (N == 1 ? int8_variant + 1 : variants); ++v)
+      for (int v = 0; v < (N == 1 ? last_variant + 1 : variants); ++v)
         benchmark::RegisterBenchmark("lowp_paired", lowp_paired)
             ->ArgNames({"N", "D", "R", "fmt", "step"})
             ->Args({N, D, 8, v, step})

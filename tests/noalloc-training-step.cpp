@@ -58,14 +58,15 @@ TEST_CASE("a steady-state training step over a low-precision W allocates nothing
   cfg.lora_alpha = 8;
   for (const auto format : {lora::WeightFormat::bf16, lora::WeightFormat::q8_0, lora::WeightFormat::nf4}) {
     for (const auto products : {lora::Products::float32, lora::Products::bf16, lora::Products::int8}) {
-      if (products == lora::Products::int8 && format != lora::WeightFormat::q8_0) continue;
+      if (products == lora::Products::int8 && format == lora::WeightFormat::bf16) continue;
       for (const lora::Index N : {lora::Index(2), lora::Index(3), lora::Index(40)}) {
         INFO(lora::format_name(format) << ", " << lora::products_name(products) << " products, N = " << N);
-        const lora::Matrix<float> W = lora::Matrix<float>::Random(64, 96);
+        const lora::Matrix<float> W =
+            lora::Matrix<float>::Random(64, 128);  // rows of 128: NF4 int8 products run their AVX-512 kernel
         auto q = lora::QuantizedMatrix::quantize(W, format).with_products(products);
         lora::LoRALinear<float> layer(lora::FrozenWeight<float>::quantized(q), cfg);
-        const lora::Matrix<float> x = lora::Matrix<float>::Random(N, 96), target = lora::Matrix<float>::Random(N, 64);
-        lora::Matrix<float> y(N, 64), dy(N, 64), dx(N, 96);
+        const lora::Matrix<float> x = lora::Matrix<float>::Random(N, 128), target = lora::Matrix<float>::Random(N, 64);
+        lora::Matrix<float> y(N, 64), dy(N, 64), dx(N, 128);
         lora::AdamW<float> opt(layer.parameters());
         auto step = [&] {
           layer.forward(x, y);

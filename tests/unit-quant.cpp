@@ -9,6 +9,7 @@
 
 #include "test_files.hpp"
 
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -364,16 +365,84 @@ TEST_CASE("quant: int8 products quantise x per block of 32 as llama.cpp does and
       CHECK(C.row(1).array().isNaN().all());
     });
   }
-  // int8 products need int8 codes: q8_0 only, and the refused matrix keeps its products.
-  for (WeightFormat format : {WeightFormat::f32, WeightFormat::bf16, WeightFormat::f16, WeightFormat::nf4}) {
+  // int8 products need integer codes: q8_0 or NF4 only, and the refused matrix keeps its products.
+  for (WeightFormat format : {WeightFormat::f32, WeightFormat::bf16, WeightFormat::f16}) {
     INFO(lora::format_name(format));
     const QuantizedMatrix other = QuantizedMatrix::quantize(random_matrix(4, 64, 36), format);
     CHECK_THROWS_AS(other.with_products(lora::Products::int8), lora::config_error);
-    CHECK_THAT(error_of([&] { (void)other.with_products(lora::Products::int8); }),
-               Contains("need a q8_0 matrix") && Contains(std::string("this one is ") + lora::format_name(format)));
+    CHECK_THAT(
+        error_of([&] { (void)other.with_products(lora::Products::int8); }),
+        Contains("need a q8_0 or nf4 matrix") && Contains(std::string("this one is ") + lora::format_name(format)));
     CHECK(other.products() == lora::Products::float32);
   }
   CHECK(std::string(lora::products_name(lora::Products::int8)) == "int8");
+}
+
+TEST_CASE("quant: int8 products over NF4 round the 16 codes to int8 and sum exact integer products", "[quant][gemm]") {
+  // W is built here from known nibbles and absmax values, so the reference needs no decoder: each value is
+  // absmax · c8[nibble] · max|code| / 127 with c8 = code · 127 / max|code| to nearest, and x is quantised by
+  // llama.cpp's rule for q8_0 activations (as in the q8_0 case above), all in double.
+  const auto& code = lora::quant::nf4_code;
+  double cmax = 0;
+  for (float v : code) cmax = std::max(cmax, std::fabs(static_cast<double>(v)));
+  std::array<double, 16> c8{};
+  for (int i = 0; i < 16; ++i) c8[i] = std::nearbyint(static_cast<double>(code[i]) * 127.0 / cmax) * cmax / 127.0;
+  struct Shape {
+    Index K, block;
+  };
+  // K = 1024, 128 with blocks of 64: the VNNI kernel's runs; K = 96 or blocks of 32 and 128: the portable code
+  for (const Shape sh : {Shape{1024, 64}, Shape{128, 64}, Shape{96, 64}, Shape{256, 32}, Shape{256, 128}}) {
+    const Index N = 37, K = sh.K;
+    std::srand(40);
+    std::vector<std::uint8_t> packed(static_cast<std::size_t>(N * K / 2));
+    for (auto& b : packed) b = static_cast<std::uint8_t>(std::rand() & 0xff);
+    std::vector<float> absmax(static_cast<std::size_t>((N * K + sh.block - 1) / sh.block));
+    for (auto& a : absmax) a = 0.5f + static_cast<float>(std::rand() % 1000) / 1000.0f;
+    const QuantizedMatrix f = QuantizedMatrix::nf4(N, K, sh.block, packed, absmax);
+    const QuantizedMatrix q = f.with_products(lora::Products::int8);
+    Mat W8(N, K);  // W as int8 products see it
+    Mat Wabs(N, K);
+    for (Index n = 0; n < N; ++n)
+      for (Index k = 0; k < K; ++k) {
+        const std::size_t e = static_cast<std::size_t>(n * K + k);
+        const int nibble = e % 2 == 0 ? packed[e / 2] >> 4 : packed[e / 2] & 0xf;
+        W8(n, k) = static_cast<float>(absmax[e / static_cast<std::size_t>(sh.block)] * c8[nibble]);
+        Wabs(n, k) = absmax[e / static_cast<std::size_t>(sh.block)];
+      }
+    for (Index M : {1, 2, 3}) {
+      INFO("K = " << K << ", block " << sh.block << ", M = " << M);
+      const Mat A = random_matrix(M, K, 41);
+      Mat Aq(M, K), half_step(M, K);
+      for (Index m = 0; m < M; ++m)
+        for (Index b = 0; b < K; b += 32) {
+          float amax = 0.0f;
+          for (Index j = b; j < b + 32; ++j) amax = std::max(amax, std::fabs(A(m, j)));
+          const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+          for (Index j = b; j < b + 32; ++j) {
+            Aq(m, j) = std::nearbyint(A(m, j) * id) * d;
+            half_step(m, j) = d / 2;
+          }
+        }
+      const Mat want = (Aq.cast<double>() * W8.cast<double>().transpose()).cast<float>();
+      // documented bound: x's rounding (d / 2 a value) times |w|, plus the codes' rounding (absmax · max|code| /
+      // 254 a value) times |x̂|
+      const Mat bound = (half_step.cast<double>() * f.dequantize().cast<double>().cwiseAbs().transpose() +
+                         Aq.cast<double>().cwiseAbs() * (Wabs.cast<double>() * (cmax / 254.0)).transpose())
+                            .cast<float>();
+      with_each_kernel([&] {
+        Mat C(M, N), F(M, N);
+        lora::detail::QGemm::run(A.data(), K, M, K, q, true, C.data(), N, false);
+        lora::detail::QGemm::run(A.data(), K, M, K, f, true, F.data(), N, false);
+        if (M <= 2) {
+          CHECK((C - want).cwiseAbs().maxCoeff() <= 1e-6f * static_cast<float>(K));
+          CHECK(((C - F).cwiseAbs() - bound).maxCoeff() <= 1e-6f * static_cast<float>(K));
+          CHECK(C != F);
+        } else {
+          CHECK(C == F);
+        }
+      });
+    }
+  }
 }
 
 TEST_CASE("quant: LoRALinear over a quantized W, both layouts, matches the layer over W's decoded float copy",

@@ -204,13 +204,15 @@ struct QuantizeOptions {
 ///            rounded to bf16; products of two bf16 values are exact in float and summed in float: PyTorch's bf16
 ///            Linear, and QLoRA's compute (bitsandbytes dequantises NF4 to bf16). Runs on AMX tiles where the CPU
 ///            and the OS allow them (several times float's rate), else AVX512_BF16, else portable code.
-///   int8     q8_0 only: x Wᵀ with 1 or 2 rows of x (a decoding step) on integer dot products, as llama.cpp
-///            runs q8_0: each block of 32 values of x quantised to int8 with a float scale d = amax / 127
-///            (q = x / d rounded to nearest, ties to even), its exact integer dot product with W's block in 32
-///            bits, times d · W's scale, summed in float. On AVX512_VNNI where the CPU has it, else portable
-///            code with the same integers. Results differ from float products by x's rounding: at most d / 2
-///            per value of x, so |Δy| ≤ Σ_blocks d_x / 2 · Σ |w| over the block. Every other product (more rows,
-///            dy W in backward, W stored (I, O)) is a float product.
+///   int8     q8_0 and NF4: x Wᵀ with 1 or 2 rows of x (a decoding step) on integer dot products, as llama.cpp
+///            runs its 8- and 4-bit formats: each block of 32 values of x quantised to int8 with a float scale
+///            d = amax / 127 (q = x / d to nearest, ties to even), its exact integer dot product with W's int8
+///            codes, times d and W's scale, summed in float. NF4's 16 code values become int8 codes
+///            (code · 127 / max|code|, to nearest; llama.cpp's IQ4_NL works so), which moves each of W's values by
+///            at most absmax · max|code| / 254. On AVX512_VNNI where the CPU has it, else portable code with the
+///            same integers. So results differ from float products by x's rounding (at most d / 2 per value of x)
+///            and, for NF4, the codes' rounding. Every other product (more rows, dy W in backward, W stored (I, O),
+///            rows not a multiple of 32 values) is a float product.
 enum class Products { float32, bf16, int8 };
 
 /// "float32", "bf16" or "int8".
@@ -374,9 +376,9 @@ class QuantizedMatrix {
   /// This matrix with products computed as `products` says (a copy sharing the bytes). Throws config_error for
   /// int8 products over a format other than q8_0, and leaves this matrix as it was.
   QuantizedMatrix with_products(Products products) const {
-    if (products == Products::int8 && format() != WeightFormat::q8_0)
-      throw config_error(std::string("QuantizedMatrix::with_products: int8 products need a q8_0 matrix (int8 codes), "
-                                     "this one is ") +
+    if (products == Products::int8 && format() != WeightFormat::q8_0 && format() != WeightFormat::nf4)
+      throw config_error(std::string("QuantizedMatrix::with_products: int8 products need a q8_0 or nf4 matrix "
+                                     "(integer codes), this one is ") +
                          format_name(format()));
     QuantizedMatrix q = *this;
     q.products_ = products;

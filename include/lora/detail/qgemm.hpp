@@ -76,7 +76,9 @@ struct QGemm {
     std::vector<std::uint16_t> x16, x16_row;
     std::vector<std::int8_t> x8;  // int8 products: A's rows quantised, their scales and corrections
     std::vector<float> x8_scale;
-    std::vector<std::int32_t> x8_corr;
+    std::vector<std::int32_t> x8_corr, x8_lane_corr;
+    std::vector<std::int8_t> x8_split;
+    std::vector<float> x8_lane_scale;
   };
   static Buffers& buffers() {
     thread_local Buffers buf;
@@ -97,7 +99,7 @@ struct QGemm {
         for (Index m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, 0.0f);
       return;
     }
-    if (S.products() == Products::int8 && transposed && M <= int8_rows)
+    if (S.products() == Products::int8 && transposed && M <= int8_rows && K % 32 == 0)
       return gemv_int8(A, lda, M, K, S, C, ldc, accumulate);
     if (S.products() == Products::bf16) {
       // The other operand rounded to bf16: with more than a few rows (and an even depth, so k-pairs never straddle
@@ -155,7 +157,7 @@ struct QGemm {
   }
 #endif
 
-  // ---- int8 products: q8_0, x Wᵀ over at most int8_rows rows (Products::int8) ----
+  // ---- int8 products: q8_0 and NF4, x Wᵀ over at most int8_rows rows (Products::int8) ----
   //
   // Each block of 32 values of A's rows is quantised to int8 as llama.cpp quantises activations for q8_0
   // (d = amax / 127, q = x / d to nearest, ties to even), and dotted with W's block in integers: exact, and on
@@ -164,7 +166,8 @@ struct QGemm {
   // Measured on the Xeon (4096², one thread, session program, medians of 41), against float products over the same
   // q8_0 bytes and the float product on oneDNN: one row 0.73-0.74 ms, 0.98-0.99, 2.41; two rows 1.28-1.30, 1.53-1.54,
   // 2.39-2.43; four rows 2.70-2.74, 2.54-2.61, 4.81. So two rows at most: beyond, the float kernels share each
-  // decoded value among the rows and win.
+  // decoded value among the rows and win. NF4, one row, alternating with the float product (colder caches):
+  // 0.51-0.56 ms against 0.70-0.76 for float products and 2.56-2.66 for float.
   struct Int8Rows {
     std::int8_t* q;      // (M, K) codes
     float* d;            // (M, K / 32) scales
@@ -207,6 +210,7 @@ struct QGemm {
                         bool accumulate) {
     const QuantizedMatrix::State& s = *S.s_;
     const Int8Rows x = quantize_rows_int8(A, lda, M, K);
+    if (s.format == WeightFormat::nf4) return gemv_int8_nf4(s, x, M, K, C, ldc, accumulate);
 #ifdef LORA_X86_KERNELS
     if (QuantizedMatrix::has_avx512_vnni()) {
       if (M == 1) return gemv_int8_vnni<1>(s, x, K, C, ldc, accumulate);
@@ -229,6 +233,119 @@ struct QGemm {
         C[m * ldc + n] = accumulate ? C[m * ldc + n] + acc : acc;
       }
   }
+  // NF4: the 16 code values as int8 (code · 127 / max |code|, to nearest), and the factor that undoes it. The only
+  // rounding of W that int8 products add: at most absmax · max |code| / 254 a value (0.4% of the block's absmax).
+  struct Nf4Int8Codes {
+    std::int8_t c[16];
+    float unit;  // max |code| / 127
+  };
+  static Nf4Int8Codes nf4_int8_codes(const QuantizedMatrix::State& s) {
+    Nf4Int8Codes t{};
+    float cmax = 0.0f;
+    for (float v : s.code) cmax = std::max(cmax, std::fabs(v));
+    t.unit = cmax / 127.0f;
+    for (int i = 0; i < 16; ++i)
+      t.c[i] =
+          static_cast<std::int8_t>(cmax > 0.0f ? std::nearbyint(s.code[static_cast<std::size_t>(i)] / t.unit) : 0.0f);
+    return t;
+  }
+  static void gemv_int8_nf4(const QuantizedMatrix::State& s, const Int8Rows& x, Index M, Index K, float* C, Index ldc,
+                            bool accumulate) {
+    const Nf4Int8Codes t = nf4_int8_codes(s);
+#ifdef LORA_X86_KERNELS
+    if (QuantizedMatrix::has_avx512_vnni() && K % nf4_run == 0 && s.block % 64 == 0) {
+      if (M == 1) return gemv_int8_nf4_vnni<1>(s, t, x, K, C, ldc, accumulate);
+      return gemv_int8_nf4_vnni<2>(s, t, x, K, C, ldc, accumulate);
+    }
+#endif
+    // Exact integer products in groups of 8 values along the row, as the kernel's lanes take them: a group shares
+    // x's scale (blocks of 32) and W's absmax (blocks of a power of two from 32; rows a multiple of 32 values).
+    const Index N = s.rows, blocks = K / 32;
+    for (Index n = 0; n < N; ++n)
+      for (Index m = 0; m < M; ++m) {
+        float acc = 0.0f;
+        for (Index k0 = 0; k0 < K; k0 += 8) {
+          const std::size_t e0 =
+              static_cast<std::size_t>(n) * static_cast<std::size_t>(K) + static_cast<std::size_t>(k0);
+          std::int32_t dot = 0;
+          for (std::size_t e = e0; e < e0 + 8; ++e) {
+            const std::uint8_t byte = s.data[e / 2];
+            dot += static_cast<std::int32_t>(t.c[(e % 2 == 0) ? byte >> 4 : byte & 0xf]) *
+                   x.q[m * K + k0 + static_cast<Index>(e - e0)];
+          }
+          acc += static_cast<float>(dot) * (s.absmax_at(e0) * t.unit * x.d[m * blocks + k0 / 32]);
+        }
+        C[m * ldc + n] = accumulate ? C[m * ldc + n] + acc : acc;
+      }
+  }
+#ifdef LORA_X86_KERNELS
+  // Runs of 128 values (64 bytes): byte i holds value 2i (high nibble) and 2i + 1 (low). Each nibble plane is
+  // looked up in the int8 codes stored as unsigned (code + 128, vpshufb's 16-entry table), and dotted with x's
+  // codes for the even or odd values (signed): lane j sums values 8j .. 8j + 7, so lanes 0-7 share one absmax
+  // block and each 4 lanes one block of x. The 128 · Σ x the unsigned codes add is taken off per lane.
+  template <int M>
+  LORA_AVX512_VNNI static void gemv_int8_nf4_vnni(const QuantizedMatrix::State& s, const Nf4Int8Codes& t,
+                                                  const Int8Rows& x, Index K, float* C, Index ldc, bool accumulate) {
+    constexpr int RS = M == 1 ? 8 : 4;
+    const Index N = s.rows, runs = K / nf4_run, blocks = K / 32;
+    // x per run: its even and odd values (64 bytes each), each lane's −128 · Σ x and each lane's scale of x
+    Buffers& b = buffers();
+    std::int8_t* xe = reserve(b.x8_split, static_cast<std::size_t>(2 * M * K));
+    std::int32_t* corr = reserve(b.x8_lane_corr, static_cast<std::size_t>(M * K / 8));
+    float* dx = reserve(b.x8_lane_scale, static_cast<std::size_t>(M * K / 8));
+    for (Index m = 0; m < M; ++m)
+      for (Index run = 0; run < runs; ++run) {
+        const std::int8_t* q = x.q + m * K + run * nf4_run;
+        std::int8_t* even = xe + (m * runs + run) * 2 * 64;
+        for (int i = 0; i < 64; ++i) {
+          even[i] = q[2 * i];
+          even[64 + i] = q[2 * i + 1];
+        }
+        for (int lane = 0; lane < 16; ++lane) {
+          std::int32_t sum = 0;
+          for (int v = 0; v < 8; ++v) sum += q[8 * lane + v];
+          corr[(m * runs + run) * 16 + lane] = -128 * sum;
+          dx[(m * runs + run) * 16 + lane] = x.d[m * blocks + (run * nf4_run + 8 * lane) / 32] * t.unit;
+        }
+      }
+    alignas(16) std::uint8_t table16[16];
+    for (int i = 0; i < 16; ++i) table16[i] = static_cast<std::uint8_t>(t.c[i] + 128);
+    const __m512i table = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(table16)));
+    const __m512i low4 = _mm512_set1_epi8(0x0f);
+    for (Index n0 = 0; n0 < N; n0 += RS) {
+      const int rs = static_cast<int>(std::min<Index>(RS, N - n0));
+      __m512 acc[RS][M];
+      for (int r = 0; r < RS; ++r)
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+      for (Index run = 0; run < runs; ++run) {
+        for (int r = 0; r < rs; ++r) {
+          const std::size_t e =
+              static_cast<std::size_t>(n0 + r) * static_cast<std::size_t>(K) + static_cast<std::size_t>(run * nf4_run);
+          const std::uint8_t* p = QuantizedMatrix::bytes_of<WeightFormat::nf4>(s, e);
+          prefetch(p);
+          const __m512i v = _mm512_loadu_si512(p);
+          const __m512i hi = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(v, 4), low4));
+          const __m512i lo = _mm512_shuffle_epi8(table, _mm512_and_si512(v, low4));
+          const __m512 absmax =
+              _mm512_insertf32x8(_mm512_set1_ps(s.absmax_at(e)), _mm256_set1_ps(s.absmax_at(e + 64)), 1);
+          for (int m = 0; m < M; ++m) {
+            const std::int8_t* xr = xe + (m * runs + run) * 2 * 64;
+            __m512i dot = _mm512_loadu_si512(corr + (m * runs + run) * 16);
+            dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(xr));
+            dot = _mm512_dpbusd_epi32(dot, lo, _mm512_loadu_si512(xr + 64));
+            const __m512 scale = _mm512_mul_ps(absmax, _mm512_loadu_ps(dx + (m * runs + run) * 16));
+            acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r][m]);
+          }
+        }
+      }
+      for (int r = 0; r < rs; ++r)
+        for (int m = 0; m < M; ++m) {
+          const float v = _mm512_reduce_add_ps(acc[r][m]);
+          C[m * ldc + n0 + r] = accumulate ? C[m * ldc + n0 + r] + v : v;
+        }
+    }
+  }
+#endif
 #ifdef LORA_X86_KERNELS
   template <int M>
   LORA_AVX512_VNNI static void gemv_int8_vnni(const QuantizedMatrix::State& s, const Int8Rows& x, Index K, float* C,
