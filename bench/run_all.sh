@@ -3,10 +3,13 @@
 # bench_gemm, bench_lowp, bench/peers/pytorch_lora.py, bench_mpi_scaling under mpirun -np 2 when the first backend's build
 # has MPI, and examples/gpt's training throughput against bench/peers/pytorch_gpt.py) and prints one table of ratios at the end.
 #
-#   bench/run_all.sh            Eigen and OpenBLAS backends, 1 and 2 threads, the headline
+#   bench/run_all.sh            the "eigen" and "blas" backends, 1 and 2 threads, the headline
 #                               shapes with 5 interleaved repetitions
 #   bench/run_all.sh --smoke    tiny shapes and a few iterations: proves it all still runs (CI)
 #
+# Backends: "eigen" is the README's build (its name is older than oneDNN here): float products on oneDNN where
+# libdnnl-dev is installed (LORA_USE_DNNL=AUTO), else Eigen's GEMM; every program prints which ran. "blas" is
+# -DLORA_USE_BLAS=ON with oneDNN off, so OpenBLAS runs the products.
 # Environment: BACKENDS (default "eigen blas"), THREADS ("1 2"), OUT (build-bench/results),
 # JOBS (build parallelism, 2), PYTHON (/usr/bin/python3, which has Debian's python3-torch), EIGEN_BUILD (an
 # existing build folder whose bench/ programs serve as the Eigen backend instead of building build-bench/eigen;

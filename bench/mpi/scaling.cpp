@@ -15,6 +15,8 @@
 //    scaling) and the step takes T + T_comm, no overlap: efficiency T / (T + T_comm).
 #include <lora/distributed.hpp>
 
+#include "../bench_common.hpp"
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -53,11 +55,6 @@ double ring_allreduce(double K, double bytes, const Link& l) {
 }
 double ring_allgather(double K, double bytes, const Link& l) { return (K - 1) * l.alpha + (K - 1) * bytes / l.beta; }
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
 // Median over reps of the slowest rank's time for one call.
 template <class Call>
 double time_collective(lora::mpi::Communicator& comm, int reps, Call&& call) {
@@ -71,7 +68,7 @@ double time_collective(lora::mpi::Communicator& comm, int reps, Call&& call) {
     MPI_Allreduce(MPI_IN_PLACE, &s, 1, MPI_DOUBLE, MPI_MAX, comm.comm());
     t.push_back(s);
   }
-  return median(t);
+  return lora_bench::median(t);
 }
 
 std::string bytes_text(double b) {

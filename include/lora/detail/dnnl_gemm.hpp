@@ -1,9 +1,10 @@
 // The float products of FrozenWeight on oneDNN's sgemm, when LORA_USE_DNNL is defined (CMake: link lora::dnnl, or
 // build this project with LORA_USE_DNNL, on by default where libdnnl-dev is installed).
 //
-// Why: FrozenWeight's products are nearly all of a LoRA layer's time, and Eigen's GEMM runs them at 78-80% of the
-// fastest float GEMM on the project's Xeon (bench/RESULTS.md). oneDNN picks its kernel from the CPU at run time (a
-// JIT for AVX2, AVX-512, ...), so one binary runs near the best kernel of whichever machine it lands on.
+// Why: FrozenWeight's products are nearly all of a LoRA layer's time, and Eigen's GEMM runs them at 76-89% of the
+// fastest float GEMM on the project's Xeon, oneDNN's at 96-100% (bench_gemm, bench/RESULTS.md). oneDNN picks its kernel
+// from the CPU at run time (a JIT for AVX2, AVX-512, ...), so one binary runs near the best kernel of whichever machine
+// it lands on.
 //
 // Threads. Debian's oneDNN runs on OpenMP (libgomp), whose pool defaults to every core. Every call here sets the
 // calling thread's OpenMP thread count to Eigen::nbThreads() for its duration, the knob Eigen's own products follow:
