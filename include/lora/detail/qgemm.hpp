@@ -41,6 +41,15 @@
 #define LORA_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")))
 #endif
 
+// GCC 12.2 vectorises the portable int8 · int8 -> int32 dot products into wrong code when the target has AVX512_VNNI
+// (-O2 -march=native on the project's Xeon: wrong sums; right at -O1, with -mno-avx512vnni, or under the
+// sanitizers), so the portable int8 code is compiled without GCC's loop vectorizer.
+#if defined(__GNUC__) && !defined(__clang__)
+#define LORA_NO_TREE_VECTORIZE __attribute__((optimize("no-tree-vectorize")))
+#else
+#define LORA_NO_TREE_VECTORIZE
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -173,7 +182,7 @@ struct QGemm {
     float* d;            // (M, K / 32) scales
     std::int32_t* corr;  // (M, K / 32) 128 · Σ q over each block
   };
-  static Int8Rows quantize_rows_int8(const float* A, Index lda, Index M, Index K) {
+  LORA_NO_TREE_VECTORIZE static Int8Rows quantize_rows_int8(const float* A, Index lda, Index M, Index K) {
     const Index blocks = K / 32;
     Buffers& b = buffers();
     Int8Rows x{reserve(b.x8, static_cast<std::size_t>(M * K)),
@@ -206,8 +215,8 @@ struct QGemm {
       }
     return x;
   }
-  static void gemv_int8(const float* A, Index lda, Index M, Index K, const QuantizedMatrix& S, float* C, Index ldc,
-                        bool accumulate) {
+  LORA_NO_TREE_VECTORIZE static void gemv_int8(const float* A, Index lda, Index M, Index K, const QuantizedMatrix& S,
+                                               float* C, Index ldc, bool accumulate) {
     const QuantizedMatrix::State& s = *S.s_;
     const Int8Rows x = quantize_rows_int8(A, lda, M, K);
     if (s.format == WeightFormat::nf4) return gemv_int8_nf4(s, x, M, K, C, ldc, accumulate);
@@ -249,8 +258,8 @@ struct QGemm {
           static_cast<std::int8_t>(cmax > 0.0f ? std::nearbyint(s.code[static_cast<std::size_t>(i)] / t.unit) : 0.0f);
     return t;
   }
-  static void gemv_int8_nf4(const QuantizedMatrix::State& s, const Int8Rows& x, Index M, Index K, float* C, Index ldc,
-                            bool accumulate) {
+  LORA_NO_TREE_VECTORIZE static void gemv_int8_nf4(const QuantizedMatrix::State& s, const Int8Rows& x, Index M, Index K,
+                                                   float* C, Index ldc, bool accumulate) {
     const Nf4Int8Codes t = nf4_int8_codes(s);
 #ifdef LORA_X86_KERNELS
     if (QuantizedMatrix::has_avx512_vnni() && K % nf4_run == 0 && s.block % 64 == 0) {
