@@ -96,12 +96,7 @@ lora::FrozenWeight<float> frozen(const Mat& W) { return lora::FrozenWeight<float
 
 // Full fine-tuning's weight gradient dW += dyᵀ x, on the same GEMM library as the products above.
 void add_weight_gradient(Mat& dW, const Mat& dy, const Mat& x) {
-#if defined(LORA_USE_DNNL)
-  lora::detail::dnnl_gemm("bench", true, false, dW.rows(), dW.cols(), dy.rows(), 1.0f, dy.data(), dy.cols(), x.data(),
-                          x.cols(), 1.0f, dW.data(), dW.cols());
-#else
-  dW.noalias() += dy.transpose() * x;
-#endif
+  lora::detail::product<float>("bench", 1.0f, dy, true, x, false, true, dW);
 }
 
 void dense_forward(benchmark::State& state) {

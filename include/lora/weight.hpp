@@ -35,9 +35,7 @@
 #include <lora/errors.hpp>
 #include <lora/types.hpp>
 
-#if defined(LORA_USE_DNNL)
-#include <lora/detail/dnnl_gemm.hpp>
-#endif
+#include <lora/detail/gemm.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -431,25 +429,10 @@ class FrozenWeight {
     return w;
   }
 
-  // y (=|+=) x · op(S), S the stored float matrix, op = Sᵀ when `transposed`: oneDNN's sgemm for float under
-  // LORA_USE_DNNL (detail/dnnl_gemm.hpp), Eigen's product otherwise.
+  // y (=|+=) x · op(S), S the stored float matrix, op = Sᵀ when `transposed`: detail::product, so oneDNN's sgemm
+  // for float under LORA_USE_DNNL, Eigen's product otherwise.
   void dense_product(const ConstRef<Scalar>& x, MutRef<Scalar> y, bool transposed, bool accumulate) const {
-    const auto S = stored();
-#if defined(LORA_USE_DNNL)
-    if constexpr (std::is_same_v<Scalar, float>) {
-      return detail::dnnl_gemm("FrozenWeight", false, transposed, x.rows(), y.cols(), x.cols(), 1.0f, x.data(),
-                               detail::dnnl_leading_dimension(x), S.data(), S.cols(), accumulate ? 1.0f : 0.0f,
-                               y.data(), detail::dnnl_leading_dimension(y));
-    }
-#endif
-    if (transposed && accumulate)
-      y.noalias() += x * S.transpose();
-    else if (transposed)
-      y.noalias() = x * S.transpose();
-    else if (accumulate)
-      y.noalias() += x * S;
-    else
-      y.noalias() = x * S;
+    detail::product<Scalar>("FrozenWeight", Scalar(1), x, false, stored(), transposed, accumulate, y);
   }
 
   // y (=|+=) x · op(S), S the stored matrix: op = Sᵀ when `transposed` (S is (rows of y's columns, x's columns)).

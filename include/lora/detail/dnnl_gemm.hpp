@@ -12,7 +12,7 @@
 // oneDNN on changes how fast a product runs, never how many cores it takes. Called inside an OpenMP parallel region,
 // oneDNN runs on the calling thread alone.
 //
-// Only this header includes oneDNN; <lora/weight.hpp> includes it only under LORA_USE_DNNL (CONVENTIONS.md 13).
+// Only this header includes oneDNN; <lora/detail/gemm.hpp> includes it only under LORA_USE_DNNL (CONVENTIONS.md 13).
 #pragma once
 
 #include <lora/errors.hpp>

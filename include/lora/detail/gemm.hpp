@@ -1,10 +1,11 @@
-// The adapters' own products (x Aᵀ, dyᵀ H, dy B, Gᵀ x, G A) on the GEMM FrozenWeight's products run on:
-// oneDNN's sgemm for float when LORA_USE_DNNL is defined, Eigen's product otherwise.
+// The library's float GEMM: FrozenWeight's products (x Wᵀ, dy W) and the fused layer's own adapter products
+// (x Aᵀ, dyᵀ H, dy B, Gᵀ x, G A) all go through product(): oneDNN's sgemm for float when LORA_USE_DNNL is defined,
+// Eigen's product otherwise (detail/dnnl_gemm.hpp says why oneDNN).
 //
-// Why: these products are thin (one side is the rank, 8 or 16), and Eigen runs them at a fraction of the machine's
-// speed. Measured on the project's Xeon, one thread, N = 512, I = 768, 2 slices of 768 outputs at r = 8 (session
-// program, medians of 41): x Aᵀ with A (16, 768) 0.12 ms on Eigen, 0.07 on oneDNN; dyᵀ H as (r, O) 0.19 and 0.13;
-// dy B 0.23 and 0.18; Gᵀ x 0.10 and 0.07; G A 0.16 (row by row) and 0.07. That is 0.5 ms a training step, 2.6% of
+// Why the adapter products too: they are thin (one side is the rank, 8 or 16), and Eigen runs them at a fraction of the
+// machine's speed. Measured on the project's Xeon, one thread, N = 512, I = 768, 2 slices of 768 outputs at r = 8
+// (session program, medians of 41): x Aᵀ with A (16, 768) 0.12 ms on Eigen, 0.07 on oneDNN; dyᵀ H as (r, O) 0.19 and
+// 0.13; dy B 0.23 and 0.18; Gᵀ x 0.10 and 0.07; G A 0.16 (row by row) and 0.07. That is 0.5 ms a training step, 2.6% of
 // its two base products.
 #pragma once
 
