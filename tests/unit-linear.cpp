@@ -425,6 +425,63 @@ TEST_CASE("parameter accounting: the seed example and PEFT's summary line", "[li
   CHECK(model.summary() == "trainable params: 672 || all params: 1,348 || trainable%: 49.8516");
 }
 
+TEST_CASE("Sequential's backward is its layers' backward chained by hand, dx in any buffer", "[linear][sequential]") {
+  // Sequential passes gradients through two buffers used in turn; chaining copies of its layers by hand, each
+  // gradient in its own matrix, must give the same dx and the same dA, dB and db, bit for bit.
+  auto l0 = adapted_layer<double>(6, 9, 3, 6, 0.25), l1 = adapted_layer<double>(9, 5, 2, 2);
+  auto trained_bias = make_config(2, 4);
+  trained_bias.bias = lora::BiasMode::all;
+  lora::LoRALinear<double> l2(5, 4, trained_bias);
+  l2.lora_B() = random_matrix<double>(4, 2, 12);
+  for (auto* l : {&l0, &l1, &l2}) l->set_dropout_seed(7);
+  auto h0 = l0, h1 = l1, h2 = l2;  // the hand-chained copies, dropout sequence included
+  lora::Sequential<double> model;
+  model.add(std::move(l0)).add(lora::ReLU{}).add(std::move(l1)).add(lora::GELU{}).add(std::move(l2));
+  const Mat<double> x = random_matrix<double>(7, 6, 3), dy = random_matrix<double>(7, 4, 4);
+  Mat<double> dx(7, 6);
+  model.forward(x);
+  model.backward(dy, dx);
+
+  Mat<double> a1(7, 9), a2(7, 9), a3(7, 5), a4(7, 5), y(7, 4), g4(7, 5), g3(7, 5), g2(7, 9), g1(7, 9), g0(7, 6);
+  h0.forward(x, a1);
+  lora::ReLU::forward<double>(a1, a2);
+  h1.forward(a2, a3);
+  lora::GELU::forward<double>(a3, a4);
+  h2.forward(a4, y);
+  h2.backward(a4, dy, g4);
+  lora::GELU::backward<double>(a3, g4, g3);
+  h1.backward(a2, g3, g2);
+  lora::ReLU::backward<double>(a1, g2, g1);
+  h0.backward(x, g1, g0);
+  CHECK(dx == g0);
+  CHECK(model.linear(0).dA() == h0.dA());
+  CHECK(model.linear(0).dB() == h0.dB());
+  CHECK(model.linear(2).dA() == h1.dA());
+  CHECK(model.linear(4).dB() == h2.dB());
+  REQUIRE(h2.db().size() == 4);
+  CHECK(model.linear(4).db() == h2.db());
+  CHECK_FALSE(g0.isZero(0));
+
+  // Without dx (and the first dropout mask again) the gradients are the same again.
+  model.zero_grad();
+  model.linear(0).set_dropout_seed(7);
+  model.forward(x);
+  model.backward(dy);
+  CHECK(model.linear(0).dA() == h0.dA());
+  CHECK(model.linear(4).dB() == h2.dB());
+
+  // One layer, dx written over dy itself: the same dx as into a buffer of its own.
+  lora::Sequential<double> one;
+  one.add(adapted_layer<double>(5, 5, 2, 4));
+  const Mat<double> x1 = random_matrix<double>(3, 5, 5), dy1 = random_matrix<double>(3, 5, 6);
+  Mat<double> own(3, 5), shared = dy1;
+  one.forward(x1);
+  one.backward(dy1, own);
+  one.forward(x1);
+  one.backward(shared, shared);
+  CHECK(shared == own);
+}
+
 TEST_CASE("bad configuration throws config_error naming the value", "[linear][errors]") {
   auto cfg = make_config(-1, 8);
   REQUIRE_THROWS_AS(lora::LoRALinear<float>(4, 4, cfg), lora::config_error);

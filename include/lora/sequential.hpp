@@ -9,8 +9,8 @@
 //   model.backward(dlogits);                            // adds into every dA, dB (and db)
 //   opt.step(); opt.zero_grad();
 //
-// The model keeps one activation buffer and one gradient buffer per layer
-// boundary, reused from step to step: a steady-state step allocates nothing.
+// The model keeps one activation buffer per layer boundary and two gradient
+// buffers, reused from step to step: a steady-state step allocates nothing.
 #pragma once
 
 #ifndef LORA_INSIDE_LIBRARY
@@ -24,6 +24,7 @@
 #include <lora/params.hpp>
 #include <lora/types.hpp>
 
+#include <algorithm>
 #include <map>
 #include <string>
 #include <type_traits>
@@ -230,31 +231,44 @@ class Sequential {
     if (forward_rows_ < 0) throw state_error(std::string(where) + ": needs a training-mode forward first");
     detail::check_shape(where, "dy", dy, forward_rows_, acts_.back().cols());
     if (dx) detail::check_shape(where, "dx", *dx, forward_rows_, acts_[0].cols());
-    grads_.resize(layers_.size() + 1);
-    grads_.back() = dy;
-    for (std::size_t k = layers_.size(); k-- > 0;) {
+    // Two gradient buffers, used in turn: layer k reads the gradient of its output (dy itself for the last layer)
+    // and writes that of its input into grad_buf_[k % 2], which layer k - 1 then reads. Grow-only, so a
+    // steady-state step allocates nothing, and a step holds two gradients at a time, not one per layer.
+    const std::size_t L = layers_.size();
+    std::size_t most = 0;
+    for (std::size_t k = 0; k < L; ++k) most = std::max(most, static_cast<std::size_t>(acts_[k].size()));
+    for (auto& b : grad_buf_)
+      if (b.size() < most) b.resize(most);
+    // The first layer writes dx itself, unless it also reads dy and the two share memory.
+    const bool dx_direct = dx != nullptr && !(L == 1 && detail::overlap(*dx, dy));
+    for (std::size_t k = L; k-- > 0;) {
       const Mat& in = acts_[k];
-      const Mat& d_out = grads_[k + 1];
-      Mat& d_in = grads_[k];
+      const ConstRef<Scalar> d_out =
+          k + 1 == L
+              ? dy
+              : ConstRef<Scalar>(ConstMatrixMap<Scalar>(grad_buf_[(k + 1) % 2].data(), in.rows(), acts_[k + 1].cols()));
       const bool need_dx = k > 0 || dx != nullptr;
+      MatrixMap<Scalar> d_in = k == 0 && dx_direct ? MatrixMap<Scalar>(nullptr, 0, 0)
+                                                   : MatrixMap<Scalar>(grad_buf_[k % 2].data(), in.rows(), in.cols());
       std::visit(
           [&](auto& layer) {
-            using L = std::decay_t<decltype(layer)>;
-            if constexpr (std::is_same_v<L, LoRALinear<Scalar>>) {
-              if (need_dx) {
-                d_in.resize(in.rows(), in.cols());
+            using L_ = std::decay_t<decltype(layer)>;
+            if constexpr (std::is_same_v<L_, LoRALinear<Scalar>>) {
+              if (k == 0 && dx_direct)
+                layer.backward_with_output(in, acts_[k + 1], d_out, *dx);
+              else if (need_dx)
                 layer.backward_with_output(in, acts_[k + 1], d_out, d_in);
-              } else {
+              else
                 layer.backward_with_output(in, acts_[k + 1], d_out);
-              }
+            } else if (k == 0 && dx_direct) {
+              L_::template backward<Scalar>(in, d_out, *dx);
             } else if (need_dx) {
-              d_in.resize(in.rows(), in.cols());
-              L::template backward<Scalar>(in, d_out, d_in);
+              L_::template backward<Scalar>(in, d_out, d_in);
             }
           },
           layers_[k]);
     }
-    if (dx) *dx = grads_[0];
+    if (dx != nullptr && !dx_direct) *dx = ConstMatrixMap<Scalar>(grad_buf_[0].data(), dx->rows(), dx->cols());
   }
 
   std::vector<Layer> layers_;
@@ -262,8 +276,8 @@ class Sequential {
   Index last_linear_ = -1;
   bool training_ = true;
   Index forward_rows_ = -1;
-  std::vector<Mat> acts_;   // acts_[i]: input of layer i; acts_.back(): the output
-  std::vector<Mat> grads_;  // grads_[i]: gradient with respect to acts_[i]
+  std::vector<Mat> acts_;            // acts_[i]: input of layer i; acts_.back(): the output
+  std::vector<Scalar> grad_buf_[2];  // backward's two gradient buffers (see backward_impl)
 };
 
 }  // namespace lora

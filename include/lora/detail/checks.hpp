@@ -40,14 +40,20 @@ std::pair<const char*, const char*> byte_span(const Eigen::MatrixBase<Derived>& 
   return {begin, begin + (last + 1) * static_cast<Index>(sizeof(typename Derived::Scalar))};
 }
 
+/// Whether two views share any byte.
+template <class A, class B>
+bool overlap(const Eigen::MatrixBase<A>& a, const Eigen::MatrixBase<B>& b) {
+  const auto x = byte_span(a);
+  const auto y = byte_span(b);
+  std::less<const char*> lt;
+  return lt(x.first, y.second) && lt(y.first, x.second);
+}
+
 /// Throws shape_error when an output would overwrite an input it is computed from.
 template <class A, class B>
 void check_no_overlap(const char* where, const char* out_name, const Eigen::MatrixBase<A>& out, const char* in_name,
                       const Eigen::MatrixBase<B>& in) {
-  const auto o = byte_span(out);
-  const auto i = byte_span(in);
-  std::less<const char*> lt;
-  if (lt(o.first, i.second) && lt(i.first, o.second))
+  if (overlap(out, in))
     throw shape_error(std::string(where) + ": " + out_name + " must not overlap " + in_name +
                       " (the output is written while the input is still being read)");
 }
