@@ -3,6 +3,7 @@
 // 128 KiB by default); noalloc-large-shapes.cpp covers larger ones.
 #include "noalloc.hpp"
 
+#include <lora/fused.hpp>
 #include <lora/quant.hpp>
 
 #include <catch2/catch.hpp>
@@ -106,6 +107,40 @@ TEST_CASE("a steady-state Sequential training step allocates nothing", "[noalloc
     lora::cross_entropy<float>(model.forward(x), labels, dlogits);
     model.backward(dlogits);
     lora::clip_grad_norm(params, 1.0);
+    opt.step();
+    opt.zero_grad();
+  };
+  step();
+  const auto counted = allocations_in([&] {
+    for (int i = 0; i < 5; ++i) step();
+  });
+  CHECK(counted.first == 0);
+  CHECK(counted.second == 0);
+}
+
+TEST_CASE("a steady-state FusedLoRALinear training step allocates nothing", "[noalloc][fused]") {
+  // q and v adapted, k frozen, a frozen bias, dropout: every product of the forward and backward, dx included.
+  auto slice = [](lora::Index d, int r) {
+    lora::FusedSlice s;
+    s.out_features = d;
+    s.config.r = r;
+    s.config.lora_alpha = 2.0 * r;
+    s.config.lora_dropout = 0.1;
+    return s;
+  };
+  std::vector<lora::FusedSlice> slices = {slice(16, 4), slice(16, 0), slice(16, 2)};
+  slices[0].name = "q";
+  slices[1].name = "k";
+  slices[2].name = "v";
+  lora::FusedLoRALinear<float> layer(lora::FrozenWeight<float>::owned(lora::Matrix<float>::Random(48, 32)), slices,
+                                     lora::RowVector<float>::Random(48));
+  const lora::Matrix<float> x = lora::Matrix<float>::Random(12, 32), target = lora::Matrix<float>::Random(12, 48);
+  lora::Matrix<float> y(12, 48), dy(12, 48), dx(12, 32);
+  lora::AdamW<float> opt(layer.parameters());
+  auto step = [&] {
+    layer.forward(x, y);
+    lora::mse_loss<float>(y, target, dy);
+    layer.backward(x, dy, dx);
     opt.step();
     opt.zero_grad();
   };
