@@ -587,47 +587,54 @@ namespace detail {
 
 inline constexpr const char* data_parallel_key = "data_parallel";
 
-/// Broadcasts rank 0's outcome of `action` (run on rank 0 only): the other ranks throw what rank 0 threw (as
-/// io_error, config_error, format_error or state_error, with rank 0's message).
+/// The error classes a failure keeps when it crosses ranks or is reworded: 1 io_error, 2 config_error,
+/// 3 format_error, 4 state_error, 5 any other exception (0 is "no failure" on the wire).
+inline std::uint64_t error_class(const std::exception& e) {
+  if (dynamic_cast<const io_error*>(&e)) return 1;
+  if (dynamic_cast<const config_error*>(&e)) return 2;
+  if (dynamic_cast<const format_error*>(&e)) return 3;
+  if (dynamic_cast<const state_error*>(&e)) return 4;
+  return 5;
+}
+
+/// Throws `message` as an exception of class `c` (error_class's numbering; lora::error for 5).
+[[noreturn]] inline void throw_error_class(std::uint64_t c, const std::string& message) {
+  switch (c) {
+    case 1:
+      throw io_error(message);
+    case 2:
+      throw config_error(message);
+    case 3:
+      throw format_error(message);
+    case 4:
+      throw state_error(message);
+    default:
+      throw error(message);
+  }
+}
+
+/// Broadcasts rank 0's outcome of `action` (run on rank 0 only): rank 0 rethrows its own exception, the other
+/// ranks throw its class (io_error, config_error, format_error or state_error; lora::error otherwise) with rank 0's
+/// message.
 template <class Action>
 void on_rank0(Communicator& comm, const char* what, Action&& action) {
-  int kind = 0;  // 0 ok, 1 io, 2 config, 3 format, 4 state, 5 other
+  std::uint64_t head[2] = {0, 0};  // error_class of rank 0's failure (0: none), and its message's length
   std::string message;
   std::exception_ptr failure;
   if (comm.rank() == 0) {
     try {
       action();
-    } catch (const io_error& e) {
-      kind = 1, message = e.what(), failure = std::current_exception();
-    } catch (const config_error& e) {
-      kind = 2, message = e.what(), failure = std::current_exception();
-    } catch (const format_error& e) {
-      kind = 3, message = e.what(), failure = std::current_exception();
-    } catch (const state_error& e) {
-      kind = 4, message = e.what(), failure = std::current_exception();
     } catch (const std::exception& e) {
-      kind = 5, message = e.what(), failure = std::current_exception();
+      head[0] = error_class(e), message = e.what(), failure = std::current_exception();
     }
   }
-  std::uint64_t head[2] = {static_cast<std::uint64_t>(kind), message.size()};
+  head[1] = message.size();
   comm.broadcast(head, sizeof head, 0, what);
   if (head[0] == 0) return;
   message.resize(static_cast<std::size_t>(head[1]));
   comm.broadcast(message.data(), message.size(), 0, what);
   if (failure) std::rethrow_exception(failure);
-  const std::string m = "rank 0: " + message;
-  switch (head[0]) {
-    case 1:
-      throw io_error(m);
-    case 2:
-      throw config_error(m);
-    case 3:
-      throw format_error(m);
-    case 4:
-      throw state_error(m);
-    default:
-      throw error(m);
-  }
+  throw_error_class(head[0], "rank 0: " + message);
 }
 
 }  // namespace detail
@@ -727,14 +734,12 @@ TrainingState load_checkpoint(DataParallel<Scalar>& dp, const std::string& path,
     try {  // name the checkpoint, not this rank's temporary copy of it
       std::rethrow_exception(failure);
     } catch (const error& e) {
+      const std::uint64_t c = detail::error_class(e);
+      if (c == 5) throw;  // another class of the library's (shape_error, numeric_error) as it came
       std::string m = e.what();
       for (auto at = m.find(temporary); at != std::string::npos; at = m.find(temporary, at + path.size()))
         m.replace(at, temporary.size(), path);
-      if (dynamic_cast<const format_error*>(&e)) throw format_error(m);
-      if (dynamic_cast<const config_error*>(&e)) throw config_error(m);
-      if (dynamic_cast<const io_error*>(&e)) throw io_error(m);
-      if (dynamic_cast<const state_error*>(&e)) throw state_error(m);
-      throw;
+      detail::throw_error_class(c, m);
     }
   }
   if (failed > 0)
