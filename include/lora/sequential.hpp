@@ -248,20 +248,16 @@ class Sequential {
               ? dy
               : ConstRef<Scalar>(ConstMatrixMap<Scalar>(grad_buf_[(k + 1) % 2].data(), in.rows(), acts_[k + 1].cols()));
       const bool need_dx = k > 0 || dx != nullptr;
-      MatrixMap<Scalar> d_in = k == 0 && dx_direct ? MatrixMap<Scalar>(nullptr, 0, 0)
-                                                   : MatrixMap<Scalar>(grad_buf_[k % 2].data(), in.rows(), in.cols());
+      MutRef<Scalar> d_in =
+          k == 0 && dx_direct ? *dx : MutRef<Scalar>(MatrixMap<Scalar>(grad_buf_[k % 2].data(), in.rows(), in.cols()));
       std::visit(
           [&](auto& layer) {
             using L_ = std::decay_t<decltype(layer)>;
             if constexpr (std::is_same_v<L_, LoRALinear<Scalar>>) {
-              if (k == 0 && dx_direct)
-                layer.backward_with_output(in, acts_[k + 1], d_out, *dx);
-              else if (need_dx)
+              if (need_dx)
                 layer.backward_with_output(in, acts_[k + 1], d_out, d_in);
               else
                 layer.backward_with_output(in, acts_[k + 1], d_out);
-            } else if (k == 0 && dx_direct) {
-              L_::template backward<Scalar>(in, d_out, *dx);
             } else if (need_dx) {
               L_::template backward<Scalar>(in, d_out, d_in);
             }
