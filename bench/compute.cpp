@@ -595,7 +595,7 @@ void register_all(bool smoke) {
     benchmark::RegisterBenchmark("fused_qv_paired", fused_qv_paired)
         ->ArgNames({"N", "I", "O", "R", "step"})
         ->Args(smoke ? std::vector<int64_t>{16, 32, 96, 4, step} : std::vector<int64_t>{512, 768, 2304, 8, step})
-        ->Iterations(smoke ? 2 : 25)
+        ->Iterations(smoke ? 2 : 101)
         ->Unit(benchmark::kMillisecond)
         ->UseRealTime();
   }

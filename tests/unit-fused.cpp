@@ -115,6 +115,40 @@ TEST_CASE("fused q, k, v with adapters on q and v equal one LoRALinear per slice
   CHECK(max_diff(y_eval, y_ref) < 1e-12);
 }
 
+TEST_CASE("fused float forward, slice by slice, over W (O, I) and W (I, O), with and without a bias", "[fused]") {
+  // The float layer runs each slice's product on its own (oneDNN's sgemm in the README's build): the same y as
+  // x Wᵀ + b + Σ s_k H_k B_kᵀ computed here in double from the layer's own A, B and scalings.
+  constexpr Index dd = 16, II = 24, OO = 3 * dd, N = 37;
+  const Mat<float> W = random_matrix<float>(OO, II, 40), Wt = W.transpose(), b = random_matrix<float>(1, OO, 41);
+  const Mat<float> x = random_matrix<float>(N, II, 42);
+  const std::vector<FusedSlice> slices = {
+      {"q", dd, make_config(4, 8, 43)}, {"k", dd, make_config(0, 8, 0)}, {"v", dd, make_config(2, 4, 44)}};
+  const bool in_out = GENERATE(false, true), with_bias = GENERATE(false, true);
+  CAPTURE(in_out, with_bias);
+  const auto weight = in_out ? FrozenWeight<float>::view(Wt.data(), OO, II, WeightLayout::in_out)
+                             : FrozenWeight<float>::view(W.data(), OO, II);
+  lora::FusedLoRALinear<float> fused(weight, slices, with_bias ? b : Mat<float>(1, 0));
+  fused.lora_B(0) = random_matrix<float>(dd, 4, 45);
+  fused.lora_B(2) = random_matrix<float>(dd, 2, 46);
+
+  Mat<double> y_ref = x.cast<double>() * W.cast<double>().transpose();
+  if (with_bias) y_ref.rowwise() += b.cast<double>().row(0);
+  for (std::size_t k : {std::size_t(0), std::size_t(2)})
+    y_ref.middleCols(fused.slice_offset(k), dd) += double(fused.slice_scaling(k)) * x.cast<double>() *
+                                                   fused.lora_A(k).cast<double>().transpose() *
+                                                   fused.lora_B(k).cast<double>().transpose();
+  Mat<float> y(N, OO);
+  y.setConstant(std::numeric_limits<float>::quiet_NaN());  // every entry must be written, none read
+  fused.forward(x, y);
+  CHECK(y.allFinite());
+  CHECK(max_diff(y.cast<double>(), y_ref) < 1e-4);
+  fused.eval();
+  y.setConstant(std::numeric_limits<float>::quiet_NaN());
+  std::as_const(fused).forward(x, y);
+  CHECK(y.allFinite());
+  CHECK(max_diff(y.cast<double>(), y_ref) < 1e-4);
+}
+
 TEST_CASE("fused gradients match finite differences, with dropout", "[fused][gradcheck]") {
   const Mat<double> W = random_matrix<double>(O, I, 7);
   lora::FusedLoRALinear<double> fused(FrozenWeight<double>::owned(W), qkv_slices(0.25));
