@@ -3,7 +3,9 @@
 // 128 KiB by default); noalloc-large-shapes.cpp covers larger ones.
 #include "noalloc.hpp"
 
+#include <lora/embedding.hpp>
 #include <lora/fused.hpp>
+#include <lora/multi.hpp>
 #include <lora/quant.hpp>
 
 #include <catch2/catch.hpp>
@@ -141,6 +143,61 @@ TEST_CASE("a steady-state FusedLoRALinear training step allocates nothing", "[no
     layer.forward(x, y);
     lora::mse_loss<float>(y, target, dy);
     layer.backward(x, dy, dx);
+    opt.step();
+    opt.zero_grad();
+  };
+  step();
+  const auto counted = allocations_in([&] {
+    for (int i = 0; i < 5; ++i) step();
+  });
+  CHECK(counted.first == 0);
+  CHECK(counted.second == 0);
+}
+
+TEST_CASE("a steady-state MultiLoRALinear training step allocates nothing", "[noalloc][multi]") {
+  // Two adapters on one base, one of them training (with dropout), the other kept; a bias; dx.
+  lora::LoraConfig cfg;
+  cfg.r = 4;
+  cfg.lora_alpha = 8;
+  cfg.lora_dropout = 0.1;
+  lora::MultiLoRALinear<float> layer(lora::FrozenWeight<float>::owned(lora::Matrix<float>::Random(24, 32)),
+                                     lora::RowVector<float>::Random(24));
+  layer.add_adapter("kept", cfg);
+  layer.add_adapter("trained", cfg);
+  layer.train_adapter("trained");
+  const lora::Matrix<float> x = lora::Matrix<float>::Random(16, 32), target = lora::Matrix<float>::Random(16, 24);
+  lora::Matrix<float> y(16, 24), dy(16, 24), dx(16, 32);
+  lora::AdamW<float> opt(layer.parameters());
+  auto step = [&] {
+    layer.forward(x, y);
+    lora::mse_loss<float>(y, target, dy);
+    layer.backward(x, dy, dx);
+    opt.step();
+    opt.zero_grad();
+  };
+  step();
+  const auto counted = allocations_in([&] {
+    for (int i = 0; i < 5; ++i) step();
+  });
+  CHECK(counted.first == 0);
+  CHECK(counted.second == 0);
+}
+
+TEST_CASE("a steady-state LoRAEmbedding training step allocates nothing", "[noalloc][embedding]") {
+  // Repeated ids, the same batch every step (its ids decide which columns of A the backward touches).
+  lora::LoraConfig cfg;
+  cfg.r = 4;
+  cfg.lora_alpha = 8;
+  lora::LoRAEmbedding<float> layer(lora::Matrix<float>::Random(50, 16), cfg);
+  layer.lora_B().setRandom();
+  const std::vector<lora::Index> ids = {3, 7, 3, 49, 0, 7, 12, 3};
+  const lora::Matrix<float> target = lora::Matrix<float>::Random(8, 16);
+  lora::Matrix<float> y(8, 16), dy(8, 16);
+  lora::AdamW<float> opt(layer.parameters());
+  auto step = [&] {
+    layer.forward(ids, y);
+    lora::mse_loss<float>(y, target, dy);
+    layer.backward(ids, dy);
     opt.step();
     opt.zero_grad();
   };
