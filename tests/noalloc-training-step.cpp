@@ -45,10 +45,7 @@ TEST_CASE("a steady-state LoRALinear training step allocates nothing", "[noalloc
     opt.step();
     opt.zero_grad();
   };
-  step();  // the first step sizes the workspace
-  const auto counted = allocations_in([&] {
-    for (int i = 0; i < 5; ++i) step();
-  });
+  const auto counted = allocations_after_first(step, 5);
   CHECK(counted.first == 0);
   CHECK(counted.second == 0);
 }
@@ -78,10 +75,7 @@ TEST_CASE("a steady-state training step over a low-precision W allocates nothing
           opt.step();
           opt.zero_grad();
         };
-        step();  // sizes the layer's workspace and the kernels' buffers
-        const auto counted = allocations_in([&] {
-          for (int i = 0; i < 3; ++i) step();
-        });
+        const auto counted = allocations_after_first(step, 3);
         CHECK(counted.first == 0);
         CHECK(counted.second == 0);
       }
@@ -112,10 +106,7 @@ TEST_CASE("a steady-state Sequential training step allocates nothing", "[noalloc
     opt.step();
     opt.zero_grad();
   };
-  step();
-  const auto counted = allocations_in([&] {
-    for (int i = 0; i < 5; ++i) step();
-  });
+  const auto counted = allocations_after_first(step, 5);
   CHECK(counted.first == 0);
   CHECK(counted.second == 0);
 }
@@ -146,10 +137,7 @@ TEST_CASE("a steady-state FusedLoRALinear training step allocates nothing", "[no
     opt.step();
     opt.zero_grad();
   };
-  step();
-  const auto counted = allocations_in([&] {
-    for (int i = 0; i < 5; ++i) step();
-  });
+  const auto counted = allocations_after_first(step, 5);
   CHECK(counted.first == 0);
   CHECK(counted.second == 0);
 }
@@ -175,10 +163,7 @@ TEST_CASE("a steady-state MultiLoRALinear training step allocates nothing", "[no
     opt.step();
     opt.zero_grad();
   };
-  step();
-  const auto counted = allocations_in([&] {
-    for (int i = 0; i < 5; ++i) step();
-  });
+  const auto counted = allocations_after_first(step, 5);
   CHECK(counted.first == 0);
   CHECK(counted.second == 0);
 }
@@ -201,10 +186,7 @@ TEST_CASE("a steady-state LoRAEmbedding training step allocates nothing", "[noal
     opt.step();
     opt.zero_grad();
   };
-  step();
-  const auto counted = allocations_in([&] {
-    for (int i = 0; i < 5; ++i) step();
-  });
+  const auto counted = allocations_after_first(step, 5);
   CHECK(counted.first == 0);
   CHECK(counted.second == 0);
 }

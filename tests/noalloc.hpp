@@ -58,6 +58,16 @@ std::pair<int, long> allocations_in(F&& f) {
   return {noalloc::eigen_violations - eigen_before, noalloc::operator_new_calls - new_before};
 }
 
+// Calls `step` once (the first call sizes every workspace and buffer), then counts what `times` more calls
+// allocate: a steady-state training step.
+template <class F>
+std::pair<int, long> allocations_after_first(F&& step, int times) {
+  step();
+  return allocations_in([&] {
+    for (int i = 0; i < times; ++i) step();
+  });
+}
+
 // The control both noalloc executables run on the same product, x (64, 512) times Wᵀ (512, 384):
 // its packing buffers exceed Eigen's default EIGEN_STACK_ALLOCATION_LIMIT (128 KiB), so it
 // allocates at the default limit and not at a raised one.
@@ -68,4 +78,5 @@ inline std::pair<int, long> allocations_of_64x512x384_product() {
 }
 }  // namespace noalloc
 
+using noalloc::allocations_after_first;
 using noalloc::allocations_in;
