@@ -115,8 +115,8 @@ TEST_CASE("fused q, k, v with adapters on q and v equal one LoRALinear per slice
   CHECK(max_diff(y_eval, y_ref) < 1e-12);
 }
 
-TEST_CASE("fused float forward, slice by slice, over W (O, I) and W (I, O), with and without a bias", "[fused]") {
-  // The float layer runs each slice's product on its own (oneDNN's sgemm in the README's build): the same y as
+TEST_CASE("fused float forward over W (O, I) and W (I, O), with and without a bias", "[fused]") {
+  // The float layer's products (oneDNN's sgemm in the README's build) over either layout give the same y as
   // x Wᵀ + b + Σ s_k H_k B_kᵀ computed here in double from the layer's own A, B and scalings.
   constexpr Index dd = 16, II = 24, OO = 3 * dd, N = 37;
   const Mat<float> W = random_matrix<float>(OO, II, 40), Wt = W.transpose(), b = random_matrix<float>(1, OO, 41);

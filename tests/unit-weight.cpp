@@ -48,28 +48,6 @@ double max_diff(const Mat<double>& a, const Mat<double>& b) {
 
 }  // namespace
 
-TEST_CASE("forward_outputs: the product over one range of W's outputs, either layout; a range outside W is refused",
-          "[weight][fused]") {
-  const Mat<float> W = Mat<float>::Random(6, 4), Wt = W.transpose(), x = Mat<float>::Random(3, 4);
-  const bool in_out = GENERATE(false, true);
-  CAPTURE(in_out);
-  const auto weight = in_out ? FrozenWeight<float>::view(Wt.data(), 6, 4, WeightLayout::in_out)
-                             : FrozenWeight<float>::view(W.data(), 6, 4);
-  Mat<float> y = Mat<float>::Constant(3, 2, std::numeric_limits<float>::quiet_NaN());
-  weight.forward_outputs(x, y, 3, false);  // outputs 3 and 4; y's NaN never read
-  const Mat<float> expected = x * W.middleRows(3, 2).transpose();
-  CHECK((y - expected).cwiseAbs().maxCoeff() < 1e-6f);
-  y.setOnes();
-  weight.forward_outputs(x, y, 3, true);
-  CHECK((y - expected - Mat<float>::Ones(3, 2)).cwiseAbs().maxCoeff() < 1e-6f);
-
-  const Mat<float> before = y;
-  REQUIRE_THROWS_AS(weight.forward_outputs(x, y, 5, false), lora::shape_error);
-  REQUIRE_THROWS_WITH(weight.forward_outputs(x, y, 5, false), Contains("outputs 5 to 7") && Contains("6 outputs"));
-  REQUIRE_THROWS_AS(weight.forward_outputs(Mat<float>::Ones(3, 5), y, 0, false), lora::shape_error);
-  CHECK(y == before);
-}
-
 TEST_CASE("FrozenWeight products in both layouts, computed by hand", "[weight]") {
   // W (O = 2, I = 3) = [[1, 2, 3], [4, 5, 6]]; stored (I, O) it is [[1, 4], [2, 5], [3, 6]].
   Mat<double> W(2, 3), Wt(3, 2), x(1, 3), dy(1, 2);

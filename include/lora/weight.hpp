@@ -280,24 +280,6 @@ class FrozenWeight {
     dense_product(dy, dx, layout_ == WeightLayout::in_out, false);
   }
 
-  /// y (=|+=) x W_sᵀ, W_s the y.cols() outputs of W from out_begin: one slice of a fused projection's outputs
-  /// (FusedLoRALinear). Throws shape_error when the outputs are not W's or x has not W's inputs. Dense weights
-  /// only; a quantized one throws state_error (its product decodes panels of the whole W: take forward_add).
-  void forward_outputs(const ConstRef<Scalar>& x, MutRef<Scalar> y, Index out_begin, bool accumulate) const {
-    const Index n = y.cols();
-    if (out_begin < 0 || out_begin + n > out_ || x.cols() != in_ || y.rows() != x.rows())
-      throw shape_error("FrozenWeight::forward_outputs: outputs " + std::to_string(out_begin) + " to " +
-                        std::to_string(out_begin + n) + " for x " + shape_string(x.rows(), x.cols()) + " into y " +
-                        shape_string(y.rows(), y.cols()) + ", but W has " + std::to_string(out_) + " outputs and " +
-                        std::to_string(in_) + " inputs");
-    if (layout_ == WeightLayout::out_in)
-      detail::product<Scalar>("FrozenWeight", Scalar(1), x, false, stored().middleRows(out_begin, n), true, accumulate,
-                              y);
-    else
-      detail::product<Scalar>("FrozenWeight", Scalar(1), x, false, stored().middleCols(out_begin, n), false, accumulate,
-                              y);
-  }
-
   /// y += x Wᵀ and dx += dy W. Eigen's `=` product zeroes its destination and then adds into it, so a layer
   /// that writes its other terms (bias, adapters) into y first and adds the base product last makes no extra
   /// pass over y for them.
