@@ -1,12 +1,11 @@
 // LoRALinear: hand-computed case, initialisation, modes, merge, views,
-// threads, accounting and bad input.
+// accounting and bad input (several threads: unit-threads.cpp).
 #include <catch2/catch.hpp>
 #include <lora/lora.hpp>
 
 #include <cmath>
 #include <cstdlib>
 #include <limits>
-#include <thread>
 #include <vector>
 
 // Everything below is in a namespace of its own, so the test files can be compiled together (CMake's
@@ -343,29 +342,6 @@ TEST_CASE("a mutable view merges in place and unmerges back", "[linear][view]") 
   CHECK(host[2] == 3);
   layer.unmerge();
   CHECK(host == original);
-}
-
-TEST_CASE("eval forward of a const layer is safe from several threads", "[linear][threads]") {
-  auto layer = adapted_layer<float>(96, 80, 8, 16, 0.1);
-  layer.eval();
-  const lora::LoRALinear<float>& shared = layer;
-  std::vector<Mat<float>> inputs, expected;
-  for (unsigned t = 0; t < 4; ++t) {
-    inputs.push_back(random_matrix<float>(16 + t, 96, 100 + t));
-    expected.push_back(shared.forward(inputs.back()));
-  }
-  std::vector<int> mismatches(4, 0);
-  std::vector<std::thread> threads;
-  for (unsigned t = 0; t < 4; ++t)
-    threads.emplace_back([&, t] {
-      Mat<float> y(inputs[t].rows(), 80);
-      for (int rep = 0; rep < 50; ++rep) {
-        shared.forward(inputs[t], y);
-        if (y != expected[t]) ++mismatches[t];
-      }
-    });
-  for (auto& th : threads) th.join();
-  CHECK(mismatches == std::vector<int>(4, 0));
 }
 
 TEST_CASE("r = 0 is a plain frozen linear layer", "[linear]") {
