@@ -58,11 +58,14 @@ for backend in "${backends[@]}"; do
     bench_dir[$backend]="$EIGEN_BUILD/bench"
     continue
   fi
-  section "build: $backend backend in build-bench/$backend"
+  # Only the first backend runs bench_params, bench_memory, bench_lowp and bench_gemm (below); the others run
+  # bench_compute alone, so they build it alone.
+  targets=(bench_compute)
+  [ "$backend" = "${backends[0]}" ] && targets+=(bench_params bench_memory bench_lowp bench_gemm)
+  section "build: $backend backend in build-bench/$backend (${targets[*]})"
   cmake -S . -B "build-bench/$backend" -DCMAKE_BUILD_TYPE=Release -DLORA_BUILD_TESTS=OFF \
     -DLORA_BUILD_EXAMPLES=OFF -DLORA_INSTALL=OFF "${flags[@]}" >/dev/null
-  cmake --build "build-bench/$backend" -j"$jobs" --target bench_params bench_compute bench_memory bench_lowp \
-    bench_gemm
+  cmake --build "build-bench/$backend" -j"$jobs" --target "${targets[@]}"
   bench_dir[$backend]="build-bench/$backend/bench"
 done
 first="${bench_dir[${backends[0]}]}"
