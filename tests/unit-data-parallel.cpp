@@ -174,60 +174,55 @@ TEST_CASE("A data-parallel checkpoint resumes on another rank count", "[data_par
   }
 }
 
+// K thread ranks construct DataParallel, rank k over make_model(k) with options(k); returns the config_error each
+// rank's constructor threw ("" for a rank that threw nothing, or something else: CHECK_THAT then names it).
+template <class MakeModel, class MakeOptions>
+std::vector<std::string> constructor_refusals(int K, MakeModel make_model, MakeOptions make_options) {
+  std::vector<std::string> messages(static_cast<std::size_t>(K));
+  const auto errors = dp_test::run_ranks(K, [&](lora::Communicator& comm) {
+    auto model = make_model(comm.rank());
+    try {
+      lora::DataParallel<float> dp(comm, model, make_options(comm.rank()));
+    } catch (const lora::config_error& e) {
+      messages[static_cast<std::size_t>(comm.rank())] = e.what();
+      throw;
+    }
+  });
+  for (int r = 0; r < K; ++r) {
+    INFO("rank " << r);
+    CHECK(errors[static_cast<std::size_t>(r)]);
+  }
+  return messages;
+}
+
 TEST_CASE("Ranks that build different models are refused on every rank", "[data_parallel][threads]") {
   Options o = options(lora::DataParallelMode::fast, 0);
   o.global_batch = 48;
-  std::vector<std::string> messages(3);
-  const auto errors = dp_test::run_ranks(3, [&](lora::Communicator& comm) {
-    auto model = dp_test::make_model(0, comm.rank() == 2 ? 8 : 4);  // rank 2 adapts its first layer at r = 8
-    try {
-      lora::DataParallel<float> dp(comm, model, o);
-    } catch (const lora::config_error& e) {
-      messages[static_cast<std::size_t>(comm.rank())] = e.what();
-      throw;
-    }
-  });
-  for (int r = 0; r < 3; ++r) {
-    INFO("rank " << r);
-    CHECK(errors[static_cast<std::size_t>(r)]);
-    CHECK_THAT(messages[static_cast<std::size_t>(r)],
-               Contains("rank 2 has module \"0\": LoRALinear(24 -> 40, r=8") && Contains("rank 0 has module \"0\""));
-  }
+  const auto messages = constructor_refusals(
+      3, [](int rank) { return dp_test::make_model(0, rank == 2 ? 8 : 4); },  // rank 2 adapts its first layer at r = 8
+      [&](int) { return o; });
+  for (const auto& m : messages)
+    CHECK_THAT(m, Contains("rank 2 has module \"0\": LoRALinear(24 -> 40, r=8") && Contains("rank 0 has module \"0\""));
 }
 
 TEST_CASE("Bad options on one rank are refused on every rank, not left waiting", "[data_parallel][threads]") {
-  std::vector<std::string> messages(3);
-  const auto errors = dp_test::run_ranks(3, [&](lora::Communicator& comm) {
-    auto model = dp_test::make_model(0);
-    Options o = options(lora::DataParallelMode::fast, 0);
-    o.global_batch = comm.rank() == 1 ? 0 : 48;  // rank 1 alone asks for an impossible batch
-    try {
-      lora::DataParallel<float> dp(comm, model, o);
-    } catch (const lora::config_error& e) {
-      messages[static_cast<std::size_t>(comm.rank())] = e.what();
-      throw;
-    }
-  });
-  for (int r = 0; r < 3; ++r) {
-    INFO("rank " << r);
-    CHECK(errors[static_cast<std::size_t>(r)]);
-    CHECK_THAT(messages[static_cast<std::size_t>(r)], Contains("rank 1 has options: mode fast, global_batch 0"));
-  }
+  const auto messages = constructor_refusals(
+      3, [](int) { return dp_test::make_model(0); },
+      [](int rank) {
+        Options o = options(lora::DataParallelMode::fast, 0);
+        o.global_batch = rank == 1 ? 0 : 48;  // rank 1 alone asks for an impossible batch
+        return o;
+      });
+  for (const auto& m : messages) CHECK_THAT(m, Contains("rank 1 has options: mode fast, global_batch 0"));
   // The same bad options everywhere: every rank gets the option's own message.
-  const auto same = dp_test::run_ranks(2, [&](lora::Communicator& comm) {
-    auto model = dp_test::make_model(0);
-    Options o = options(lora::DataParallelMode::deterministic, 0);
-    o.global_batch = 48;
-    lora::DataParallel<float> dp(comm, model, o);
-  });
-  for (const auto& e : same) {
-    REQUIRE(e);
-    try {
-      std::rethrow_exception(e);
-    } catch (const lora::config_error& err) {
-      CHECK_THAT(err.what(), Contains("deterministic mode needs Options::micro_batches"));
-    }
-  }
+  const auto same = constructor_refusals(
+      2, [](int) { return dp_test::make_model(0); },
+      [](int) {
+        Options o = options(lora::DataParallelMode::deterministic, 0);
+        o.global_batch = 48;
+        return o;
+      });
+  for (const auto& m : same) CHECK_THAT(m, Contains("deterministic mode needs Options::micro_batches"));
 }
 
 TEST_CASE("Rank 0's parameters reach every rank at the start", "[data_parallel][threads]") {
