@@ -141,6 +141,34 @@ TEST_CASE("A data-parallel checkpoint resumes on another rank count", "[data_par
     CHECK(dp_test::flat(model) == before);
     CHECK(opt.state().step == 0);
   }
+  SECTION("on three ranks a checkpoint of other options is refused on every rank, by the file's name") {
+    // Every rank loads the bytes rank 0 read, from memory: the message names `path` on ranks 1 and 2 too.
+    std::vector<std::string> messages(3);
+    std::vector<std::vector<float>> before(3), after(3);
+    const auto refused = dp_test::run_ranks(3, [&](lora::Communicator& comm) {
+      const auto r = static_cast<std::size_t>(comm.rank());
+      auto model = dp_test::make_model(0);
+      lora::AdamW<float> opt(model.parameters());
+      Options other = o;
+      other.global_batch = job.batch;
+      other.micro_batches = 8;
+      lora::DataParallel<float> dp(comm, model, other);
+      before[r] = dp_test::flat(model);
+      try {
+        lora::load_checkpoint(dp, path, model, opt);
+      } catch (const lora::config_error& e) {
+        messages[r] = e.what();
+      }
+      after[r] = dp_test::flat(model);
+    });
+    for (const auto& e : refused) REQUIRE_FALSE(e);
+    for (std::size_t r = 0; r < 3; ++r) {
+      INFO("rank " << r);
+      CHECK_THAT(messages[r], Contains(path + ": written by a data-parallel run with options") &&
+                                  Contains("\"micro_batches\":4") && Contains("\"micro_batches\":8"));
+      CHECK(after[r] == before[r]);
+    }
+  }
   SECTION("a checkpoint written without DataParallel is refused") {
     auto model = dp_test::make_model(0);
     lora::AdamW<float> opt(model.parameters());

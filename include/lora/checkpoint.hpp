@@ -493,16 +493,13 @@ void save_checkpoint(const std::string& path, const Model& model, const Optimize
   }
 }
 
-/// Loads a checkpoint written by save_checkpoint into `model` and `opt` and
-/// returns its TrainingState. Everything is read and checked before anything
-/// changes: on any error (format_error for a file that is not a checkpoint of
-/// this model and optimizer, listing every mismatch; io_error; config_error as
-/// for save_checkpoint) the model and the optimizer are left as they were.
-/// On success the trainable tensors, the dropout streams, the optimizer's
-/// whole state (hyperparameters, the current lr included, and its step count)
-/// are the file's, and the gradients are zero.
-template <class Model, class Optimizer>
-TrainingState load_checkpoint(const std::string& path, Model& model, Optimizer& opt) {
+namespace detail {
+
+/// load_checkpoint(path, model, opt) over the safetensors::File that `open()` returns, called once the model has
+/// been checked (bound to the optimizer, nothing merged): File::open(path) there, the bytes rank 0 sent in the
+/// data-parallel load_checkpoint. `path` names the checkpoint in every message.
+template <class Model, class Optimizer, class Open>
+TrainingState load_checkpoint_file(const std::string& path, Model& model, Optimizer& opt, Open&& open) {
   using Traits = detail::CheckpointOptimizer<Optimizer>;
   using Scalar = typename detail::CheckpointModel<Model>::Scalar;
   static_assert(std::is_same_v<Scalar, typename Traits::Scalar>,
@@ -514,7 +511,7 @@ TrainingState load_checkpoint(const std::string& path, Model& model, Optimizer& 
     if (l.layer->is_merged())
       throw state_error("load_checkpoint: layer \"" + l.name + "\" is merged; unmerge() before loading");
 
-  const auto file = safetensors::File::open(path, safetensors::Access::read);
+  const safetensors::File file = open();
   const detail::JsonReader read(path);
   auto meta_it = file.metadata().find(detail::checkpoint_metadata_key);
   if (meta_it == file.metadata().end())
@@ -662,6 +659,22 @@ TrainingState load_checkpoint(const std::string& path, Model& model, Optimizer& 
   }
   for (std::size_t i = 0; i < b.layers.size(); ++i) b.layers[i].layer->set_dropout_rng_state(rngs[i]);
   return training;
+}
+
+}  // namespace detail
+
+/// Loads a checkpoint written by save_checkpoint into `model` and `opt` and
+/// returns its TrainingState. Everything is read and checked before anything
+/// changes: on any error (format_error for a file that is not a checkpoint of
+/// this model and optimizer, listing every mismatch; io_error; config_error as
+/// for save_checkpoint) the model and the optimizer are left as they were.
+/// On success the trainable tensors, the dropout streams, the optimizer's
+/// whole state (hyperparameters, the current lr included, and its step count)
+/// are the file's, and the gradients are zero.
+template <class Model, class Optimizer>
+TrainingState load_checkpoint(const std::string& path, Model& model, Optimizer& opt) {
+  return detail::load_checkpoint_file(path, model, opt,
+                                      [&] { return safetensors::File::open(path, safetensors::Access::read); });
 }
 
 }  // namespace lora

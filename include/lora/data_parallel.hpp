@@ -56,11 +56,9 @@
 
 #include <nlohmann/json.hpp>
 
-#include <unistd.h>
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
-#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -662,37 +660,28 @@ void save_checkpoint(DataParallel<Scalar>& dp, const std::string& path, const Mo
 template <class Model, class Optimizer, class Scalar>
 TrainingState load_checkpoint(DataParallel<Scalar>& dp, const std::string& path, Model& model, Optimizer& opt) {
   Communicator& comm = dp.communicator();
-  std::string bytes;
+  std::vector<std::uint8_t> bytes;
   // The library's bounded reader: a FIFO, a device such as /dev/zero or a directory at `path` is refused by name
   // (an ifstream would block on the first and read the second until memory ran out, with every rank waiting).
   // The bound only stops what cannot be a checkpoint: the file is held in memory to be sent either way.
   constexpr std::size_t max_checkpoint_bytes = std::size_t(1) << 36;  // 64 GiB
-  detail::on_rank0(comm, "load_checkpoint (reading)",
-                   [&] { bytes = detail::read_small_file(path, max_checkpoint_bytes, "a checkpoint"); });
+  detail::on_rank0(comm, "load_checkpoint (reading)", [&] {
+    const std::string text = detail::read_small_file(path, max_checkpoint_bytes, "a checkpoint");
+    bytes.assign(text.begin(), text.end());
+  });
   std::uint64_t n = bytes.size();
   comm.broadcast(&n, sizeof n, 0, "load_checkpoint (size)");
   bytes.resize(static_cast<std::size_t>(n));
   comm.broadcast(bytes.data(), bytes.size(), 0, "load_checkpoint (bytes)");
 
-  // Every rank reads its copy: rank 0 the file itself, the others a private temporary one.
-  std::string local = path, temporary;
-  int status = 0;
+  // Every rank loads the same bytes, rank 0 too (not the file again, which may have changed since), from memory:
+  // no rank writes a temporary copy, and every message names `path`.
   std::exception_ptr failure;
   TrainingState state;
   try {
-    if (comm.rank() != 0) {
-      const char* dir = std::getenv("TMPDIR");
-      temporary = std::string(dir && *dir ? dir : "/tmp") + "/lora-checkpoint-XXXXXX";
-      const int fd = ::mkstemp(temporary.data());
-      if (fd < 0) throw io_error("load_checkpoint: cannot create a temporary file " + temporary);
-      const bool ok = ::write(fd, bytes.data(), bytes.size()) == static_cast<ssize_t>(bytes.size());
-      ::close(fd);
-      if (!ok) throw io_error("load_checkpoint: cannot write the temporary file " + temporary);
-      local = temporary;
-    }
-    // The data-parallel options first: nothing may change when they differ.
-    {
-      const auto file = safetensors::File::open(local, safetensors::Access::read);
+    state = detail::load_checkpoint_file(path, model, opt, [&] {
+      auto file = safetensors::File::from_bytes(std::move(bytes), path);
+      // The data-parallel options first: nothing may change when they differ.
       const auto meta = file.metadata().find(detail::checkpoint_metadata_key);
       if (meta == file.metadata().end())
         throw format_error(path + ": not a lora checkpoint (no \"" + detail::checkpoint_metadata_key +
@@ -719,29 +708,15 @@ TrainingState load_checkpoint(DataParallel<Scalar>& dp, const std::string& path,
         throw config_error(path + ": written by a data-parallel run with options " +
                            rng[detail::data_parallel_key].dump() + ", this run has " + expected.dump() +
                            "; resume with the same mode, global_batch, micro_batches and seed");
-    }
-    state = load_checkpoint(local, model, opt);
+      return file;
+    });
     state.rng = nlohmann::json::parse(state.rng)["rng"].get<std::string>();
   } catch (...) {
-    status = 1;
     failure = std::current_exception();
   }
-  if (!temporary.empty()) std::remove(temporary.c_str());
-  double failed = status;
+  double failed = failure ? 1 : 0;
   comm.allreduce_sum(&failed, 1, "load_checkpoint (outcome)");
-  if (failure) {
-    if (temporary.empty()) std::rethrow_exception(failure);
-    try {  // name the checkpoint, not this rank's temporary copy of it
-      std::rethrow_exception(failure);
-    } catch (const error& e) {
-      const std::uint64_t c = detail::error_class(e);
-      if (c == 5) throw;  // another class of the library's (shape_error, numeric_error) as it came
-      std::string m = e.what();
-      for (auto at = m.find(temporary); at != std::string::npos; at = m.find(temporary, at + path.size()))
-        m.replace(at, temporary.size(), path);
-      detail::throw_error_class(c, m);
-    }
-  }
+  if (failure) std::rethrow_exception(failure);
   if (failed > 0)
     throw state_error("load_checkpoint: " + path + " could not be loaded on " +
                       std::to_string(static_cast<long>(failed)) + " other rank(s); every rank stops");
