@@ -495,11 +495,20 @@ void save_checkpoint(const std::string& path, const Model& model, const Optimize
 
 namespace detail {
 
+/// load_checkpoint_file's default `check`: accepts every checkpoint.
+struct AcceptCheckpoint {
+  void operator()(const TrainingState&) const {}
+};
+
 /// load_checkpoint(path, model, opt) over the safetensors::File that `open()` returns, called once the model has
 /// been checked (bound to the optimizer, nothing merged): File::open(path) there, the bytes rank 0 sent in the
-/// data-parallel load_checkpoint. `path` names the checkpoint in every message.
-template <class Model, class Optimizer, class Open>
-TrainingState load_checkpoint_file(const std::string& path, Model& model, Optimizer& opt, Open&& open) {
+/// data-parallel load_checkpoint. `check(training)` runs on the file's TrainingState once the file has been parsed
+/// and matched against the model and the optimizer, before a tensor is read or anything changes: whatever it
+/// throws leaves both as they were (the data-parallel load_checkpoint refuses other options there). `path` names
+/// the checkpoint in every message.
+template <class Model, class Optimizer, class Open, class Check = AcceptCheckpoint>
+TrainingState load_checkpoint_file(const std::string& path, Model& model, Optimizer& opt, Open&& open,
+                                   Check&& check = Check{}) {
   using Traits = detail::CheckpointOptimizer<Optimizer>;
   using Scalar = typename detail::CheckpointModel<Model>::Scalar;
   static_assert(std::is_same_v<Scalar, typename Traits::Scalar>,
@@ -625,6 +634,7 @@ TrainingState load_checkpoint_file(const std::string& path, Model& model, Optimi
     if (!in_file.count(name))
       problems.push_back("missing: " + name + " (" + detail::tensor_text(e.dtype, e.shape) + ")");
   detail::throw_checkpoint_problems(path + ": cannot resume this model and optimizer from it, ", problems);
+  check(std::as_const(training));
 
   // Read everything into temporaries.
   std::vector<Vector<Scalar>> values(b.params.size());

@@ -665,10 +665,8 @@ TrainingState load_checkpoint(DataParallel<Scalar>& dp, const std::string& path,
   // (an ifstream would block on the first and read the second until memory ran out, with every rank waiting).
   // The bound only stops what cannot be a checkpoint: the file is held in memory to be sent either way.
   constexpr std::size_t max_checkpoint_bytes = std::size_t(1) << 36;  // 64 GiB
-  detail::on_rank0(comm, "load_checkpoint (reading)", [&] {
-    const std::string text = detail::read_small_file(path, max_checkpoint_bytes, "a checkpoint");
-    bytes.assign(text.begin(), text.end());
-  });
+  detail::on_rank0(comm, "load_checkpoint (reading)",
+                   [&] { bytes = detail::read_small_file_bytes(path, max_checkpoint_bytes, "a checkpoint"); });
   std::uint64_t n = bytes.size();
   comm.broadcast(&n, sizeof n, 0, "load_checkpoint (size)");
   bytes.resize(static_cast<std::size_t>(n));
@@ -679,38 +677,35 @@ TrainingState load_checkpoint(DataParallel<Scalar>& dp, const std::string& path,
   std::exception_ptr failure;
   TrainingState state;
   try {
-    state = detail::load_checkpoint_file(path, model, opt, [&] {
-      auto file = safetensors::File::from_bytes(std::move(bytes), path);
-      // The data-parallel options first: nothing may change when they differ.
-      const auto meta = file.metadata().find(detail::checkpoint_metadata_key);
-      if (meta == file.metadata().end())
-        throw format_error(path + ": not a lora checkpoint (no \"" + detail::checkpoint_metadata_key +
-                           "\" in its __metadata__)");
-      nlohmann::json rng;
+    std::string own_rng;
+    // The data-parallel options are checked on the state load_checkpoint_file has parsed and matched against the
+    // model, before it changes anything: nothing may change when they differ.
+    auto check_options = [&](const TrainingState& saved) {
+      const std::string not_data_parallel =
+          path + ": not written by a data-parallel run (its training.rng holds no \"" + detail::data_parallel_key +
+          "\" object; load it with lora::load_checkpoint)";
+      nlohmann::json wrapped;
       try {
-        rng = nlohmann::json::parse(meta->second);
+        wrapped = nlohmann::json::parse(saved.rng, [&](int depth, nlohmann::json::parse_event_t, nlohmann::json&) {
+          if (depth > detail::checkpoint_max_json_depth) throw format_error(not_data_parallel);
+          return true;
+        });
       } catch (const nlohmann::json::exception&) {
-        throw format_error(path + ": its \"" + std::string(detail::checkpoint_metadata_key) +
-                           "\" metadata is not valid JSON");
+        throw format_error(not_data_parallel);
       }
-      try {
-        rng = nlohmann::json::parse(rng.at("training").at("rng").get<std::string>());
-      } catch (const nlohmann::json::exception&) {
-        throw format_error(path + ": not written by a data-parallel run (its training.rng holds no \"" +
-                           detail::data_parallel_key + "\" object; load it with lora::load_checkpoint)");
-      }
-      if (!rng.is_object() || !rng.contains(detail::data_parallel_key) || !rng.contains("rng") ||
-          !rng["rng"].is_string())
-        throw format_error(path + ": not written by a data-parallel run (its training.rng holds no \"" +
-                           detail::data_parallel_key + "\" object; load it with lora::load_checkpoint)");
+      if (!wrapped.is_object() || !wrapped.contains(detail::data_parallel_key) || !wrapped.contains("rng") ||
+          !wrapped["rng"].is_string())
+        throw format_error(not_data_parallel);
       const nlohmann::json expected = dp.description();
-      if (rng[detail::data_parallel_key] != expected)
+      if (wrapped[detail::data_parallel_key] != expected)
         throw config_error(path + ": written by a data-parallel run with options " +
-                           rng[detail::data_parallel_key].dump() + ", this run has " + expected.dump() +
+                           wrapped[detail::data_parallel_key].dump() + ", this run has " + expected.dump() +
                            "; resume with the same mode, global_batch, micro_batches and seed");
-      return file;
-    });
-    state.rng = nlohmann::json::parse(state.rng)["rng"].get<std::string>();
+      own_rng = wrapped["rng"].get<std::string>();
+    };
+    state = detail::load_checkpoint_file(
+        path, model, opt, [&] { return safetensors::File::from_bytes(std::move(bytes), path); }, check_options);
+    state.rng = std::move(own_rng);
   } catch (...) {
     failure = std::current_exception();
   }

@@ -76,10 +76,11 @@ inline int open_regular_file(const std::string& path, struct stat& st) {
 }
 #endif
 
-/// The whole of a small text file (a JSON config), refused without reading
-/// it when it is not a regular file or larger than `max_bytes`.
-inline std::string read_small_file(const std::string& path, std::size_t max_bytes, const char* what) {
-  std::string text;
+/// The whole of a file into `Bytes` (std::string or std::vector<std::uint8_t>), refused without reading it when
+/// it is not a regular file or larger than `max_bytes`. `what` names the file in the size message.
+template <class Bytes>
+Bytes read_bounded_file(const std::string& path, std::size_t max_bytes, const char* what) {
+  Bytes bytes;
 #if LORA_HAVE_POSIX_FILES
   struct stat st {};
   int fd = open_regular_file(path, st);
@@ -89,10 +90,10 @@ inline std::string read_small_file(const std::string& path, std::size_t max_byte
     throw format_error(path + ": " + what + " is " + std::to_string(size) + " bytes, more than the limit of " +
                        std::to_string(max_bytes));
   }
-  text.resize(static_cast<std::size_t>(size));
+  bytes.resize(static_cast<std::size_t>(size));
   std::size_t done = 0;
-  while (done < text.size()) {
-    ssize_t got = ::read(fd, &text[done], text.size() - done);
+  while (done < bytes.size()) {
+    ssize_t got = ::read(fd, bytes.data() + done, bytes.size() - done);
     if (got < 0 && errno == EINTR) continue;
     if (got < 0) {
       int code = errno;
@@ -102,20 +103,33 @@ inline std::string read_small_file(const std::string& path, std::size_t max_byte
     if (got == 0) break;  // shrank while being read: take what is there
     done += static_cast<std::size_t>(got);
   }
-  text.resize(done);
+  bytes.resize(done);
   ::close(fd);
 #else
   std::error_code ec;
   if (!std::filesystem::is_regular_file(path, ec)) throw io_error(path + ": not a regular file");
   std::ifstream in(path, std::ios::binary);
   if (!in) throw io_error(path + ": cannot open");
-  text.resize(max_bytes + 1);
-  in.read(&text[0], static_cast<std::streamsize>(text.size()));
-  text.resize(static_cast<std::size_t>(in.gcount()));
-  if (text.size() > max_bytes)
+  bytes.resize(max_bytes + 1);
+  in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  bytes.resize(static_cast<std::size_t>(in.gcount()));
+  if (bytes.size() > max_bytes)
     throw format_error(path + ": " + what + " is more than the limit of " + std::to_string(max_bytes) + " bytes");
 #endif
-  return text;
+  return bytes;
+}
+
+/// The whole of a small text file (a JSON config), refused without reading
+/// it when it is not a regular file or larger than `max_bytes`.
+inline std::string read_small_file(const std::string& path, std::size_t max_bytes, const char* what) {
+  return read_bounded_file<std::string>(path, max_bytes, what);
+}
+
+/// read_small_file's bytes as a byte vector, for a file that goes on as bytes (a checkpoint sent to other ranks)
+/// and should not be held twice.
+inline std::vector<std::uint8_t> read_small_file_bytes(const std::string& path, std::size_t max_bytes,
+                                                       const char* what) {
+  return read_bounded_file<std::vector<std::uint8_t>>(path, max_bytes, what);
 }
 
 /// The bytes of a whole file. open() maps it read-only (POSIX) or reads it
