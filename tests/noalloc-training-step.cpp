@@ -142,6 +142,38 @@ TEST_CASE("a steady-state FusedLoRALinear training step allocates nothing", "[no
   CHECK(counted.second == 0);
 }
 
+TEST_CASE("a FusedLoRALinear training step on the own GEMM allocates nothing in steady state", "[noalloc][fused]") {
+  // GPT-2's layout (W stored (I, O)) at a shape where the forward runs the library's own GEMM with the slices'
+  // terms inside it (detail/kgemm.hpp): its packing buffers are kept per thread and the terms' list per layer.
+  const lora::Index N = 512, I = 64, d = 520;
+  lora::LoraConfig cfg, frozen;
+  cfg.r = 4;
+  cfg.lora_alpha = 8;
+  cfg.lora_dropout = 0.1;
+  frozen.r = 0;
+  const lora::Matrix<float> Wt = lora::Matrix<float>::Random(I, 3 * d);
+  const auto weight = lora::FrozenWeight<float>::view(Wt.data(), 3 * d, I, lora::WeightLayout::in_out);
+  lora::FusedLoRALinear<float> layer(weight, {{"q", d, cfg}, {"k", d, frozen}, {"v", d, cfg}},
+                                     lora::RowVector<float>::Random(3 * d));
+  if (!weight.forward_takes_terms(N)) {
+    WARN("this CPU has no AVX-512 (or the build has no x86 kernels): the own GEMM does not run here");
+    return;
+  }
+  const lora::Matrix<float> x = lora::Matrix<float>::Random(N, I), target = lora::Matrix<float>::Random(N, 3 * d);
+  lora::Matrix<float> y(N, 3 * d), dy(N, 3 * d), dx(N, I);
+  lora::AdamW<float> opt(layer.parameters());
+  auto step = [&] {
+    layer.forward(x, y);
+    lora::mse_loss<float>(y, target, dy);
+    layer.backward(x, dy, dx);
+    opt.step();
+    opt.zero_grad();
+  };
+  const auto counted = allocations_after_first(step, 3);
+  CHECK(counted.first == 0);
+  CHECK(counted.second == 0);
+}
+
 TEST_CASE("a steady-state MultiLoRALinear training step allocates nothing", "[noalloc][multi]") {
   // Two adapters on one base, one of them training (with dropout), the other kept; a bias; dx.
   lora::LoraConfig cfg;

@@ -62,6 +62,89 @@ std::vector<FusedSlice> qkv_slices(double dropout = 0.0) {
 
 }  // namespace
 
+TEST_CASE("on the own GEMM, fused slices at B = 0 give the base model bit for bit, and otherwise its terms",
+          "[fused][kgemm]") {
+  // GPT-2's layout at a shape where the forward adds the slices' terms inside the library's own GEMM
+  // (detail/kgemm.hpp): 512 rows, 1560 outputs in slices of 520 (not a multiple of its 48-column panels, so
+  // panels hold two slices' columns), q at rank 4 and v at rank 2 with other scalings, k frozen.
+  const Index N = 512, in = 100, dd = 520;
+  const Mat<float> Wt = random_matrix<float>(in, 3 * dd, 41), x = random_matrix<float>(N, in, 42);
+  const lora::RowVector<float> bias = random_matrix<float>(1, 3 * dd, 43);
+  const auto weight = FrozenWeight<float>::view(Wt.data(), 3 * dd, in, WeightLayout::in_out);
+  if (!weight.forward_takes_terms(N)) {
+    WARN("this CPU has no AVX-512 (or the build has no x86 kernels): the own GEMM does not run here");
+    return;
+  }
+  auto slices = [&](double dropout) {
+    return std::vector<FusedSlice>{{"q", dd, make_config(4, 8, 51, dropout)},
+                                   {"k", dd, make_config(0, 8, 0)},
+                                   {"v", dd, make_config(2, 8, 52, dropout)}};
+  };
+  lora::FusedLoRALinear<float> plain(weight, slices(0.0)), biased(weight, slices(0.0), bias);
+  Mat<float> base(N, 3 * dd), base_biased(N, 3 * dd), y(N, 3 * dd);
+  weight.forward(x, base);
+  base_biased.rowwise() = bias;
+  weight.forward_add(x, base_biased);  // the base model with its bias, as LoRALinear and the fused layer add it
+  for (bool training : {false, true}) {
+    INFO((training ? "training" : "eval") << " forward");
+    if (training) {
+      plain.train();
+      biased.train();
+    } else {
+      plain.eval();
+      biased.eval();
+    }
+    plain.forward(x, y);
+    CHECK(y == base);
+    biased.forward(x, y);
+    CHECK(y == base_biased);
+  }
+  // With B set, the same layer with the own GEMM turned off (oneDNN or Eigen, the low-rank terms written into y
+  // first) and a double reference.
+  biased.lora_B(0) = random_matrix<float>(dd, 4, 44);
+  biased.lora_B(2) = random_matrix<float>(dd, 2, 45);
+  biased.eval();
+  biased.forward(x, y);
+  lora::detail::KGemm::set_enabled(false);
+  Mat<float> off(N, 3 * dd);
+  biased.forward(x, off);
+  lora::detail::KGemm::set_enabled(true);
+  Mat<double> want = x.cast<double>() * Wt.cast<double>();
+  want.rowwise() += bias.cast<double>();
+  for (std::size_t k : {std::size_t(0), std::size_t(2)})
+    want.middleCols(Index(k) * dd, dd) += double(biased.slice_scaling(k)) * x.cast<double>() *
+                                          biased.lora_A(k).cast<double>().transpose() *
+                                          biased.lora_B(k).cast<double>().transpose();
+  CHECK(max_diff(y.cast<double>(), want) < 1e-4);
+  CHECK(max_diff(y.cast<double>(), off.cast<double>()) < 1e-4);
+  CHECK(y != off);  // the two paths did run: their roundings differ somewhere
+  // Training with dropout: two layers with the same seed draw the same masks, so the own GEMM's forward and the
+  // other path's give the same y (to rounding) and the same gradients after one backward.
+  lora::FusedLoRALinear<float> on(weight, slices(0.2), bias), other(weight, slices(0.2), bias);
+  for (auto* layer : {&on, &other}) {
+    layer->lora_B(0) = biased.lora_B(0);
+    layer->lora_B(2) = biased.lora_B(2);
+  }
+  const Mat<float> dy = random_matrix<float>(N, 3 * dd, 46);
+  Mat<float> y_on(N, 3 * dd), y_other(N, 3 * dd), dx_on(N, in), dx_other(N, in);
+  on.forward(x, y_on);
+  on.backward(x, dy, dx_on);
+  lora::detail::KGemm::set_enabled(false);
+  other.forward(x, y_other);
+  other.backward(x, dy, dx_other);
+  lora::detail::KGemm::set_enabled(true);
+  CHECK(max_diff(y_on.cast<double>(), y_other.cast<double>()) < 1e-4);
+  CHECK(max_diff(dx_on.cast<double>(), dx_other.cast<double>()) < 1e-3);
+  const auto g_on = on.parameters(), g_other = other.parameters();
+  REQUIRE(g_on.size() == g_other.size());
+  for (std::size_t i = 0; i < g_on.size(); ++i) {
+    INFO(g_on[i].name);
+    const Eigen::Map<const Eigen::VectorXf> a(g_on[i].grad, g_on[i].rows * g_on[i].cols),
+        b(g_other[i].grad, g_other[i].rows * g_other[i].cols);
+    CHECK((a - b).cwiseAbs().maxCoeff() <= 1e-3 * std::max(1.0f, b.cwiseAbs().maxCoeff()));
+  }
+}
+
 TEST_CASE("fused q, k, v with adapters on q and v equal one LoRALinear per slice", "[fused]") {
   const Mat<double> W = random_matrix<double>(O, I, 1), b = random_matrix<double>(1, O, 2);
   const Mat<double> Wt = W.transpose();  // GPT-2 stores c_attn (I, O)

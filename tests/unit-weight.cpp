@@ -85,7 +85,11 @@ TEST_CASE("FrozenWeight<float> products match a double reference on strided bloc
   const float nan = std::numeric_limits<float>::quiet_NaN();
   unsigned seed = 100;
   for (const Shape& sh :
-       {Shape{1, 3, 2}, Shape{1, 1, 1}, Shape{7, 33, 17}, Shape{64, 130, 70}, Shape{3, 257, 9}, Shape{0, 5, 4}}) {
+       {Shape{1, 3, 2}, Shape{1, 1, 1}, Shape{7, 33, 17}, Shape{64, 130, 70}, Shape{3, 257, 9}, Shape{0, 5, 4},
+        // Shapes where, on an AVX-512 CPU, an (I, O) weight's x Wᵀ and an (O, I) weight's dy W run the library's
+        // own GEMM (detail/kgemm.hpp): 512 rows, a depth of at most 1024, at least 1536 columns; 1560 is not a
+        // multiple of its 48-column panels.
+        Shape{512, 100, 1560}, Shape{512, 1600, 100}}) {
     const Mat<float> W = random_matrix<float>(sh.out, sh.in, ++seed);
     const Mat<float> Wt = W.transpose();
     // x and dy inside larger buffers, 2 rows and 5 columns in.
@@ -134,6 +138,83 @@ TEST_CASE("FrozenWeight<float> products match a double reference on strided bloc
       }
     }
   }
+}
+
+TEST_CASE("the own GEMM matches a double reference at its edges, with low-rank terms inside it", "[weight][kgemm]") {
+  using lora::detail::KGemm;
+  using lora::detail::LowRankTerm;
+  if (!KGemm::cpu_supported()) {
+    WARN("this CPU has no AVX-512 (or the build has no x86 kernels): the own GEMM does not run here");
+    return;
+  }
+  // Rows that are not a multiple of its 8-row tile, columns not of its 48-column panels, depths of one block and
+  // of two and three (K above 1024 is split evenly); X, S, C, H and E all blocks of larger buffers.
+  struct Shape {
+    Index m, k, n;
+  };
+  unsigned seed = 300;
+  const double eps = std::numeric_limits<float>::epsilon();
+  for (const Shape& sh : {Shape{1, 1, 1}, Shape{7, 5, 47}, Shape{9, 1537, 49}, Shape{17, 64, 97}, Shape{8, 2049, 200},
+                          Shape{33, 300, 1000}}) {
+    const Mat<float> xbuf = random_matrix<float>(sh.m + 2, sh.k + 3, ++seed);
+    const Mat<float> sbuf = random_matrix<float>(sh.k + 1, sh.n + 5, ++seed);
+    const auto X = xbuf.block(1, 2, sh.m, sh.k);
+    const auto S = sbuf.block(1, 4, sh.k, sh.n);
+    // Two terms: one from column n/3 over half the columns (across panels), one right after it to the last column
+    // (sharing a panel with the first when they meet inside one); ranks 3 and 2, H and E blocks of larger buffers.
+    const Index c1 = sh.n / 3, n1 = std::max<Index>(1, sh.n / 2), c2 = std::min(sh.n, c1 + n1), n2 = sh.n - c2;
+    const Mat<float> hbuf = random_matrix<float>(sh.m, 7, ++seed);
+    const Mat<float> e1 = random_matrix<float>(3, n1 + 2, ++seed), e2 = random_matrix<float>(2, n2 + 1, ++seed);
+    std::vector<LowRankTerm> terms = {{c1, std::min(n1, sh.n - c1), 3, hbuf.data() + 1, 7, e1.data() + 2, n1 + 2}};
+    if (n2 > 0) terms.push_back({c2, n2, 2, hbuf.data() + 5, 7, e2.data(), n2 + 1});
+    // The reference and a bound on each element's rounding: (K + r + 1) ε times the sum of the magnitudes added.
+    Mat<double> want = X.cast<double>() * S.cast<double>();
+    Mat<double> size = X.cast<double>().cwiseAbs() * S.cast<double>().cwiseAbs();
+    for (const auto& t : terms) {
+      const Eigen::Map<const Eigen::Matrix<float, -1, -1, Eigen::RowMajor>, 0, Eigen::OuterStride<>> H(
+          t.H, sh.m, t.r, Eigen::OuterStride<>(t.ldh)),
+          E(t.E, t.r, t.cols, Eigen::OuterStride<>(t.lde));
+      want.middleCols(t.col, t.cols) += H.cast<double>() * E.cast<double>();
+      size.middleCols(t.col, t.cols) += H.cast<double>().cwiseAbs() * E.cast<double>().cwiseAbs();
+    }
+    for (bool accumulate : {false, true}) {
+      INFO("M=" << sh.m << " K=" << sh.k << " N=" << sh.n << (accumulate ? " +=" : " ="));
+      Mat<float> cbuf = random_matrix<float>(sh.m + 3, sh.n + 4, ++seed);
+      if (!accumulate) cbuf.block(2, 1, sh.m, sh.n).setConstant(std::numeric_limits<float>::quiet_NaN());
+      const Mat<float> before = cbuf;
+      auto C = cbuf.block(2, 1, sh.m, sh.n);
+      KGemm::run(sh.m, sh.n, sh.k, X.data(), X.outerStride(), S.data(), S.outerStride(), C.data(), C.outerStride(),
+                 accumulate, terms.data(), terms.size());
+      const Mat<double> old = before.block(2, 1, sh.m, sh.n).cast<double>();
+      const Mat<double> expect = accumulate ? Mat<double>(want + old) : want;
+      const Mat<double> bound =
+          (double(sh.k + 6) * eps) * (accumulate ? Mat<double>(size + old.cwiseAbs()) : size).array() + 1e-30;
+      const Mat<double> err = (Mat<float>(C).cast<double>() - expect).cwiseAbs();
+      CHECK((err.array() <= bound.array()).all());
+      // Nothing outside C's block changed (C's own block put back first: NaN compares unequal).
+      C = before.block(2, 1, sh.m, sh.n);
+      CHECK(cbuf.cwiseEqual(before).count() == cbuf.size() - (accumulate ? 0 : sh.m * sh.n));
+    }
+    // Terms whose E is zero add +0 after the product's own sum: the result is the plain product's, bit for bit.
+    const Mat<float> zero1 = Mat<float>::Zero(3, n1 + 2), zero2 = Mat<float>::Zero(2, n2 + 1);
+    std::vector<LowRankTerm> zero_terms = terms;
+    zero_terms[0].E = zero1.data();
+    if (zero_terms.size() > 1) zero_terms[1].E = zero2.data();
+    Mat<float> plain(sh.m, sh.n), with_zero(sh.m, sh.n);
+    KGemm::run(sh.m, sh.n, sh.k, X.data(), X.outerStride(), S.data(), S.outerStride(), plain.data(), sh.n, false);
+    KGemm::run(sh.m, sh.n, sh.k, X.data(), X.outerStride(), S.data(), S.outerStride(), with_zero.data(), sh.n, false,
+               zero_terms.data(), zero_terms.size());
+    CHECK(plain == with_zero);
+  }
+  // Where it runs: 512 rows or more, a depth of at most 1024 (one block), 1536 columns or more, one thread, and
+  // not turned off.
+  CHECK(KGemm::eligible(512, 1024, 1536) == (Eigen::nbThreads() == 1));
+  CHECK_FALSE(KGemm::eligible(511, 768, 2304));
+  CHECK_FALSE(KGemm::eligible(512, 1025, 2304));
+  CHECK_FALSE(KGemm::eligible(512, 768, 1535));
+  KGemm::set_enabled(false);
+  CHECK_FALSE(KGemm::eligible(512, 768, 2304));
+  KGemm::set_enabled(true);
 }
 
 TEST_CASE("the adapters' products (detail::product) match a double reference, transposed or not, on blocks",

@@ -25,7 +25,11 @@
 // shapes), the low-rank terms are written into y and dx first, and the base
 // product is added last (y += x Wᵀ, dx += dy W): it reads and writes y or dx
 // once either way, so the adapters add one write of y's adapted slices and
-// of dx to the base product's traffic.
+// of dx to the base product's traffic. Where the weight runs the library's own
+// GEMM (FrozenWeight::forward_takes_terms: an (I, O) float weight such as
+// GPT-2's c_attn, at the shapes detail/kgemm.hpp names), the forward adds the
+// slices' terms inside it instead, to each tile of y while it is in registers:
+// no write of y for them, and the base model's bits at B = 0.
 //
 // One dropout mask serves every slice (drop(x) is taken once, as in
 // loralib's MergedLinear and PEFT's LoRA on the fused module).
@@ -53,6 +57,7 @@
 #include <lora/config.hpp>
 #include <lora/detail/checks.hpp>
 #include <lora/detail/gemm.hpp>
+#include <lora/detail/kgemm.hpp>
 #include <lora/detail/random.hpp>
 #include <lora/errors.hpp>
 #include <lora/linear.hpp>
@@ -63,6 +68,7 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -257,10 +263,12 @@ class FusedLoRALinear {
   Index a_at(std::size_t k) const { return a_row_.at(k) * in_; }
   void check_forward_args(const char* where, const ConstRef<Scalar>& x, const MutRef<Scalar>& y) const;
   void backward_impl(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy, MutRef<Scalar>* dx);
-  /// H = xa Aᵀ, and y = b + [s_k · H_k B_kᵀ] (0 for a frozen slice) row by row; then y += x Wᵀ.
+  /// H = xa Aᵀ, and y = b + [s_k · H_k B_kᵀ] (0 for a frozen slice) row by row; then y += x Wᵀ. Where the weight
+  /// runs the own GEMM (forward_takes_terms), y = b, then y += x Wᵀ with the slices' terms inside that product.
   /// With DoRA (unmerged) y = b + c ⊙ Z, and Z is copied into *Z when Z is given.
   void forward_impl(const ConstRef<Scalar>& x, const ConstRef<Scalar>& xa, Mat& H, std::vector<Mat>& Bt,
-                    MutRef<Scalar> y, Mat* Z = nullptr, Row* norm = nullptr, Row* scale = nullptr) const;
+                    std::vector<detail::LowRankTerm>& terms, MutRef<Scalar> y, Mat* Z = nullptr, Row* norm = nullptr,
+                    Row* scale = nullptr) const;
   /// The fused module's B (O, R): s_k · B_k in slice k's rows and columns, zero elsewhere, from `params`.
   Mat placed_B(const Vector<Scalar>& params, const std::vector<Scalar>& scaling) const;
   Row dora_norm(const char* where) const;
@@ -290,9 +298,10 @@ class FusedLoRALinear {
   Index cached_rows_ = -1;
   Mat H_, G_, mask_, x_dropped_;
   std::vector<Mat> Bt_;  // s_k · B_kᵀ per slice, in a training forward (kept: a steady-state step allocates nothing)
-  Vector<Scalar> dBt_;   // dB_kᵀ of one slice, in backward (the largest slice's size)
-  Mat Z_, D_;            // DoRA: Z of the last training forward, and dy ⊙ c
-  Row dora_norm_, dora_scale_;  // DoRA: n and c of the last training forward
+  std::vector<detail::LowRankTerm> terms_;  // the slices' terms for the own GEMM's forward (forward_takes_terms)
+  Vector<Scalar> dBt_;                      // dB_kᵀ of one slice, in backward (the largest slice's size)
+  Mat Z_, D_;                               // DoRA: Z of the last training forward, and dy ⊙ c
+  Row dora_norm_, dora_scale_;              // DoRA: n and c of the last training forward
 };
 
 template <class Scalar>
@@ -438,8 +447,8 @@ void FusedLoRALinear<Scalar>::check_forward_args(const char* where, const ConstR
 
 template <class Scalar>
 void FusedLoRALinear<Scalar>::forward_impl(const ConstRef<Scalar>& x, const ConstRef<Scalar>& xa, Mat& H,
-                                           std::vector<Mat>& Bt, MutRef<Scalar> y, Mat* Z, Row* norm,
-                                           Row* scale) const {
+                                           std::vector<Mat>& Bt, std::vector<detail::LowRankTerm>& terms,
+                                           MutRef<Scalar> y, Mat* Z, Row* norm, Row* scale) const {
   const Index N = x.rows();
   const bool adapters = rank_ > 0 && !merged_;
   const bool dora = dora_ && adapters;
@@ -459,6 +468,22 @@ void FusedLoRALinear<Scalar>::forward_impl(const ConstRef<Scalar>& x, const Cons
     Bt.resize(slices_.size());
     for (std::size_t k = 0; k < slices_.size(); ++k)
       if (slice_rank(k) > 0) Bt[k] = scaling_[k] * lora_B(k).transpose();
+    if constexpr (std::is_same_v<Scalar, float>) {
+      if (!dora && weight_.forward_takes_terms(N)) {
+        // The own GEMM adds each slice's H_k (s_k B_kᵀ) to its tile of y after W's sum, while the tile is in
+        // registers: no pass over y for them, and at B = 0 the base model's bits (detail/kgemm.hpp). The bias
+        // goes into y first, as forward_add takes it on the base model's path.
+        terms.clear();
+        for (std::size_t k = 0; k < slices_.size(); ++k)
+          if (slice_rank(k) > 0)
+            terms.push_back(detail::LowRankTerm{out_offset_[k], slices_[k].out_features, slice_rank(k),
+                                                H.data() + a_row_[k], H.outerStride(), Bt[k].data(),
+                                                slices_[k].out_features});
+        if (has_bias_) y.rowwise() = bias_;
+        weight_.forward_with_terms(x, y, has_bias_, terms);
+        return;
+      }
+    }
   }
   for (Index row = 0; row < N; ++row) {
     for (std::size_t k = 0; k < slices_.size(); ++k) {
@@ -487,7 +512,8 @@ void FusedLoRALinear<Scalar>::forward(const ConstRef<Scalar>& x, MutRef<Scalar> 
   check_forward_args(where, x, y);
   Mat H;  // locals: concurrent callers share nothing
   std::vector<Mat> Bt;
-  forward_impl(x, x, H, Bt, y);
+  std::vector<detail::LowRankTerm> terms;
+  forward_impl(x, x, H, Bt, terms, y);
 }
 
 template <class Scalar>
@@ -523,12 +549,12 @@ void FusedLoRALinear<Scalar>::forward(const ConstRef<Scalar>& x, MutRef<Scalar> 
       y.array() += Z_.array().rowwise() * dora_scale_.array();
       if (has_bias_) y.rowwise() += bias_;
     } else {
-      forward_impl(x, x_dropped_, H_, Bt_, y);
+      forward_impl(x, x_dropped_, H_, Bt_, terms_, y);
     }
   } else if (dora_) {
-    forward_impl(x, x, H_, Bt_, y, &Z_, &dora_norm_, &dora_scale_);
+    forward_impl(x, x, H_, Bt_, terms_, y, &Z_, &dora_norm_, &dora_scale_);
   } else {
-    forward_impl(x, x, H_, Bt_, y);
+    forward_impl(x, x, H_, Bt_, terms_, y);
   }
   cached_rows_ = N;
 }

@@ -36,6 +36,7 @@
 #include <lora/types.hpp>
 
 #include <lora/detail/gemm.hpp>
+#include <lora/detail/kgemm.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -280,6 +281,24 @@ class FrozenWeight {
     dense_product(dy, dx, layout_ == WeightLayout::in_out, false);
   }
 
+  /// True when forward() and forward_add() run the library's own GEMM (<lora/detail/kgemm.hpp>) for an x of
+  /// `rows` rows: a float W stored (I, O) (GPT-2's Conv1D) at the shapes KGemm::eligible() names, on a CPU with
+  /// AVX-512. forward_with_terms() can then add low-rank terms inside that product, rounded as forward() rounds.
+  bool forward_takes_terms(Index rows) const {
+    return std::is_same_v<Scalar, float> && kind_ != Kind::quantized && layout_ == WeightLayout::in_out &&
+           detail::KGemm::eligible(rows, in_, out_);
+  }
+  /// y = x Wᵀ (+ y when `accumulate`) + Σ terms, each term's product added inside the GEMM after W's sum; call
+  /// only when forward_takes_terms(x.rows()) (the caller checks shapes; terms lie within y's columns).
+  void forward_with_terms(const ConstRef<Scalar>& x, MutRef<Scalar> y, bool accumulate,
+                          const std::vector<detail::LowRankTerm>& terms) const {
+    if constexpr (std::is_same_v<Scalar, float>)
+      detail::KGemm::run(x.rows(), out_, in_, x.data(), x.outerStride(), data_, out_, y.data(), y.outerStride(),
+                         accumulate, terms.data(), terms.size());
+    else
+      (void)x, (void)y, (void)accumulate, (void)terms;
+  }
+
   /// y += x Wᵀ and dx += dy W. Eigen's `=` product zeroes its destination and then adds into it, so a layer
   /// that writes its other terms (bias, adapters) into y first and adds the base product last makes no extra
   /// pass over y for them.
@@ -431,7 +450,13 @@ class FrozenWeight {
 
   // y (=|+=) x · op(S), S the stored float matrix, op = Sᵀ when `transposed`: detail::product, so oneDNN's sgemm
   // for float under LORA_USE_DNNL, Eigen's product otherwise.
+  // The library's own GEMM instead for x · S at the shapes where it is measured as fast (detail/kgemm.hpp).
   void dense_product(const ConstRef<Scalar>& x, MutRef<Scalar> y, bool transposed, bool accumulate) const {
+    if constexpr (std::is_same_v<Scalar, float>) {
+      if (!transposed && detail::KGemm::eligible(x.rows(), x.cols(), y.cols()))
+        return detail::KGemm::run(x.rows(), y.cols(), x.cols(), x.data(), x.outerStride(), data_, stored_cols(),
+                                  y.data(), y.outerStride(), accumulate);
+    }
     detail::product<Scalar>("FrozenWeight", Scalar(1), x, false, stored(), transposed, accumulate, y);
   }
 

@@ -1,0 +1,296 @@
+// The library's own float GEMM for C = X · S with S stored (K, N) row-major, on AVX-512, with low-rank terms
+// added inside its micro-kernel:
+//
+//   C (M, N) = X (M, K) · S (K, N)  [+ C]  + Σ_t H_t (M, r_t) · E_t (r_t, N_t) on columns [c_t, c_t + N_t)
+//
+// S stored (K, N) is W stored (I, O) in y = x Wᵀ (GPT-2's Conv1D layout) and W stored (O, I) in dx = dy W. The
+// terms are a fused projection's adapters: y_k += s_k · H_k B_kᵀ on slice k (E_k = s_k · B_kᵀ).
+//
+// Why its own. A LoRA term on oneDNN's product has to be written into C before the product adds into it (or
+// after), one more pass over C's adapted columns: measured on the Emerald Rapids Xeon at 512 x 768 -> 2304 with q
+// and v adapted at r = 8, that pass and x Aᵀ cost 4-5% of the product, however the passes were blocked (session
+// programs, 2026-12-06). Here each C tile gets its terms while it is in registers, after the product's own sum, so
+// the terms cost their flops (2·M·r·N_t, 0.7% of the product at those sizes) and nothing else.
+//
+// How. Goto / BLIS loops: S is packed KC x NC at a time into NR-column panels (in L2), X is read in place (an MR x KC
+// block of its rows stays in L1), and an MR x NR micro-kernel keeps C's tile in 24 AVX-512 registers. Each element of
+// C is summed in a fixed order: its K products in order within each KC block, the blocks in order (the first
+// block's sum, plus C's old value when accumulating; then each further block's sum added), and the terms last. So
+// the result depends only on M, N, K and the values: a layer with its adapters at B = 0 gives its base product bit
+// for bit, as both run this code (0 · h adds +0).
+//
+// When. Float, one thread (Eigen::nbThreads() == 1; oneDNN and Eigen thread, this does not), a CPU with AVX-512 (read
+// once), the shapes where it was measured at least as fast as oneDNN (eligible(): at least 512 rows, so the packing
+// of S pays off; a depth of at most 1024, one block; at least 1536 columns: GPT-2's c_attn and c_fc, for one), and
+// not turned off (set_enabled(false), for tests and benchmarks that compare). Otherwise the callers use
+// detail::product, oneDNN or Eigen. FrozenWeight's products and FusedLoRALinear's forward ask the same eligible(),
+// so a layer and its base model always take the same path.
+#pragma once
+
+#include <lora/types.hpp>
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__)) && !defined(LORA_NO_SIMD)
+#define LORA_KGEMM_KERNELS 1
+#include <immintrin.h>
+#define LORA_KGEMM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#endif
+
+// GCC before 13 reports -W(maybe-)uninitialized inside its own AVX-512 intrinsics once they are inlined (GCC bug
+// 105593): false positives, silenced here only.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace lora::detail {
+
+/// One low-rank term: C[:, col : col + cols] += H (M, r; row stride ldh) · E (r, cols; row stride lde).
+struct LowRankTerm {
+  Index col = 0, cols = 0, r = 0;
+  const float* H = nullptr;
+  Index ldh = 0;
+  const float* E = nullptr;
+  Index lde = 0;
+};
+
+struct KGemm {
+  static constexpr Index MR = 8, NRV = 3, NR = 16 * NRV;  // C's tile: 8 x 48, 24 AVX-512 accumulators
+  static constexpr Index KC = 1024;    // most of a K block (K split evenly): X's 8 rows of it (32 KiB) stay in L1
+  static constexpr Index NC = 4 * NR;  // S's block: K x 192 floats (768 KiB at most), in L2
+  // Where it runs (eligible()): measured against oneDNN's sgemm on the Emerald Rapids Xeon, one thread, medians of
+  // 41 paired runs (2026-12-06): 512 x 768 -> 2304 0.91-0.97, -> 3072 0.99-1.00, 512 x 1024 -> 3072 0.99-1.00,
+  // 2048 x 768 -> 2304 0.96; but 256 rows 0.95-1.06, 64 rows 1.16, 512 x 1024 -> 1024 1.01-1.09, and depths over
+  // 1024 (more than one block) 1.02-1.10. So: many rows, one block of depth, wide.
+  static constexpr Index min_rows = 512, max_depth = KC, min_cols = 1536;
+
+  static std::atomic<bool>& enabled_flag() {
+    static std::atomic<bool> on{true};
+    return on;
+  }
+  /// Turns this GEMM off (the callers then use oneDNN or Eigen) or back on: for tests and benchmarks.
+  static void set_enabled(bool on) { enabled_flag().store(on, std::memory_order_relaxed); }
+
+  /// True when this CPU has AVX-512 (F, BW, VL, DQ; read once) and this code was compiled for x86-64.
+  static bool cpu_supported() {
+#ifdef LORA_KGEMM_KERNELS
+    static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    return has;
+#else
+    return false;
+#endif
+  }
+
+  /// True when run() computes C (M, N) = X (M, K) · S (K, N): see the header's "When".
+  static bool eligible(Index M, Index K, Index N) {
+    return M >= min_rows && K > 0 && K <= max_depth && N >= min_cols &&
+           enabled_flag().load(std::memory_order_relaxed) && cpu_supported() && Eigen::nbThreads() == 1;
+  }
+
+  /// C = X · S (+ C when accumulate) + the terms; row-major, strides ldx, lds, ldc; C shares no memory with X, S
+  /// or the terms. Call only when eligible(M, K, N). Terms must lie within [0, N) and not overlap one another.
+  static void run(Index M, Index N, Index K, const float* X, Index ldx, const float* S, Index lds, float* C, Index ldc,
+                  bool accumulate, const LowRankTerm* terms = nullptr, std::size_t n_terms = 0) {
+#ifdef LORA_KGEMM_KERNELS
+    run_avx512(M, N, K, X, ldx, S, lds, C, ldc, accumulate, terms, n_terms);
+#else
+    (void)M, (void)N, (void)K, (void)X, (void)ldx, (void)S, (void)lds, (void)C, (void)ldc, (void)accumulate,
+        (void)terms, (void)n_terms;
+#endif
+  }
+
+ private:
+#ifdef LORA_KGEMM_KERNELS
+  // A term's part in one panel: H (its rows from row 0, stride ldh), E packed r x NR (zero outside the term).
+  struct PanelTerm {
+    const float* h = nullptr;
+    Index ldh = 0, r = 0;
+    const float* e = nullptr;
+  };
+#endif
+  struct Buffers {
+    std::vector<float> s, e;   // S's packed block; the terms' E packed per panel
+    std::vector<Index> first;  // panel p's terms are terms[first[p] .. first[p + 1])
+#ifdef LORA_KGEMM_KERNELS
+    std::vector<PanelTerm> terms;
+#endif
+  };
+  static Buffers& buffers() {
+    thread_local Buffers buf;
+    return buf;
+  }
+  // A 64-byte aligned region of n floats in v (grow-only: a steady-state call allocates nothing).
+  static float* aligned(std::vector<float>& v, std::size_t n) {
+    if (v.size() < n + 16) v.resize(n + 16);
+    const auto p = reinterpret_cast<std::uintptr_t>(v.data());
+    return v.data() + ((64 - p % 64) % 64) / sizeof(float);
+  }
+
+#ifdef LORA_KGEMM_KERNELS
+  template <int Rows, bool First>
+  LORA_KGEMM_AVX512 static inline __attribute__((always_inline)) void tile(Index kc, const float* x, Index ldx,
+                                                                           const float* s, float* c, Index ldc,
+                                                                           __mmask16 m0, __mmask16 m1, __mmask16 m2,
+                                                                           bool add_c, const PanelTerm* pt, Index npt,
+                                                                           Index row) {
+    // Three columns of accumulators, every loop over them unrolled: GCC then keeps all of them in registers
+    // from the first product to the store (with acc[Rows][3] and loops it did not unroll, it spilled them).
+    __m512 c0[Rows], c1[Rows], c2[Rows];
+#pragma GCC unroll 8
+    for (int i = 0; i < Rows; ++i) c0[i] = c1[i] = c2[i] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (Index k = 0; k < kc; ++k) {
+      const __m512 b0 = _mm512_load_ps(s + k * NR), b1 = _mm512_load_ps(s + k * NR + 16),
+                   b2 = _mm512_load_ps(s + k * NR + 32);
+#pragma GCC unroll 8
+      for (int i = 0; i < Rows; ++i) {
+        const __m512 a = _mm512_set1_ps(x[i * ldx + k]);
+        c0[i] = _mm512_fmadd_ps(a, b0, c0[i]);
+        c1[i] = _mm512_fmadd_ps(a, b1, c1[i]);
+        c2[i] = _mm512_fmadd_ps(a, b2, c2[i]);
+      }
+    }
+    if (add_c || !First) {
+#pragma GCC unroll 8
+      for (int i = 0; i < Rows; ++i) {
+        c0[i] = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, c + i * ldc), c0[i]);
+        c1[i] = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, c + i * ldc + 16), c1[i]);
+        c2[i] = _mm512_add_ps(_mm512_maskz_loadu_ps(m2, c + i * ldc + 32), c2[i]);
+      }
+    }
+    for (Index t = 0; t < npt; ++t) {
+      const float* h = pt[t].h + row * pt[t].ldh;
+      const Index ldh = pt[t].ldh;
+      for (Index q = 0; q < pt[t].r; ++q) {
+        const float* e = pt[t].e + q * NR;
+        const __m512 e0 = _mm512_load_ps(e), e1 = _mm512_load_ps(e + 16), e2 = _mm512_load_ps(e + 32);
+#pragma GCC unroll 8
+        for (int i = 0; i < Rows; ++i) {
+          const __m512 hv = _mm512_set1_ps(h[i * ldh + q]);
+          c0[i] = _mm512_fmadd_ps(hv, e0, c0[i]);
+          c1[i] = _mm512_fmadd_ps(hv, e1, c1[i]);
+          c2[i] = _mm512_fmadd_ps(hv, e2, c2[i]);
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < Rows; ++i) {
+      _mm512_mask_storeu_ps(c + i * ldc, m0, c0[i]);
+      _mm512_mask_storeu_ps(c + i * ldc + 16, m1, c1[i]);
+      _mm512_mask_storeu_ps(c + i * ldc + 32, m2, c2[i]);
+    }
+  }
+
+  template <bool First>
+  LORA_KGEMM_AVX512 static void tile_rows(Index rows, Index kc, const float* x, Index ldx, const float* s, float* c,
+                                          Index ldc, __mmask16 m0, __mmask16 m1, __mmask16 m2, bool add_c,
+                                          const PanelTerm* pt, Index npt, Index row) {
+    switch (rows) {
+#define LORA_KGEMM_ROWS(n) \
+  case n:                  \
+    return tile<n, First>(kc, x, ldx, s, c, ldc, m0, m1, m2, add_c, pt, npt, row);
+      LORA_KGEMM_ROWS(1)
+      LORA_KGEMM_ROWS(2)
+      LORA_KGEMM_ROWS(3)
+      LORA_KGEMM_ROWS(4)
+      LORA_KGEMM_ROWS(5)
+      LORA_KGEMM_ROWS(6)
+      LORA_KGEMM_ROWS(7)
+      LORA_KGEMM_ROWS(8)
+#undef LORA_KGEMM_ROWS
+      default:
+        return;
+    }
+  }
+
+  static __mmask16 lanes(Index n) {
+    return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
+  }
+
+  LORA_KGEMM_AVX512 static void run_avx512(Index M, Index N, Index K, const float* X, Index ldx, const float* S,
+                                           Index lds, float* C, Index ldc, bool accumulate, const LowRankTerm* terms,
+                                           std::size_t n_terms) {
+    Buffers& buf = buffers();
+    const Index panels = (N + NR - 1) / NR;
+    // The terms' E packed per panel, and each panel's list of terms (counted, then placed).
+    Index packed = 0;
+    buf.first.assign(static_cast<std::size_t>(panels) + 1, 0);
+    for (std::size_t t = 0; t < n_terms; ++t)
+      for (Index p = terms[t].col / NR; p * NR < terms[t].col + terms[t].cols; ++p) {
+        ++buf.first[static_cast<std::size_t>(p) + 1];
+        packed += terms[t].r * NR;
+      }
+    for (Index p = 0; p < panels; ++p)
+      buf.first[static_cast<std::size_t>(p) + 1] += buf.first[static_cast<std::size_t>(p)];
+    buf.terms.assign(static_cast<std::size_t>(buf.first.back()), PanelTerm{});
+    float* e = aligned(buf.e, static_cast<std::size_t>(packed));
+    for (std::size_t t = 0; t < n_terms; ++t) {
+      const LowRankTerm& term = terms[t];
+      for (Index p = term.col / NR; p * NR < term.col + term.cols; ++p) {
+        for (Index q = 0; q < term.r; ++q)
+          for (Index j = 0; j < NR; ++j) {
+            const Index col = p * NR + j;
+            e[q * NR + j] =
+                col >= term.col && col < term.col + term.cols ? term.E[q * term.lde + col - term.col] : 0.0f;
+          }
+        // terms of one panel are placed in the order given (the same order every call)
+        Index at = buf.first[static_cast<std::size_t>(p)];
+        while (buf.terms[static_cast<std::size_t>(at)].e != nullptr) ++at;
+        buf.terms[static_cast<std::size_t>(at)] = PanelTerm{term.H, term.ldh, term.r, e};
+        e += term.r * NR;
+      }
+    }
+    float* s = aligned(buf.s, static_cast<std::size_t>(KC * NC));
+    const Index blocks = (K + KC - 1) / KC, depth = (K + blocks - 1) / blocks;
+    for (Index jc = 0; jc < N; jc += NC) {
+      const Index nc = std::min(NC, N - jc);
+      for (Index pc = 0; pc < K; pc += depth) {
+        const Index kc = std::min(depth, K - pc);
+        const bool first = pc == 0, last = pc + kc == K;
+        // S's block into NR-column panels, k-major, zero past N.
+        for (Index jr = 0; jr < nc; jr += NR) {
+          const Index cols = std::min(NR, nc - jr);
+          const __mmask16 m0 = lanes(cols), m1 = lanes(cols - 16), m2 = lanes(cols - 32);
+          float* panel = s + jr * kc;
+          for (Index k = 0; k < kc; ++k) {
+            const float* src = S + (pc + k) * lds + jc + jr;
+            _mm512_store_ps(panel + k * NR, _mm512_maskz_loadu_ps(m0, src));
+            _mm512_store_ps(panel + k * NR + 16, _mm512_maskz_loadu_ps(m1, src + 16));
+            _mm512_store_ps(panel + k * NR + 32, _mm512_maskz_loadu_ps(m2, src + 32));
+          }
+        }
+        for (Index ir = 0; ir < M; ir += MR) {
+          const Index rows = std::min(MR, M - ir);
+          for (Index jr = 0; jr < nc; jr += NR) {
+            const Index cols = std::min(NR, nc - jr), p = (jc + jr) / NR;
+            const Index b = buf.first[static_cast<std::size_t>(p)];
+            const Index npt = last ? buf.first[static_cast<std::size_t>(p) + 1] - b : 0;
+            const PanelTerm* pt = npt > 0 ? buf.terms.data() + b : nullptr;
+            float* c = C + ir * ldc + jc + jr;
+            const __mmask16 m0 = lanes(cols), m1 = lanes(cols - 16), m2 = lanes(cols - 32);
+            if (first)
+              tile_rows<true>(rows, kc, X + ir * ldx + pc, ldx, s + jr * kc, c, ldc, m0, m1, m2, accumulate, pt, npt,
+                              ir);
+            else
+              tile_rows<false>(rows, kc, X + ir * ldx + pc, ldx, s + jr * kc, c, ldc, m0, m1, m2, true, pt, npt, ir);
+          }
+        }
+      }
+    }
+  }
+#endif
+};
+
+}  // namespace lora::detail
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
