@@ -235,12 +235,15 @@ struct KGemm {
     for (std::size_t t = 0; t < n_terms; ++t) {
       const LowRankTerm& term = terms[t];
       for (Index p = term.col / NR; p * NR < term.col + term.cols; ++p) {
-        for (Index q = 0; q < term.r; ++q)
-          for (Index j = 0; j < NR; ++j) {
-            const Index col = p * NR + j;
-            e[q * NR + j] =
-                col >= term.col && col < term.col + term.cols ? term.E[q * term.lde + col - term.col] : 0.0f;
-          }
+        // The panel's columns [p·NR, p·NR + NR) that are the term's: [lo, hi); zero around them.
+        const Index lo = std::max(term.col, p * NR), hi = std::min(term.col + term.cols, p * NR + NR);
+        for (Index q = 0; q < term.r; ++q) {
+          float* row = e + q * NR;
+          std::fill(row, row + (lo - p * NR), 0.0f);
+          std::copy(term.E + q * term.lde + (lo - term.col), term.E + q * term.lde + (hi - term.col),
+                    row + (lo - p * NR));
+          std::fill(row + (hi - p * NR), row + NR, 0.0f);
+        }
         // terms of one panel are placed in the order given (the same order every call)
         Index at = buf.first[static_cast<std::size_t>(p)];
         while (buf.terms[static_cast<std::size_t>(at)].e != nullptr) ++at;
