@@ -61,7 +61,11 @@ struct LowRankTerm {
   Index lde = 0;
 };
 
-struct KGemm {
+// A class template only so that nothing of it is compiled in a program that never runs it: as a plain class, its
+// kernels' 16 instantiations were compiled into every includer (<lora/lora.hpp> took 4.2-4.7 s of CPU against 3.0
+// without them, g++ -O2). KGemm below is the one instance.
+template <class Unused = void>
+struct KGemmT {
   static constexpr Index MR = 8, NRV = 3, NR = 16 * NRV;  // C's tile: 8 x 48, 24 AVX-512 accumulators
   static constexpr Index KC = 1024;    // most of a K block (K split evenly): X's 8 rows of it (32 KiB) stay in L1
   static constexpr Index NC = 4 * NR;  // S's block: K x 192 floats (768 KiB at most), in L2
@@ -291,6 +295,8 @@ struct KGemm {
   }
 #endif
 };
+
+using KGemm = KGemmT<>;
 
 }  // namespace lora::detail
 
