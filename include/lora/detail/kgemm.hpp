@@ -62,7 +62,7 @@ struct LowRankTerm {
 };
 
 // A class template only so that nothing of it is compiled in a program that never runs it: as a plain class, its
-// kernels' 16 instantiations were compiled into every includer (<lora/lora.hpp> took 4.2-4.7 s of CPU against 3.0
+// kernels' instantiations were compiled into every includer (<lora/lora.hpp> took 4.2-4.7 s of CPU against 3.0
 // without them, g++ -O2). KGemm below is the one instance.
 template <class Unused = void>
 struct KGemmT {
@@ -139,7 +139,7 @@ struct KGemmT {
   }
 
 #ifdef LORA_KGEMM_KERNELS
-  template <int Rows, bool First>
+  template <int Rows>
   LORA_KGEMM_AVX512 static inline __attribute__((always_inline)) void tile(Index kc, const float* x, Index ldx,
                                                                            const float* s, float* c, Index ldc,
                                                                            __mmask16 m0, __mmask16 m1, __mmask16 m2,
@@ -162,7 +162,7 @@ struct KGemmT {
         c2[i] = _mm512_fmadd_ps(a, b2, c2[i]);
       }
     }
-    if (add_c || !First) {
+    if (add_c) {
 #pragma GCC unroll 8
       for (int i = 0; i < Rows; ++i) {
         c0[i] = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, c + i * ldc), c0[i]);
@@ -193,14 +193,13 @@ struct KGemmT {
     }
   }
 
-  template <bool First>
   LORA_KGEMM_AVX512 static void tile_rows(Index rows, Index kc, const float* x, Index ldx, const float* s, float* c,
                                           Index ldc, __mmask16 m0, __mmask16 m1, __mmask16 m2, bool add_c,
                                           const PanelTerm* pt, Index npt, Index row) {
     switch (rows) {
 #define LORA_KGEMM_ROWS(n) \
   case n:                  \
-    return tile<n, First>(kc, x, ldx, s, c, ldc, m0, m1, m2, add_c, pt, npt, row);
+    return tile<n>(kc, x, ldx, s, c, ldc, m0, m1, m2, add_c, pt, npt, row);
       LORA_KGEMM_ROWS(1)
       LORA_KGEMM_ROWS(2)
       LORA_KGEMM_ROWS(3)
@@ -283,11 +282,9 @@ struct KGemmT {
             const PanelTerm* pt = npt > 0 ? buf.terms.data() + b : nullptr;
             float* c = C + ir * ldc + jc + jr;
             const __mmask16 m0 = lanes(cols), m1 = lanes(cols - 16), m2 = lanes(cols - 32);
-            if (first)
-              tile_rows<true>(rows, kc, X + ir * ldx + pc, ldx, s + jr * kc, c, ldc, m0, m1, m2, accumulate, pt, npt,
-                              ir);
-            else
-              tile_rows<false>(rows, kc, X + ir * ldx + pc, ldx, s + jr * kc, c, ldc, m0, m1, m2, true, pt, npt, ir);
+            // C's old value is added after the first block's sum when accumulating, after every later one always.
+            tile_rows(rows, kc, X + ir * ldx + pc, ldx, s + jr * kc, c, ldc, m0, m1, m2, accumulate || !first, pt, npt,
+                      ir);
           }
         }
       }
