@@ -349,16 +349,19 @@ double paired_median_seconds(benchmark::State& state, F&& f, G&& g) {
   return ratios[ratios.size() / 2];
 }
 
+// The seconds one call of `call` takes, its writes to memory included.
+template <class F>
+double timed(F& call) {
+  using clock = std::chrono::steady_clock;
+  const auto t0 = clock::now();
+  call();
+  benchmark::ClobberMemory();
+  return std::chrono::duration<double>(clock::now() - t0).count();
+}
+
 // paired_median_seconds over the whole of each call: time(f) / time(g).
 template <class F, class G>
 double paired_median(benchmark::State& state, F&& f, G&& g) {
-  using clock = std::chrono::steady_clock;
-  auto timed = [](auto& call) {
-    const auto t0 = clock::now();
-    call();
-    benchmark::ClobberMemory();
-    return std::chrono::duration<double>(clock::now() - t0).count();
-  };
   return paired_median_seconds(
       state, [&] { return timed(f); }, [&] { return timed(g); });
 }
@@ -432,13 +435,6 @@ void fused_qv_paired(benchmark::State& state) {
     weight.forward(x, y);
     lora::detail::KGemm::set_enabled(true);
     benchmark::DoNotOptimize(y.data());
-  };
-  using clock = std::chrono::steady_clock;
-  auto timed = [](auto& call) {
-    const auto t0 = clock::now();
-    call();
-    benchmark::ClobberMemory();
-    return std::chrono::duration<double>(clock::now() - t0).count();
   };
   run_fused();
   run_dense();

@@ -292,11 +292,7 @@ class FrozenWeight {
   /// only when forward_takes_terms(x.rows()) (the caller checks shapes; terms lie within y's columns).
   void forward_with_terms(const ConstRef<Scalar>& x, MutRef<Scalar> y, bool accumulate,
                           const std::vector<detail::LowRankTerm>& terms) const {
-    if constexpr (std::is_same_v<Scalar, float>)
-      detail::KGemm::run(x.rows(), out_, in_, x.data(), x.outerStride(), data_, out_, y.data(), y.outerStride(),
-                         accumulate, terms.data(), terms.size());
-    else
-      (void)x, (void)y, (void)accumulate, (void)terms;
+    own_product(x, y, accumulate, terms.data(), terms.size());
   }
 
   /// y += x Wᵀ and dx += dy W. Eigen's `=` product zeroes its destination and then adds into it, so a layer
@@ -452,12 +448,20 @@ class FrozenWeight {
   // for float under LORA_USE_DNNL, Eigen's product otherwise.
   // The library's own GEMM instead for x · S at the shapes where it is measured as fast (detail/kgemm.hpp).
   void dense_product(const ConstRef<Scalar>& x, MutRef<Scalar> y, bool transposed, bool accumulate) const {
-    if constexpr (std::is_same_v<Scalar, float>) {
-      if (!transposed && detail::KGemm::eligible(x.rows(), x.cols(), y.cols()))
-        return detail::KGemm::run(x.rows(), y.cols(), x.cols(), x.data(), x.outerStride(), data_, stored_cols(),
-                                  y.data(), y.outerStride(), accumulate);
-    }
+    if (std::is_same_v<Scalar, float> && !transposed && detail::KGemm::eligible(x.rows(), x.cols(), y.cols()))
+      return own_product(x, y, accumulate, nullptr, 0);
     detail::product<Scalar>("FrozenWeight", Scalar(1), x, false, stored(), transposed, accumulate, y);
+  }
+
+  // y (=|+=) x · S + the terms on the own GEMM, S the stored float matrix (K, N): dense_product's x · S and
+  // forward_with_terms. Does nothing for double, which never gets here (eligible shapes are float only).
+  void own_product(const ConstRef<Scalar>& x, MutRef<Scalar> y, bool accumulate, const detail::LowRankTerm* terms,
+                   std::size_t n_terms) const {
+    if constexpr (std::is_same_v<Scalar, float>)
+      detail::KGemm::run(x.rows(), y.cols(), x.cols(), x.data(), x.outerStride(), data_, stored_cols(), y.data(),
+                         y.outerStride(), accumulate, terms, n_terms);
+    else
+      (void)x, (void)y, (void)accumulate, (void)terms, (void)n_terms;
   }
 
   // y (=|+=) x · op(S), S the stored matrix: op = Sᵀ when `transposed` (S is (rows of y's columns, x's columns)).
