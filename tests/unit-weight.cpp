@@ -217,6 +217,81 @@ TEST_CASE("the own GEMM matches a double reference at its edges, with low-rank t
   KGemm::set_enabled(true);
 }
 
+TEST_CASE("the own GEMM computes the terms' H = X Aᵀ itself, before the tiles that read it", "[weight][kgemm]") {
+  using lora::detail::KGemm;
+  using lora::detail::LowRankInput;
+  using lora::detail::LowRankTerm;
+  if (!KGemm::cpu_supported()) {
+    WARN("this CPU has no AVX-512 (or the build has no x86 kernels): the own GEMM does not run here");
+    return;
+  }
+  // Row tails of its 4-row and 8-row blocks, ranks that are not multiples of its 4-column blocks, depths below,
+  // at and between its 16-lane steps and over one 1024 block; the input's X is another matrix than the
+  // product's (as dropout makes it), and X, A and H are all blocks of larger buffers.
+  struct Shape {
+    Index m, k, n, r;
+  };
+  unsigned seed = 900;
+  const double eps = std::numeric_limits<float>::epsilon();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (const Shape& sh : {Shape{1, 1, 1, 3}, Shape{7, 5, 47, 5}, Shape{9, 1537, 49, 6}, Shape{17, 64, 97, 7},
+                          Shape{8, 2049, 200, 8}, Shape{33, 300, 1000, 9}}) {
+    INFO("M=" << sh.m << " K=" << sh.k << " N=" << sh.n << " r=" << sh.r);
+    const Mat<float> xbuf = random_matrix<float>(sh.m + 2, sh.k + 3, ++seed);
+    const Mat<float> xabuf = random_matrix<float>(sh.m + 1, sh.k + 2, ++seed);
+    const Mat<float> sbuf = random_matrix<float>(sh.k + 1, sh.n + 5, ++seed);
+    const Mat<float> abuf = random_matrix<float>(sh.r + 2, sh.k + 4, ++seed);
+    const auto X = xbuf.block(1, 2, sh.m, sh.k);
+    const auto XA = xabuf.block(1, 1, sh.m, sh.k);
+    const auto S = sbuf.block(1, 4, sh.k, sh.n);
+    const auto A = abuf.block(2, 3, sh.r, sh.k);
+    Mat<float> hbuf = Mat<float>::Constant(sh.m + 2, sh.r + 3, nan);
+    auto H = hbuf.block(1, 2, sh.m, sh.r);
+    // Two terms reading H: columns [0, r - 2) over the first half of C's columns, [r - 2, r) over the rest.
+    const Index n1 = std::max<Index>(1, sh.n / 2), n2 = sh.n - n1;
+    const Mat<float> e1 = random_matrix<float>(sh.r - 2, n1, ++seed), e2 = random_matrix<float>(2, n2 + 1, ++seed);
+    std::vector<LowRankTerm> terms = {{0, n1, sh.r - 2, H.data(), H.outerStride(), e1.data(), n1}};
+    if (n2 > 0) terms.push_back({n1, n2, 2, H.data() + (sh.r - 2), H.outerStride(), e2.data(), n2 + 1});
+    const LowRankInput input{XA.data(), XA.outerStride(), A.data(), A.outerStride(), sh.r, H.data(), H.outerStride()};
+    Mat<float> C(sh.m, sh.n);
+    KGemm::run(sh.m, sh.n, sh.k, X.data(), X.outerStride(), S.data(), S.outerStride(), C.data(), sh.n, false,
+               terms.data(), terms.size(), &input);
+    // H against a double reference, within (K + 1) ε of the magnitudes summed; nothing of its buffer outside it
+    // written (NaN there still).
+    const Mat<float> Hgot = H;
+    const Mat<double> h_want = XA.cast<double>() * A.cast<double>().transpose();
+    const Mat<double> h_size = XA.cast<double>().cwiseAbs() * A.cast<double>().cwiseAbs().transpose();
+    const Mat<double> h_err = (Hgot.cast<double>() - h_want).cwiseAbs();
+    CHECK((h_err.array() <= (double(sh.k + 1) * eps) * h_size.array() + 1e-30).all());
+    CHECK(hbuf.array().isNaN().count() == hbuf.size() - sh.m * sh.r);
+    // C against a double reference with the H the GEMM wrote, which the terms read after it was written.
+    Mat<double> want = X.cast<double>() * S.cast<double>();
+    Mat<double> size = X.cast<double>().cwiseAbs() * S.cast<double>().cwiseAbs();
+    want.leftCols(n1) += Hgot.leftCols(sh.r - 2).cast<double>() * e1.cast<double>();
+    size.leftCols(n1) += Hgot.leftCols(sh.r - 2).cast<double>().cwiseAbs() * e1.cast<double>().cwiseAbs();
+    if (n2 > 0) {
+      const Mat<double> e2d = e2.leftCols(n2).cast<double>();
+      want.rightCols(n2) += Hgot.rightCols(2).cast<double>() * e2d;
+      size.rightCols(n2) += Hgot.rightCols(2).cast<double>().cwiseAbs() * e2d.cwiseAbs();
+    }
+    const Mat<double> err = (C.cast<double>() - want).cwiseAbs();
+    CHECK((err.array() <= (double(sh.k + 6) * eps) * size.array() + 1e-30).all());
+    // The same terms with H computed outside (the same values) give the same C, bit for bit: the GEMM's own H is
+    // written before any tile reads it.
+    Mat<float> C_outside(sh.m, sh.n);
+    std::vector<LowRankTerm> outside = terms;
+    outside[0].H = Hgot.data();
+    outside[0].ldh = sh.r;
+    if (outside.size() > 1) {
+      outside[1].H = Hgot.data() + (sh.r - 2);
+      outside[1].ldh = sh.r;
+    }
+    KGemm::run(sh.m, sh.n, sh.k, X.data(), X.outerStride(), S.data(), S.outerStride(), C_outside.data(), sh.n, false,
+               outside.data(), outside.size());
+    CHECK(C == C_outside);
+  }
+}
+
 TEST_CASE("the adapters' products (detail::product) match a double reference, transposed or not, on blocks",
           "[weight]") {
   // FusedLoRALinear's thin products (x Aᵀ, dyᵀ H, dy B, Gᵀ x, G A) go through detail::product, on the backend of

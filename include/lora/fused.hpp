@@ -461,7 +461,11 @@ void FusedLoRALinear<Scalar>::forward_impl(const ConstRef<Scalar>& x, const Cons
   }
   if (adapters) {
     H.resize(N, rank_);
-    detail::product<Scalar>("FusedLoRALinear::forward", Scalar(1), xa, false, stacked_A(), true, false, H);
+    bool own_gemm = false;
+    if constexpr (std::is_same_v<Scalar, float>) own_gemm = !dora && weight_.forward_takes_terms(N);
+    // On the own GEMM, H = xa Aᵀ is computed inside it, each row block just before its tiles (detail/kgemm.hpp).
+    if (!own_gemm)
+      detail::product<Scalar>("FusedLoRALinear::forward", Scalar(1), xa, false, stacked_A(), true, false, H);
     // B_kᵀ (R_k, O_k) row-major, so each row of y_k is a sum of R_k contiguous rows: written once, never read.
     // (Measured against oneDNN's product into y's slices and the bias added after, 2026-12-05 on the Emerald
     // Rapids Xeon: the fused forward 1.043-1.074 against 1.072-1.094 of the base product.)
@@ -469,7 +473,7 @@ void FusedLoRALinear<Scalar>::forward_impl(const ConstRef<Scalar>& x, const Cons
     for (std::size_t k = 0; k < slices_.size(); ++k)
       if (slice_rank(k) > 0) Bt[k] = scaling_[k] * lora_B(k).transpose();
     if constexpr (std::is_same_v<Scalar, float>) {
-      if (!dora && weight_.forward_takes_terms(N)) {
+      if (own_gemm) {
         // The own GEMM adds each slice's H_k (s_k B_kᵀ) to its tile of y after W's sum, while the tile is in
         // registers: no pass over y for them, and at B = 0 the base model's bits (detail/kgemm.hpp). The bias
         // goes into y first, as forward_add takes it on the base model's path.
@@ -480,7 +484,10 @@ void FusedLoRALinear<Scalar>::forward_impl(const ConstRef<Scalar>& x, const Cons
                                                 H.data() + a_row_[k], H.outerStride(), Bt[k].data(),
                                                 slices_[k].out_features});
         if (has_bias_) y.rowwise() = bias_;
-        weight_.forward_with_terms(x, y, has_bias_, terms);
+        const auto A = stacked_A();
+        const detail::LowRankInput input{xa.data(), xa.outerStride(), A.data(),       A.outerStride(),
+                                         rank_,     H.data(),         H.outerStride()};
+        weight_.forward_with_terms(x, y, has_bias_, terms, &input);
         return;
       }
     }
