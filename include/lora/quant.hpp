@@ -31,6 +31,7 @@
 #endif
 
 #include <lora/detail/half.hpp>
+#include <lora/detail/simd.hpp>  // LORA_X86_KERNELS, LORA_AVX512, cpu_has_avx512()
 #include <lora/errors.hpp>
 #include <lora/types.hpp>
 #include <lora/weight.hpp>  // WeightFormat, LowPrecisionStorage
@@ -48,13 +49,6 @@
 #include <string_view>
 #include <utility>
 #include <vector>
-
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__)) && !defined(LORA_NO_SIMD)
-#define LORA_X86_KERNELS 1
-#include <immintrin.h>
-// Kernels compiled for AVX-512 whatever the build's -march, and called only when the CPU has it (run-time choice).
-#define LORA_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
-#endif
 
 // GCC before 13 reports -W(maybe-)uninitialized inside its own AVX-512 intrinsics once they are inlined into the
 // kernels below (_mm512_undefined_*, GCC bug 105593): false positives, silenced here only.
@@ -483,15 +477,7 @@ class QuantizedMatrix {
   }
 
   /// True when the AVX-512 kernels run: this CPU has AVX-512 (F, BW, VL, DQ; read once) and they are not turned off.
-  static bool has_avx512() {
-#ifdef LORA_X86_KERNELS
-    static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    return has && !portable_only().load(std::memory_order_relaxed);
-#else
-    return false;
-#endif
-  }
+  static bool has_avx512() { return detail::cpu_has_avx512() && !portable_only().load(std::memory_order_relaxed); }
   /// Runs the portable kernels even on an AVX-512 CPU (for tests and benchmarks that compare the two).
   static void force_portable_kernels(bool on) { portable_only().store(on, std::memory_order_relaxed); }
 

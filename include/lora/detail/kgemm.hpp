@@ -33,6 +33,7 @@
 // so a layer and its base model always take the same path.
 #pragma once
 
+#include <lora/detail/simd.hpp>  // LORA_X86_KERNELS, LORA_AVX512, cpu_has_avx512()
 #include <lora/types.hpp>
 
 #include <Eigen/Core>
@@ -41,12 +42,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <vector>
-
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__)) && !defined(LORA_NO_SIMD)
-#define LORA_KGEMM_KERNELS 1
-#include <immintrin.h>
-#define LORA_KGEMM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
-#endif
 
 // GCC before 13 reports -W(maybe-)uninitialized inside its own AVX-512 intrinsics once they are inlined (GCC bug
 // 105593): false positives, silenced here only.
@@ -101,15 +96,7 @@ struct KGemmT {
   static void set_enabled(bool on) { enabled_flag().store(on, std::memory_order_relaxed); }
 
   /// True when this CPU has AVX-512 (F, BW, VL, DQ; read once) and this code was compiled for x86-64.
-  static bool cpu_supported() {
-#ifdef LORA_KGEMM_KERNELS
-    static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    return has;
-#else
-    return false;
-#endif
-  }
+  static bool cpu_supported() { return cpu_has_avx512(); }
 
   /// True when run() computes C (M, N) = X (M, K) · S (K, N): see the header's "When".
   static bool eligible(Index M, Index K, Index N) {
@@ -124,7 +111,7 @@ struct KGemmT {
   static void run(Index M, Index N, Index K, const float* X, Index ldx, const float* S, Index lds, float* C, Index ldc,
                   bool accumulate, const LowRankTerm* terms = nullptr, std::size_t n_terms = 0,
                   const LowRankInput* input = nullptr) {
-#ifdef LORA_KGEMM_KERNELS
+#ifdef LORA_X86_KERNELS
     run_avx512(M, N, K, X, ldx, S, lds, C, ldc, accumulate, terms, n_terms, input);
 #else
     (void)M, (void)N, (void)K, (void)X, (void)ldx, (void)S, (void)lds, (void)C, (void)ldc, (void)accumulate,
@@ -133,7 +120,7 @@ struct KGemmT {
   }
 
  private:
-#ifdef LORA_KGEMM_KERNELS
+#ifdef LORA_X86_KERNELS
   // A term's part in one panel: H (its rows from row 0, stride ldh), E packed r x NR (zero outside the term).
   struct PanelTerm {
     const float* h = nullptr;
@@ -144,7 +131,7 @@ struct KGemmT {
   struct Buffers {
     std::vector<float> s, e;   // S's packed block; the terms' E packed per panel
     std::vector<Index> first;  // panel p's terms are terms[first[p] .. first[p + 1])
-#ifdef LORA_KGEMM_KERNELS
+#ifdef LORA_X86_KERNELS
     std::vector<PanelTerm> terms;
 #endif
   };
@@ -159,13 +146,12 @@ struct KGemmT {
     return v.data() + ((64 - p % 64) % 64) / sizeof(float);
   }
 
-#ifdef LORA_KGEMM_KERNELS
+#ifdef LORA_X86_KERNELS
   // The tile's products over k in [k0, k1): c0, c1 and c2 are its accumulators' three columns.
   template <int Rows>
-  LORA_KGEMM_AVX512 static inline __attribute__((always_inline)) void products(Index k0, Index k1, const float* x,
-                                                                               Index ldx, const float* s,
-                                                                               __m512 (&c0)[Rows], __m512 (&c1)[Rows],
-                                                                               __m512 (&c2)[Rows]) {
+  LORA_AVX512 static inline __attribute__((always_inline)) void products(Index k0, Index k1, const float* x, Index ldx,
+                                                                         const float* s, __m512 (&c0)[Rows],
+                                                                         __m512 (&c1)[Rows], __m512 (&c2)[Rows]) {
 #pragma GCC unroll 4
     for (Index k = k0; k < k1; ++k) {
       const __m512 b0 = _mm512_load_ps(s + k * NR), b1 = _mm512_load_ps(s + k * NR + 16),
@@ -181,9 +167,11 @@ struct KGemmT {
   }
 
   template <int Rows>
-  LORA_KGEMM_AVX512 static inline __attribute__((always_inline)) void tile(
-      Index kc, const float* x, Index ldx, const float* s, float* c, Index ldc, __mmask16 m0, __mmask16 m1,
-      __mmask16 m2, bool add_c, const PanelTerm* pt, Index npt, Index row, const float* pf0, const float* pf1) {
+  LORA_AVX512 static inline __attribute__((always_inline)) void tile(Index kc, const float* x, Index ldx,
+                                                                     const float* s, float* c, Index ldc, __mmask16 m0,
+                                                                     __mmask16 m1, __mmask16 m2, bool add_c,
+                                                                     const PanelTerm* pt, Index npt, Index row,
+                                                                     const float* pf0, const float* pf1) {
     // Three columns of accumulators, every loop over them unrolled: GCC then keeps all of them in registers
     // from the first product to the store (with acc[Rows][3] and loops it did not unroll, it spilled them).
     __m512 c0[Rows], c1[Rows], c2[Rows];
@@ -231,10 +219,9 @@ struct KGemmT {
     }
   }
 
-  LORA_KGEMM_AVX512 static void tile_rows(Index rows, Index kc, const float* x, Index ldx, const float* s, float* c,
-                                          Index ldc, __mmask16 m0, __mmask16 m1, __mmask16 m2, bool add_c,
-                                          const PanelTerm* pt, Index npt, Index row, const float* pf0,
-                                          const float* pf1) {
+  LORA_AVX512 static void tile_rows(Index rows, Index kc, const float* x, Index ldx, const float* s, float* c,
+                                    Index ldc, __mmask16 m0, __mmask16 m1, __mmask16 m2, bool add_c,
+                                    const PanelTerm* pt, Index npt, Index row, const float* pf0, const float* pf1) {
     switch (rows) {
 #define LORA_KGEMM_ROWS(n) \
   case n:                  \
@@ -256,9 +243,8 @@ struct KGemmT {
   // H's block of RB rows and QB columns = X's RB rows · A's QB rows ᵀ: dot products along K, 16 lanes at a time,
   // each summed across its lanes at the end.
   template <int RB, int QB>
-  LORA_KGEMM_AVX512 static inline __attribute__((always_inline)) void dots(Index K, const float* x, Index ldx,
-                                                                           const float* a, Index lda, float* h,
-                                                                           Index ldh) {
+  LORA_AVX512 static inline __attribute__((always_inline)) void dots(Index K, const float* x, Index ldx, const float* a,
+                                                                     Index lda, float* h, Index ldh) {
     __m512 acc[RB][QB];
 #pragma GCC unroll 4
     for (int i = 0; i < RB; ++i)
@@ -297,7 +283,7 @@ struct KGemmT {
   }
 
   // H's rows [row, row + rows) of the input, in blocks of 4 rows by 4 columns.
-  LORA_KGEMM_AVX512 static void input_rows(const LowRankInput& in, Index K, Index row, Index rows) {
+  LORA_AVX512 static void input_rows(const LowRankInput& in, Index K, Index row, Index rows) {
     for (Index i = 0; i < rows; i += 4) {
       const Index rb = std::min<Index>(4, rows - i);
       const float* x = in.X + (row + i) * in.ldx;
@@ -338,9 +324,9 @@ struct KGemmT {
     return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
   }
 
-  LORA_KGEMM_AVX512 static void run_avx512(Index M, Index N, Index K, const float* X, Index ldx, const float* S,
-                                           Index lds, float* C, Index ldc, bool accumulate, const LowRankTerm* terms,
-                                           std::size_t n_terms, const LowRankInput* input) {
+  LORA_AVX512 static void run_avx512(Index M, Index N, Index K, const float* X, Index ldx, const float* S, Index lds,
+                                     float* C, Index ldc, bool accumulate, const LowRankTerm* terms,
+                                     std::size_t n_terms, const LowRankInput* input) {
     Buffers& buf = buffers();
     const Index panels = (N + NR - 1) / NR;
     // The terms' E packed per panel, and each panel's list of terms (counted, then placed).
