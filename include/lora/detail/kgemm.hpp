@@ -9,14 +9,15 @@
 // Why its own. A LoRA term on oneDNN's product has to be written into C before the product adds into it (or
 // after), one more pass over C's adapted columns: measured on the Emerald Rapids Xeon at 512 x 768 -> 2304 with q
 // and v adapted at r = 8, that pass and x Aᵀ cost 4-5% of the product, however the passes were blocked (session
-// programs, 2026-12-06). Here each C tile gets its terms while it is in registers, after the product's own sum, so
-// the terms cost their flops (2·M·r·N_t, 0.7% of the product at those sizes) and nothing else.
+// programs, 2026-12-06). Here each C tile gets its terms while it is in registers, after the product's own sum, with
+// no pass over C for them: they cost 0.8-1.1% of the product, for flops (2·M·r·N_t) of 0.69% at those sizes.
 //
 // The terms' left factors H = x Aᵀ can be computed here too (LowRankInput): each block of 8 rows of H just before
 // that block's tiles, by dot products along K, while the tiles before it bring the block's rows of x into L2
-// (software prefetch). On oneDNN that product cost 1.04-1.14% of the base product against its 0.69% of flops (its
-// pass over x comes from L3); here 0.8%, and the fused forward 1.016-1.018 of the base product against 1.020-1.023
-// (session program, medians of 201 rotating rounds, Emerald Rapids Xeon, 2026-12-06).
+// (software prefetch). As oneDNN's product before the GEMM, H cost 1.04-1.14% of the base product for its 0.69%
+// of flops, its pass over x coming from L3; the dot products alone cost 0.8% on rows already in cache. The fused
+// forward went from 1.021-1.026 of the base product to 1.019-1.024 (bench_compute fused_qv, Emerald Rapids Xeon,
+// 2026-12-06).
 //
 // How. Goto / BLIS loops: S is packed KC x NC at a time into NR-column panels (in L2), X is read in place (an MR x KC
 // block of its rows stays in L1), and an MR x NR micro-kernel keeps C's tile in 24 AVX-512 registers. Each element of
