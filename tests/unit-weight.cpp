@@ -140,7 +140,8 @@ TEST_CASE("FrozenWeight<float> products match a double reference on strided bloc
   }
 }
 
-TEST_CASE("the own GEMM matches a double reference at its edges, with low-rank terms inside it", "[weight][kgemm]") {
+TEST_CASE("the own GEMM matches a double reference at its edges, with a bias and low-rank terms inside it",
+          "[weight][kgemm]") {
   using lora::detail::KGemm;
   using lora::detail::LowRankTerm;
   if (!KGemm::cpu_supported()) {
@@ -177,18 +178,24 @@ TEST_CASE("the own GEMM matches a double reference at its edges, with low-rank t
       want.middleCols(t.col, t.cols) += H.cast<double>() * E.cast<double>();
       size.middleCols(t.col, t.cols) += H.cast<double>().cwiseAbs() * E.cast<double>().cwiseAbs();
     }
-    for (bool accumulate : {false, true}) {
-      INFO("M=" << sh.m << " K=" << sh.k << " N=" << sh.n << (accumulate ? " +=" : " ="));
+    // A bias: a row of N inside a larger buffer, added to every row of C.
+    const Mat<float> bbuf = random_matrix<float>(1, sh.n + 3, ++seed);
+    const auto bias = bbuf.block(0, 2, 1, sh.n);
+    for (int variant = 0; variant < 4; ++variant) {
+      const bool accumulate = (variant & 1) != 0, with_bias = (variant & 2) != 0;
+      INFO("M=" << sh.m << " K=" << sh.k << " N=" << sh.n << (accumulate ? " +=" : " =")
+                << (with_bias ? " with a bias" : ""));
       Mat<float> cbuf = random_matrix<float>(sh.m + 3, sh.n + 4, ++seed);
       if (!accumulate) cbuf.block(2, 1, sh.m, sh.n).setConstant(std::numeric_limits<float>::quiet_NaN());
       const Mat<float> before = cbuf;
       auto C = cbuf.block(2, 1, sh.m, sh.n);
       KGemm::run(sh.m, sh.n, sh.k, X.data(), X.outerStride(), S.data(), S.outerStride(), C.data(), C.outerStride(),
-                 accumulate, terms.data(), terms.size());
-      const Mat<double> old = before.block(2, 1, sh.m, sh.n).cast<double>();
-      const Mat<double> expect = accumulate ? Mat<double>(want + old) : want;
-      const Mat<double> bound =
-          (double(sh.k + 6) * eps) * (accumulate ? Mat<double>(size + old.cwiseAbs()) : size).array() + 1e-30;
+                 accumulate, terms.data(), terms.size(), nullptr, with_bias ? bias.data() : nullptr);
+      Mat<double> old = Mat<double>::Zero(sh.m, sh.n);
+      if (accumulate) old = before.block(2, 1, sh.m, sh.n).cast<double>();
+      if (with_bias) old.rowwise() += bias.cast<double>().row(0);
+      const Mat<double> expect = want + old;
+      const Mat<double> bound = (double(sh.k + 7) * eps) * (size + old.cwiseAbs()).array() + 1e-30;
       const Mat<double> err = (Mat<float>(C).cast<double>() - expect).cwiseAbs();
       CHECK((err.array() <= bound.array()).all());
       // Nothing outside C's block changed (C's own block put back first: NaN compares unequal).
@@ -205,6 +212,12 @@ TEST_CASE("the own GEMM matches a double reference at its edges, with low-rank t
     KGemm::run(sh.m, sh.n, sh.k, X.data(), X.outerStride(), S.data(), S.outerStride(), with_zero.data(), sh.n, false,
                zero_terms.data(), zero_terms.size());
     CHECK(plain == with_zero);
+    // The bias is added after the product's own sum: the plain product plus the bias, each element one float sum.
+    Mat<float> with_bias(sh.m, sh.n);
+    KGemm::run(sh.m, sh.n, sh.k, X.data(), X.outerStride(), S.data(), S.outerStride(), with_bias.data(), sh.n, false,
+               zero_terms.data(), zero_terms.size(), nullptr, bias.data());
+    plain.rowwise() += bias.row(0);
+    CHECK(plain == with_bias);
   }
   // Where it runs: 512 rows or more, a depth of at most 1024 (one block), 1536 columns or more, one thread, and
   // not turned off.

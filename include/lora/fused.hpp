@@ -475,19 +475,19 @@ void FusedLoRALinear<Scalar>::forward_impl(const ConstRef<Scalar>& x, const Cons
     if constexpr (std::is_same_v<Scalar, float>) {
       if (own_gemm) {
         // The own GEMM adds each slice's H_k (s_k B_kᵀ) to its tile of y after W's sum, while the tile is in
-        // registers: no pass over y for them, and at B = 0 the base model's bits (detail/kgemm.hpp). The bias
-        // goes into y first, as forward_add takes it on the base model's path.
+        // registers: no pass over y for them, and at B = 0 the base model's bits (detail/kgemm.hpp). The bias is
+        // added in the same registers after W's sum: the same float sum as y = b and the product added into it (the
+        // base model's path), without that pass over y (5% of this forward at 512 x 768 -> 2304).
         terms.clear();
         for (std::size_t k = 0; k < slices_.size(); ++k)
           if (slice_rank(k) > 0)
             terms.push_back(detail::LowRankTerm{out_offset_[k], slices_[k].out_features, slice_rank(k),
                                                 H.data() + a_row_[k], H.outerStride(), Bt[k].data(),
                                                 slices_[k].out_features});
-        if (has_bias_) y.rowwise() = bias_;
         const auto A = stacked_A();
         const detail::LowRankInput input{xa.data(), xa.outerStride(), A.data(),       A.outerStride(),
                                          rank_,     H.data(),         H.outerStride()};
-        weight_.forward_with_terms(x, y, has_bias_, terms, &input);
+        weight_.forward_with_terms(x, y, false, terms, &input, has_bias_ ? bias_.data() : nullptr);
         return;
       }
     }

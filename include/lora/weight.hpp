@@ -291,10 +291,13 @@ class FrozenWeight {
   /// y = x Wᵀ (+ y when `accumulate`) + Σ terms, each term's product added inside the GEMM after W's sum; call
   /// only when forward_takes_terms(x.rows()) (the caller checks shapes; terms lie within y's columns). With
   /// `input`, the GEMM first writes the terms' H = input X · Aᵀ, a row block at a time (detail::LowRankInput).
+  /// A bias (O entries) is added to each row after W's sum (and y's old value), in the GEMM's registers: no pass
+  /// over y for it, and at depths of one block (all eligible ones) the same float sum as y = b followed by the
+  /// accumulating product.
   void forward_with_terms(const ConstRef<Scalar>& x, MutRef<Scalar> y, bool accumulate,
-                          const std::vector<detail::LowRankTerm>& terms,
-                          const detail::LowRankInput* input = nullptr) const {
-    own_product(x, y, accumulate, terms.data(), terms.size(), input);
+                          const std::vector<detail::LowRankTerm>& terms, const detail::LowRankInput* input = nullptr,
+                          const Scalar* bias = nullptr) const {
+    own_product(x, y, accumulate, terms.data(), terms.size(), input, bias);
   }
 
   /// y += x Wᵀ and dx += dy W. Eigen's `=` product zeroes its destination and then adds into it, so a layer
@@ -458,12 +461,13 @@ class FrozenWeight {
   // y (=|+=) x · S + the terms on the own GEMM, S the stored float matrix (K, N): dense_product's x · S and
   // forward_with_terms. Does nothing for double, which never gets here (eligible shapes are float only).
   void own_product(const ConstRef<Scalar>& x, MutRef<Scalar> y, bool accumulate, const detail::LowRankTerm* terms,
-                   std::size_t n_terms, const detail::LowRankInput* input = nullptr) const {
+                   std::size_t n_terms, const detail::LowRankInput* input = nullptr,
+                   const Scalar* bias = nullptr) const {
     if constexpr (std::is_same_v<Scalar, float>)
       detail::KGemm::run(x.rows(), y.cols(), x.cols(), x.data(), x.outerStride(), data_, stored_cols(), y.data(),
-                         y.outerStride(), accumulate, terms, n_terms, input);
+                         y.outerStride(), accumulate, terms, n_terms, input, bias);
     else
-      (void)x, (void)y, (void)accumulate, (void)terms, (void)n_terms, (void)input;
+      (void)x, (void)y, (void)accumulate, (void)terms, (void)n_terms, (void)input, (void)bias;
   }
 
   // y (=|+=) x · op(S), S the stored matrix: op = Sᵀ when `transposed` (S is (rows of y's columns, x's columns)).

@@ -22,7 +22,8 @@
 // How. Goto / BLIS loops: S is packed KC x NC at a time into NR-column panels (in L2), X is read in place (an MR x KC
 // block of its rows stays in L1), and an MR x NR micro-kernel keeps C's tile in 24 AVX-512 registers. Each element of
 // C is summed in a fixed order: its K products in order within each KC block, the blocks in order (the first
-// block's sum, plus C's old value when accumulating; then each further block's sum added), and the terms last. So
+// block's sum, plus C's old value when accumulating; then each further block's sum added), then the bias when
+// given, and the terms last. So
 // the result depends only on M, N, K and the values: a layer with its adapters at B = 0 gives its base product bit
 // for bit, as both run this code (0 · h adds +0).
 //
@@ -105,18 +106,18 @@ struct KGemmT {
            enabled_flag().load(std::memory_order_relaxed) && cpu_supported() && Eigen::nbThreads() == 1;
   }
 
-  /// C = X · S (+ C when accumulate) + the terms; row-major, strides ldx, lds, ldc; C shares no memory with X, S
-  /// or the terms. Call only when eligible(M, K, N). Terms must lie within [0, N) and not overlap one another.
-  /// With `input`, its H = input X · Aᵀ is written first (row block by row block; see LowRankInput); its H shares
-  /// no memory with anything else here but the terms' H.
+  /// C = X · S (+ C when accumulate) (+ bias, a row of N added to every row) + the terms; row-major, strides ldx,
+  /// lds, ldc; C shares no memory with X, S, the bias or the terms. Call only when eligible(M, K, N). Terms must lie
+  /// within [0, N) and not overlap one another. With `input`, its H = input X · Aᵀ is written first (row block by
+  /// row block; see LowRankInput); its H shares no memory with anything else here but the terms' H.
   static void run(Index M, Index N, Index K, const float* X, Index ldx, const float* S, Index lds, float* C, Index ldc,
                   bool accumulate, const LowRankTerm* terms = nullptr, std::size_t n_terms = 0,
-                  const LowRankInput* input = nullptr) {
+                  const LowRankInput* input = nullptr, const float* bias = nullptr) {
 #ifdef LORA_X86_KERNELS
-    run_avx512(M, N, K, X, ldx, S, lds, C, ldc, accumulate, terms, n_terms, input);
+    run_avx512(M, N, K, X, ldx, S, lds, C, ldc, accumulate, terms, n_terms, input, bias);
 #else
     (void)M, (void)N, (void)K, (void)X, (void)ldx, (void)S, (void)lds, (void)C, (void)ldc, (void)accumulate,
-        (void)terms, (void)n_terms, (void)input;
+        (void)terms, (void)n_terms, (void)input, (void)bias;
 #endif
   }
 
@@ -171,8 +172,8 @@ struct KGemmT {
   LORA_AVX512 static inline __attribute__((always_inline)) void tile(Index kc, const float* x, Index ldx,
                                                                      const float* s, float* c, Index ldc, __mmask16 m0,
                                                                      __mmask16 m1, __mmask16 m2, bool add_c,
-                                                                     const PanelTerm* pt, Index npt, Index row,
-                                                                     const float* pf0, const float* pf1) {
+                                                                     const float* bias, const PanelTerm* pt, Index npt,
+                                                                     Index row, const float* pf0, const float* pf1) {
     // Three columns of accumulators, every loop over them unrolled: GCC then keeps all of them in registers
     // from the first product to the store (with acc[Rows][3] and loops it did not unroll, it spilled them).
     __m512 c0[Rows], c1[Rows], c2[Rows];
@@ -195,6 +196,16 @@ struct KGemmT {
         c0[i] = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, c + i * ldc), c0[i]);
         c1[i] = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, c + i * ldc + 16), c1[i]);
         c2[i] = _mm512_add_ps(_mm512_maskz_loadu_ps(m2, c + i * ldc + 32), c2[i]);
+      }
+    }
+    if (bias != nullptr) {
+      const __m512 b0 = _mm512_maskz_loadu_ps(m0, bias), b1 = _mm512_maskz_loadu_ps(m1, bias + 16),
+                   b2 = _mm512_maskz_loadu_ps(m2, bias + 32);
+#pragma GCC unroll 8
+      for (int i = 0; i < Rows; ++i) {
+        c0[i] = _mm512_add_ps(c0[i], b0);
+        c1[i] = _mm512_add_ps(c1[i], b1);
+        c2[i] = _mm512_add_ps(c2[i], b2);
       }
     }
     for (Index t = 0; t < npt; ++t) {
@@ -221,12 +232,12 @@ struct KGemmT {
   }
 
   LORA_AVX512 static void tile_rows(Index rows, Index kc, const float* x, Index ldx, const float* s, float* c,
-                                    Index ldc, __mmask16 m0, __mmask16 m1, __mmask16 m2, bool add_c,
+                                    Index ldc, __mmask16 m0, __mmask16 m1, __mmask16 m2, bool add_c, const float* bias,
                                     const PanelTerm* pt, Index npt, Index row, const float* pf0, const float* pf1) {
     switch (rows) {
 #define LORA_KGEMM_ROWS(n) \
   case n:                  \
-    return tile<n>(kc, x, ldx, s, c, ldc, m0, m1, m2, add_c, pt, npt, row, pf0, pf1);
+    return tile<n>(kc, x, ldx, s, c, ldc, m0, m1, m2, add_c, bias, pt, npt, row, pf0, pf1);
       LORA_KGEMM_ROWS(1)
       LORA_KGEMM_ROWS(2)
       LORA_KGEMM_ROWS(3)
@@ -327,7 +338,7 @@ struct KGemmT {
 
   LORA_AVX512 static void run_avx512(Index M, Index N, Index K, const float* X, Index ldx, const float* S, Index lds,
                                      float* C, Index ldc, bool accumulate, const LowRankTerm* terms,
-                                     std::size_t n_terms, const LowRankInput* input) {
+                                     std::size_t n_terms, const LowRankInput* input, const float* bias) {
     Buffers& buf = buffers();
     const Index panels = (N + NR - 1) / NR;
     // The terms' E packed per panel, and each panel's list of terms (counted, then placed).
@@ -392,7 +403,8 @@ struct KGemmT {
             const PanelTerm* pt = npt > 0 ? buf.terms.data() + b : nullptr;
             float* c = C + ir * ldc + jc + jr;
             const __mmask16 m0 = lanes(cols), m1 = lanes(cols - 16), m2 = lanes(cols - 32);
-            // C's old value is added after the first block's sum when accumulating, after every later one always.
+            // C's old value is added after the first block's sum when accumulating, after every later one always;
+            // the bias after the last block's, with the terms.
             // Meanwhile each of these tiles brings two of the next row block's rows of the input's X into L2 (the
             // block's 8 rows over its first 4 panels), so that their dot products do not wait for memory: measured,
             // that took H's cost from 1.1-1.4% of the product to 0.8%.
@@ -403,8 +415,8 @@ struct KGemmT {
               pf0 = input->X + pr * input->ldx + pc;
               pf1 = pr + 1 < M ? pf0 + input->ldx : pf0;
             }
-            tile_rows(rows, kc, X + ir * ldx + pc, ldx, s + jr * kc, c, ldc, m0, m1, m2, accumulate || !first, pt, npt,
-                      ir, pf0, pf1);
+            tile_rows(rows, kc, X + ir * ldx + pc, ldx, s + jr * kc, c, ldc, m0, m1, m2, accumulate || !first,
+                      last && bias != nullptr ? bias + jc + jr : nullptr, pt, npt, ir, pf0, pf1);
           }
         }
       }
