@@ -89,7 +89,10 @@ TEST_CASE("FrozenWeight<float> products match a double reference on strided bloc
         // Shapes where, on an AVX-512 CPU, an (I, O) weight's x Wᵀ and an (O, I) weight's dy W run the library's
         // own GEMM (detail/kgemm.hpp): 512 rows, a depth of at most 1024, at least 1536 columns; 1560 is not a
         // multiple of its 48-column panels.
-        Shape{512, 100, 1560}, Shape{512, 1600, 100}}) {
+        Shape{512, 100, 1560}, Shape{512, 1600, 100},
+        // And where it reads W transposed: an (O, I) weight's x Wᵀ and an (I, O) weight's dy W at 64 rows or more,
+        // a depth of 256 or more, 768 columns or more: one block of depth, then two and three (1100 and 2100).
+        Shape{70, 300, 800}, Shape{70, 800, 300}, Shape{64, 2100, 1100}}) {
     const Mat<float> W = random_matrix<float>(sh.out, sh.in, ++seed);
     const Mat<float> Wt = W.transpose();
     // x and dy inside larger buffers, 2 rows and 5 columns in.
@@ -161,6 +164,10 @@ TEST_CASE("the own GEMM matches a double reference at its edges, with a bias and
     const Mat<float> sbuf = random_matrix<float>(sh.k + 1, sh.n + 5, ++seed);
     const auto X = xbuf.block(1, 2, sh.m, sh.k);
     const auto S = sbuf.block(1, 4, sh.k, sh.n);
+    // The same S stored transposed (N, K), as W (O, I) is in x Wᵀ: a block of a larger buffer too.
+    Mat<float> tbuf = random_matrix<float>(sh.n + 2, sh.k + 3, ++seed);
+    tbuf.block(2, 1, sh.n, sh.k) = S.transpose();
+    const lora::detail::StoredOperand St{tbuf.data() + 2 * tbuf.cols() + 1, tbuf.cols(), true};
     // Two terms: one from column n/3 over half the columns (across panels), one right after it to the last column
     // (sharing a panel with the first when they meet inside one); ranks 3 and 2, H and E blocks of larger buffers.
     const Index c1 = sh.n / 3, n1 = std::max<Index>(1, sh.n / 2), c2 = std::min(sh.n, c1 + n1), n2 = sh.n - c2;
@@ -189,8 +196,13 @@ TEST_CASE("the own GEMM matches a double reference at its edges, with a bias and
       if (!accumulate) cbuf.block(2, 1, sh.m, sh.n).setConstant(std::numeric_limits<float>::quiet_NaN());
       const Mat<float> before = cbuf;
       auto C = cbuf.block(2, 1, sh.m, sh.n);
-      KGemm::run(sh.m, sh.n, sh.k, X.data(), X.outerStride(), S.data(), S.outerStride(), C.data(), C.outerStride(),
+      KGemm::run(sh.m, sh.n, sh.k, X.data(), X.outerStride(), {S.data(), S.outerStride()}, C.data(), C.outerStride(),
                  accumulate, terms.data(), terms.size(), nullptr, with_bias ? bias.data() : nullptr);
+      // S read from its transposed storage: the same packed panels, so the same C bit for bit.
+      Mat<float> from_t = before.block(2, 1, sh.m, sh.n);
+      KGemm::run(sh.m, sh.n, sh.k, X.data(), X.outerStride(), St, from_t.data(), sh.n, accumulate, terms.data(),
+                 terms.size(), nullptr, with_bias ? bias.data() : nullptr);
+      CHECK(from_t == Mat<float>(C));
       Mat<double> old = Mat<double>::Zero(sh.m, sh.n);
       if (accumulate) old = before.block(2, 1, sh.m, sh.n).cast<double>();
       if (with_bias) old.rowwise() += bias.cast<double>().row(0);
@@ -208,13 +220,13 @@ TEST_CASE("the own GEMM matches a double reference at its edges, with a bias and
     zero_terms[0].E = zero1.data();
     if (zero_terms.size() > 1) zero_terms[1].E = zero2.data();
     Mat<float> plain(sh.m, sh.n), with_zero(sh.m, sh.n);
-    KGemm::run(sh.m, sh.n, sh.k, X.data(), X.outerStride(), S.data(), S.outerStride(), plain.data(), sh.n, false);
-    KGemm::run(sh.m, sh.n, sh.k, X.data(), X.outerStride(), S.data(), S.outerStride(), with_zero.data(), sh.n, false,
+    KGemm::run(sh.m, sh.n, sh.k, X.data(), X.outerStride(), {S.data(), S.outerStride()}, plain.data(), sh.n, false);
+    KGemm::run(sh.m, sh.n, sh.k, X.data(), X.outerStride(), {S.data(), S.outerStride()}, with_zero.data(), sh.n, false,
                zero_terms.data(), zero_terms.size());
     CHECK(plain == with_zero);
     // The bias is added after the product's own sum: the plain product plus the bias, each element one float sum.
     Mat<float> with_bias(sh.m, sh.n);
-    KGemm::run(sh.m, sh.n, sh.k, X.data(), X.outerStride(), S.data(), S.outerStride(), with_bias.data(), sh.n, false,
+    KGemm::run(sh.m, sh.n, sh.k, X.data(), X.outerStride(), {S.data(), S.outerStride()}, with_bias.data(), sh.n, false,
                zero_terms.data(), zero_terms.size(), nullptr, bias.data());
     plain.rowwise() += bias.row(0);
     CHECK(plain == with_bias);
@@ -225,8 +237,16 @@ TEST_CASE("the own GEMM matches a double reference at its edges, with a bias and
   CHECK_FALSE(KGemm::eligible(511, 768, 2304));
   CHECK_FALSE(KGemm::eligible(512, 1025, 2304));
   CHECK_FALSE(KGemm::eligible(512, 768, 1535));
+  // S transposed (W (O, I) in x Wᵀ): 64 rows or more, a depth of 256 or more (any number of blocks), 768 columns
+  // or more.
+  CHECK(KGemm::eligible(64, 256, 768, true) == (Eigen::nbThreads() == 1));
+  CHECK(KGemm::eligible(512, 11008, 4096, true) == (Eigen::nbThreads() == 1));
+  CHECK_FALSE(KGemm::eligible(63, 768, 2304, true));
+  CHECK_FALSE(KGemm::eligible(512, 255, 2304, true));
+  CHECK_FALSE(KGemm::eligible(512, 768, 767, true));
   KGemm::set_enabled(false);
   CHECK_FALSE(KGemm::eligible(512, 768, 2304));
+  CHECK_FALSE(KGemm::eligible(512, 768, 2304, true));
   KGemm::set_enabled(true);
 }
 
@@ -267,7 +287,7 @@ TEST_CASE("the own GEMM computes the terms' H = X Aᵀ itself, before the tiles 
     if (n2 > 0) terms.push_back({n1, n2, 2, H.data() + (sh.r - 2), H.outerStride(), e2.data(), n2 + 1});
     const LowRankInput input{XA.data(), XA.outerStride(), A.data(), A.outerStride(), sh.r, H.data(), H.outerStride()};
     Mat<float> C(sh.m, sh.n);
-    KGemm::run(sh.m, sh.n, sh.k, X.data(), X.outerStride(), S.data(), S.outerStride(), C.data(), sh.n, false,
+    KGemm::run(sh.m, sh.n, sh.k, X.data(), X.outerStride(), {S.data(), S.outerStride()}, C.data(), sh.n, false,
                terms.data(), terms.size(), &input);
     // H against a double reference, within (K + 1) ε of the magnitudes summed; nothing of its buffer outside it
     // written (NaN there still).
@@ -299,7 +319,7 @@ TEST_CASE("the own GEMM computes the terms' H = X Aᵀ itself, before the tiles 
       outside[1].H = Hgot.data() + (sh.r - 2);
       outside[1].ldh = sh.r;
     }
-    KGemm::run(sh.m, sh.n, sh.k, X.data(), X.outerStride(), S.data(), S.outerStride(), C_outside.data(), sh.n, false,
+    KGemm::run(sh.m, sh.n, sh.k, X.data(), X.outerStride(), {S.data(), S.outerStride()}, C_outside.data(), sh.n, false,
                outside.data(), outside.size());
     CHECK(C == C_outside);
   }

@@ -285,8 +285,8 @@ class FrozenWeight {
   /// `rows` rows: a float W stored (I, O) (GPT-2's Conv1D) at the shapes KGemm::eligible() names, on a CPU with
   /// AVX-512. forward_with_terms() can then add low-rank terms inside that product, rounded as forward() rounds.
   bool forward_takes_terms(Index rows) const {
-    return std::is_same_v<Scalar, float> && kind_ != Kind::quantized && layout_ == WeightLayout::in_out &&
-           detail::KGemm::eligible(rows, in_, out_);
+    return std::is_same_v<Scalar, float> && kind_ != Kind::quantized &&
+           detail::KGemm::eligible(rows, in_, out_, layout_ == WeightLayout::out_in);
   }
   /// y = x Wᵀ (+ y when `accumulate`) + Σ terms, each term's product added inside the GEMM after W's sum; call
   /// only when forward_takes_terms(x.rows()) (the caller checks shapes; terms lie within y's columns). With
@@ -297,7 +297,7 @@ class FrozenWeight {
   void forward_with_terms(const ConstRef<Scalar>& x, MutRef<Scalar> y, bool accumulate,
                           const std::vector<detail::LowRankTerm>& terms, const detail::LowRankInput* input = nullptr,
                           const Scalar* bias = nullptr) const {
-    own_product(x, y, accumulate, terms.data(), terms.size(), input, bias);
+    own_product(x, y, layout_ == WeightLayout::out_in, accumulate, terms.data(), terms.size(), input, bias);
   }
 
   /// y += x Wᵀ and dx += dy W. Eigen's `=` product zeroes its destination and then adds into it, so a layer
@@ -453,21 +453,21 @@ class FrozenWeight {
   // for float under LORA_USE_DNNL, Eigen's product otherwise.
   // The library's own GEMM instead for x · S at the shapes where it is measured as fast (detail/kgemm.hpp).
   void dense_product(const ConstRef<Scalar>& x, MutRef<Scalar> y, bool transposed, bool accumulate) const {
-    if (std::is_same_v<Scalar, float> && !transposed && detail::KGemm::eligible(x.rows(), x.cols(), y.cols()))
-      return own_product(x, y, accumulate, nullptr, 0);
+    if (std::is_same_v<Scalar, float> && detail::KGemm::eligible(x.rows(), x.cols(), y.cols(), transposed))
+      return own_product(x, y, transposed, accumulate, nullptr, 0);
     detail::product<Scalar>("FrozenWeight", Scalar(1), x, false, stored(), transposed, accumulate, y);
   }
 
   // y (=|+=) x · S + the terms on the own GEMM, S the stored float matrix (K, N): dense_product's x · S and
   // forward_with_terms. Does nothing for double, which never gets here (eligible shapes are float only).
-  void own_product(const ConstRef<Scalar>& x, MutRef<Scalar> y, bool accumulate, const detail::LowRankTerm* terms,
-                   std::size_t n_terms, const detail::LowRankInput* input = nullptr,
+  void own_product(const ConstRef<Scalar>& x, MutRef<Scalar> y, bool transposed, bool accumulate,
+                   const detail::LowRankTerm* terms, std::size_t n_terms, const detail::LowRankInput* input = nullptr,
                    const Scalar* bias = nullptr) const {
     if constexpr (std::is_same_v<Scalar, float>)
-      detail::KGemm::run(x.rows(), y.cols(), x.cols(), x.data(), x.outerStride(), data_, stored_cols(), y.data(),
-                         y.outerStride(), accumulate, terms, n_terms, input, bias);
+      detail::KGemm::run(x.rows(), y.cols(), x.cols(), x.data(), x.outerStride(), {data_, stored_cols(), transposed},
+                         y.data(), y.outerStride(), accumulate, terms, n_terms, input, bias);
     else
-      (void)x, (void)y, (void)accumulate, (void)terms, (void)n_terms, (void)input, (void)bias;
+      (void)x, (void)y, (void)transposed, (void)accumulate, (void)terms, (void)n_terms, (void)input, (void)bias;
   }
 
   // y (=|+=) x · op(S), S the stored matrix: op = Sᵀ when `transposed` (S is (rows of y's columns, x's columns)).

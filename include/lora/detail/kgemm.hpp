@@ -63,6 +63,15 @@ struct LowRankTerm {
   Index lde = 0;
 };
 
+/// The GEMM's right operand S (K, N) as stored: row-major (K, N) with row stride `ld`, or with `transposed` row-major
+/// (N, K), its rows S's columns. y = x Wᵀ reads W (I, O) plainly (GPT-2's Conv1D) and W (O, I) transposed
+/// (torch.nn.Linear); dx = dy W reads W (O, I) plainly and W (I, O) transposed.
+struct StoredOperand {
+  const float* data = nullptr;
+  Index ld = 0;
+  bool transposed = false;
+};
+
 /// H (M, r; row stride ldh) = X (M, K; row stride ldx) · Aᵀ, A (r, K; row stride lda): the terms' left factors,
 /// which run() computes one row block at a time before that block's tiles read them (the terms' H may point into
 /// this H). X may be the product's own X or another matrix of its shape (a dropped-out copy).
@@ -88,6 +97,13 @@ struct KGemmT {
   // 2048 x 768 -> 2304 0.96; but 256 rows 0.95-1.06, 64 rows 1.16, 512 x 1024 -> 1024 1.01-1.09, and depths over
   // 1024 (more than one block) 1.02-1.10. So: many rows, one block of depth, wide.
   static constexpr Index min_rows = 512, max_depth = KC, min_cols = 1536;
+  // With S transposed (eligible(M, K, N, true)) it is oneDNN's sgemm with its B transposed ('T') that the callers
+  // would run instead, and that is slower than its 'N': the own GEMM measured 0.93-0.97 of it at 512 x 768 -> 768,
+  // -> 2304, -> 3072, 512 x 2304 -> 768, 512 x 3072 -> 768, 2048 x 768 -> 2304, 512 x 4096 -> 11008, 96 x 4096 ->
+  // 4096 and 64 x 768 -> 2304, and 0.99-1.00 at 512 x 1024 -> 1024, 512 x 4096 -> 4096 and 512 x 11008 -> 4096
+  // (session program, medians of 15-101 rotating rounds, 2026-12-06); but 1.03 at 512 x 768 -> 256 and 512 x 64 ->
+  // 768. So: at least 64 rows, a depth of 256 or more (any number of blocks), at least 768 columns.
+  static constexpr Index min_rows_t = 64, min_depth_t = 256, min_cols_t = 768;
 
   static std::atomic<bool>& enabled_flag() {
     static std::atomic<bool> on{true};
@@ -99,24 +115,26 @@ struct KGemmT {
   /// True when this CPU has AVX-512 (F, BW, VL, DQ; read once) and this code was compiled for x86-64.
   static bool cpu_supported() { return cpu_has_avx512(); }
 
-  /// True when run() computes C (M, N) = X (M, K) · S (K, N): see the header's "When".
-  static bool eligible(Index M, Index K, Index N) {
-    return M >= min_rows && K > 0 && K <= max_depth && N >= min_cols &&
-           enabled_flag().load(std::memory_order_relaxed) && cpu_supported() && Eigen::nbThreads() == 1;
+  /// True when run() computes C (M, N) = X (M, K) · S (K, N), S stored as is or (with `transposed`) transposed:
+  /// see the header's "When".
+  static bool eligible(Index M, Index K, Index N, bool transposed = false) {
+    const bool shape = transposed ? M >= min_rows_t && K >= min_depth_t && N >= min_cols_t
+                                  : M >= min_rows && K > 0 && K <= max_depth && N >= min_cols;
+    return shape && enabled_flag().load(std::memory_order_relaxed) && cpu_supported() && Eigen::nbThreads() == 1;
   }
 
   /// C = X · S (+ C when accumulate) (+ bias, a row of N added to every row) + the terms; row-major, strides ldx,
-  /// lds, ldc; C shares no memory with X, S, the bias or the terms. Call only when eligible(M, K, N). Terms must lie
+  /// S.ld, ldc; C shares no memory with X, S, the bias or the terms. Call only when eligible(M, K, N). Terms must lie
   /// within [0, N) and not overlap one another. With `input`, its H = input X · Aᵀ is written first (row block by
   /// row block; see LowRankInput); its H shares no memory with anything else here but the terms' H.
-  static void run(Index M, Index N, Index K, const float* X, Index ldx, const float* S, Index lds, float* C, Index ldc,
+  static void run(Index M, Index N, Index K, const float* X, Index ldx, const StoredOperand& S, float* C, Index ldc,
                   bool accumulate, const LowRankTerm* terms = nullptr, std::size_t n_terms = 0,
                   const LowRankInput* input = nullptr, const float* bias = nullptr) {
 #ifdef LORA_X86_KERNELS
-    run_avx512(M, N, K, X, ldx, S, lds, C, ldc, accumulate, terms, n_terms, input, bias);
+    run_avx512(M, N, K, X, ldx, S, C, ldc, accumulate, terms, n_terms, input, bias);
 #else
-    (void)M, (void)N, (void)K, (void)X, (void)ldx, (void)S, (void)lds, (void)C, (void)ldc, (void)accumulate,
-        (void)terms, (void)n_terms, (void)input, (void)bias;
+    (void)M, (void)N, (void)K, (void)X, (void)ldx, (void)S, (void)C, (void)ldc, (void)accumulate, (void)terms,
+        (void)n_terms, (void)input, (void)bias;
 #endif
   }
 
@@ -335,7 +353,61 @@ struct KGemmT {
     return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
   }
 
-  LORA_AVX512 static void run_avx512(Index M, Index N, Index K, const float* X, Index ldx, const float* S, Index lds,
+  // One NR-column panel of S from its transposed storage: panel[k·NR + j] = T[j·ldt + k] for the panel's `cols`
+  // columns (rows of T) and kc depths, zero for columns past `cols`. In 16 x 16 blocks: 16 rows of T loaded (masked
+  // past cols and kc), transposed in registers (unpack, then shuffles within and across 128-bit lanes), stored as
+  // 16 k-rows of the panel.
+  LORA_AVX512 static void pack_transposed(const float* T, Index ldt, Index cols, Index kc, float* panel) {
+    for (Index j0 = 0; j0 < NR; j0 += 16) {
+      const Index rows = std::min<Index>(16, std::max<Index>(0, cols - j0));
+      for (Index k0 = 0; k0 < kc; k0 += 16) {
+        const Index depth = std::min<Index>(16, kc - k0);
+        const __mmask16 m = lanes(depth);
+        __m512 r[16];
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i)
+          r[i] = i < rows ? _mm512_maskz_loadu_ps(m, T + (j0 + i) * ldt + k0) : _mm512_setzero_ps();
+        transpose16(r);
+        for (Index t = 0; t < depth; ++t) _mm512_store_ps(panel + (k0 + t) * NR + j0, r[t]);
+      }
+    }
+  }
+
+  // r[i][j] -> r[j][i] for a 16 x 16 block of floats.
+  LORA_AVX512 static inline __attribute__((always_inline)) void transpose16(__m512 (&r)[16]) {
+    // t: pairs of rows interleaved within each 128-bit lane l, (2a, 2a + 1) at columns 4l, 4l + 1 (lo) and
+    // 4l + 2, 4l + 3 (hi).
+    __m512 t[16];
+#pragma GCC unroll 8
+    for (int a = 0; a < 8; ++a) {
+      t[2 * a] = _mm512_unpacklo_ps(r[2 * a], r[2 * a + 1]);
+      t[2 * a + 1] = _mm512_unpackhi_ps(r[2 * a], r[2 * a + 1]);
+    }
+    // u[4g + c], lane l: rows 4g .. 4g + 3 at column 4l + c.
+    __m512 u[16];
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) {
+      const __m512* p = t + 4 * g;
+      u[4 * g + 0] = _mm512_shuffle_ps(p[0], p[2], _MM_SHUFFLE(1, 0, 1, 0));
+      u[4 * g + 1] = _mm512_shuffle_ps(p[0], p[2], _MM_SHUFFLE(3, 2, 3, 2));
+      u[4 * g + 2] = _mm512_shuffle_ps(p[1], p[3], _MM_SHUFFLE(1, 0, 1, 0));
+      u[4 * g + 3] = _mm512_shuffle_ps(p[1], p[3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    // Column 4l + c gathers lane l of u[c], u[4 + c], u[8 + c], u[12 + c]: lanes (0, 2) and (1, 3) of row groups
+    // (0, 1) and (2, 3) first, then those pairs' halves.
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      const __m512 v02 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), v13 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+      const __m512 w02 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88),
+                   w13 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+      r[c] = _mm512_shuffle_f32x4(v02, w02, 0x88);
+      r[8 + c] = _mm512_shuffle_f32x4(v02, w02, 0xDD);
+      r[4 + c] = _mm512_shuffle_f32x4(v13, w13, 0x88);
+      r[12 + c] = _mm512_shuffle_f32x4(v13, w13, 0xDD);
+    }
+  }
+
+  LORA_AVX512 static void run_avx512(Index M, Index N, Index K, const float* X, Index ldx, const StoredOperand& S,
                                      float* C, Index ldc, bool accumulate, const LowRankTerm* terms,
                                      std::size_t n_terms, const LowRankInput* input, const float* bias) {
     Buffers& buf = buffers();
@@ -381,10 +453,14 @@ struct KGemmT {
         // S's block into NR-column panels, k-major, zero past N.
         for (Index jr = 0; jr < nc; jr += NR) {
           const Index cols = std::min(NR, nc - jr);
-          const __mmask16 m0 = lanes(cols), m1 = lanes(cols - 16), m2 = lanes(cols - 32);
           float* panel = s + jr * kc;
+          if (S.transposed) {
+            pack_transposed(S.data + (jc + jr) * S.ld + pc, S.ld, cols, kc, panel);
+            continue;
+          }
+          const __mmask16 m0 = lanes(cols), m1 = lanes(cols - 16), m2 = lanes(cols - 32);
           for (Index k = 0; k < kc; ++k) {
-            const float* src = S + (pc + k) * lds + jc + jr;
+            const float* src = S.data + (pc + k) * S.ld + jc + jr;
             _mm512_store_ps(panel + k * NR, _mm512_maskz_loadu_ps(m0, src));
             _mm512_store_ps(panel + k * NR + 16, _mm512_maskz_loadu_ps(m1, src + 16));
             _mm512_store_ps(panel + k * NR + 32, _mm512_maskz_loadu_ps(m2, src + 32));
