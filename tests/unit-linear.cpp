@@ -103,6 +103,88 @@ TEST_CASE("hand-computed forward and backward", "[linear]") {
   CHECK(layer.db().isZero(0));
 }
 
+TEST_CASE("on the own GEMM, LoRALinear adds its bias and term inside the product; B = 0 gives the base bits",
+          "[linear][kgemm]") {
+  // Shapes where W's x Wᵀ runs the library's own GEMM (detail/kgemm.hpp) and the layer's forward adds b and
+  // s·H Bᵀ to each tile of y in registers, H = drop(x) Aᵀ computed inside it: 512 x 300 -> 1560 in both layouts
+  // (one block of depth; 1560 is not a multiple of its 48-column panels), and W (O, I) at 64 x 1100 -> 800 (read
+  // transposed, two blocks of depth).
+  using lora::FrozenWeight;
+  using lora::WeightLayout;
+  struct Shape {
+    Index n, in, out;
+  };
+  auto max_diff = [](const Mat<double>& a, const Mat<double>& b) { return (a - b).cwiseAbs().maxCoeff(); };
+  bool ran = false;
+  unsigned seed = 600;
+  for (const Shape& sh : {Shape{512, 300, 1560}, Shape{64, 1100, 800}}) {
+    for (const WeightLayout layout : {WeightLayout::out_in, WeightLayout::in_out}) {
+      INFO("N=" << sh.n << " I=" << sh.in << " O=" << sh.out
+                << (layout == WeightLayout::out_in ? " W (O, I)" : " W (I, O)"));
+      const Mat<float> W = random_matrix<float>(sh.out, sh.in, ++seed), Wt = W.transpose();
+      const auto weight =
+          FrozenWeight<float>::view(layout == WeightLayout::out_in ? W.data() : Wt.data(), sh.out, sh.in, layout);
+      if (!weight.forward_takes_terms(sh.n)) continue;
+      ran = true;
+      const Mat<float> x = random_matrix<float>(sh.n, sh.in, ++seed), dy = random_matrix<float>(sh.n, sh.out, ++seed);
+      const lora::RowVector<float> bias = random_matrix<float>(1, sh.out, ++seed);
+      // The base model as the layer computes it off the own GEMM: W's product, then the bias.
+      Mat<float> base(sh.n, sh.out), y(sh.n, sh.out);
+      weight.forward(x, base);
+      base.rowwise() += bias;
+      lora::LoRALinear<float> layer(weight, bias, make_config(4, 8));
+      for (bool training : {false, true}) {
+        INFO((training ? "training" : "eval") << " forward at B = 0");
+        if (training)
+          layer.train();
+        else
+          layer.eval();
+        layer.forward(x, y);
+        CHECK(y == base);
+      }
+      // With B set: a double reference, and the same layer with the own GEMM turned off (three passes over y).
+      layer.lora_B() = random_matrix<float>(sh.out, 4, ++seed);
+      layer.eval();
+      layer.forward(x, y);
+      Mat<float> off(sh.n, sh.out);
+      lora::detail::KGemm::set_enabled(false);
+      layer.forward(x, off);
+      lora::detail::KGemm::set_enabled(true);
+      Mat<double> want = x.cast<double>() * W.cast<double>().transpose() +
+                         double(layer.scaling()) * x.cast<double>() * layer.lora_A().cast<double>().transpose() *
+                             layer.lora_B().cast<double>().transpose();
+      want.rowwise() += bias.cast<double>();
+      const double tol = 2e-6 * double(sh.in);
+      CHECK(max_diff(y.cast<double>(), want) < tol);
+      CHECK(max_diff(y.cast<double>(), off.cast<double>()) < tol);
+      // Training with dropout: two layers with the same seed draw the same masks, so the own GEMM's forward and the
+      // other path's give the same y (to rounding), and the same dx and gradients after one backward.
+      lora::LoRALinear<float> on(weight, bias, make_config(4, 8, 0.2, 77)),
+          other(weight, bias, make_config(4, 8, 0.2, 77));
+      on.lora_B() = other.lora_B() = layer.lora_B();
+      Mat<float> y_on(sh.n, sh.out), y_other(sh.n, sh.out), dx_on(sh.n, sh.in), dx_other(sh.n, sh.in);
+      on.forward(x, y_on);
+      on.backward(x, dy, dx_on);
+      lora::detail::KGemm::set_enabled(false);
+      other.forward(x, y_other);
+      other.backward(x, dy, dx_other);
+      lora::detail::KGemm::set_enabled(true);
+      CHECK(y_on != y_other);  // the two paths did run: their roundings differ somewhere
+      CHECK(max_diff(y_on.cast<double>(), y_other.cast<double>()) < tol);
+      CHECK(max_diff(dx_on.cast<double>(), dx_other.cast<double>()) < 2e-6 * double(sh.out));
+      const auto g_on = on.parameters(), g_other = other.parameters();
+      REQUIRE(g_on.size() == g_other.size());
+      for (std::size_t i = 0; i < g_on.size(); ++i) {
+        INFO(g_on[i].name);
+        const Eigen::Map<const Eigen::VectorXf> a(g_on[i].grad, g_on[i].rows * g_on[i].cols),
+            b(g_other[i].grad, g_other[i].rows * g_other[i].cols);
+        CHECK((a - b).cwiseAbs().maxCoeff() <= 1e-4 * std::max(1.0f, b.cwiseAbs().maxCoeff()));
+      }
+    }
+  }
+  if (!ran) WARN("this CPU has no AVX-512 (or the build has no x86 kernels): the own GEMM does not run here");
+}
+
 TEST_CASE("scaling is alpha / r, or alpha / sqrt(r) with rsLoRA", "[linear]") {
   auto cfg = make_config(4, 8.0);
   CHECK(lora::LoRALinear<float>(6, 5, cfg).scaling() == 2.0f);

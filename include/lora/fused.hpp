@@ -26,8 +26,8 @@
 // product is added last (y += x Wᵀ, dx += dy W): it reads and writes y or dx
 // once either way, so the adapters add one write of y's adapted slices and
 // of dx to the base product's traffic. Where the weight runs the library's own
-// GEMM (FrozenWeight::forward_takes_terms: an (I, O) float weight such as
-// GPT-2's c_attn, at the shapes detail/kgemm.hpp names), the forward adds the
+// GEMM (FrozenWeight::forward_takes_terms: a float weight such as GPT-2's
+// c_attn, at the shapes detail/kgemm.hpp names), the forward adds the
 // slices' terms inside it instead, to each tile of y while it is in registers:
 // no write of y for them, and the base model's bits at B = 0.
 //
@@ -487,7 +487,7 @@ void FusedLoRALinear<Scalar>::forward_impl(const ConstRef<Scalar>& x, const Cons
         const auto A = stacked_A();
         const detail::LowRankInput input{xa.data(), xa.outerStride(), A.data(),       A.outerStride(),
                                          rank_,     H.data(),         H.outerStride()};
-        weight_.forward_with_terms(x, y, false, terms, &input, has_bias_ ? bias_.data() : nullptr);
+        weight_.forward_with_terms(x, y, false, terms.data(), terms.size(), &input, has_bias_ ? bias_.data() : nullptr);
         return;
       }
     }

@@ -258,8 +258,13 @@ class LoRALinear {
   Row dora_norm(const char* where) const;
   // y = b + c ⊙ y (y holding Z) for eval.
   void dora_eval_forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) const;
-  /// Training with dropout: draws mask_, keeps x_dropped_ = x ⊙ mask_ and H_ = x_dropped_ Aᵀ (LoRA's and DoRA's).
-  void draw_dropout(const ConstRef<Scalar>& x);
+  /// Training with dropout: draws mask_, keeps x_dropped_ = x ⊙ mask_ and (with `with_h`) H_ = x_dropped_ Aᵀ
+  /// (LoRA's and DoRA's).
+  void draw_dropout(const ConstRef<Scalar>& x, bool with_h = true);
+  /// y = x Wᵀ + b + s·(xa Aᵀ) Bᵀ as one product of the library's own GEMM, H = xa Aᵀ written into H on the way
+  /// (detail/kgemm.hpp), when W takes terms at x's rows (FrozenWeight::forward_takes_terms); false (nothing done)
+  /// otherwise. Bt is s·Bᵀ's workspace. Without the adapter (rank 0, or merged), y = x Wᵀ + b.
+  bool own_gemm_forward(const ConstRef<Scalar>& x, const ConstRef<Scalar>& xa, MutRef<Scalar> y, Mat& H, Mat& Bt) const;
   void check_forward_args(const char* where, const ConstRef<Scalar>& x, const MutRef<Scalar>& y) const;
   void dora_backward(const ConstRef<Scalar>& x, const ConstRef<Scalar>* y, const ConstRef<Scalar>& dy,
                      MutRef<Scalar>* dx);
@@ -297,6 +302,7 @@ class LoRALinear {
   // Workspace kept between forward and backward; resized only when N changes.
   Index cached_rows_ = -1;  // N of the last training forward, -1 when there is none
   Mat H_;                   // (N, R)  drop(x) Aᵀ
+  Mat Bt_;                  // (R, O)  s·Bᵀ, the own GEMM's term (own_gemm_forward)
   Mat G_;                   // (N, R)  dy B
   Mat mask_;                // (N, I)  dropout mask, only when dropout > 0
   Mat x_dropped_;           // (N, I)  x ⊙ mask, only when dropout > 0

@@ -282,8 +282,9 @@ class FrozenWeight {
   }
 
   /// True when forward() and forward_add() run the library's own GEMM (<lora/detail/kgemm.hpp>) for an x of
-  /// `rows` rows: a float W stored (I, O) (GPT-2's Conv1D) at the shapes KGemm::eligible() names, on a CPU with
-  /// AVX-512. forward_with_terms() can then add low-rank terms inside that product, rounded as forward() rounds.
+  /// `rows` rows: a float W, stored (I, O) (GPT-2's Conv1D) or (O, I) (read transposed), at the shapes
+  /// KGemm::eligible() names for its layout, on a CPU with AVX-512. forward_with_terms() can then add low-rank
+  /// terms inside that product, rounded as forward() rounds.
   bool forward_takes_terms(Index rows) const {
     return std::is_same_v<Scalar, float> && kind_ != Kind::quantized &&
            detail::KGemm::eligible(rows, in_, out_, layout_ == WeightLayout::out_in);
@@ -292,12 +293,12 @@ class FrozenWeight {
   /// only when forward_takes_terms(x.rows()) (the caller checks shapes; terms lie within y's columns). With
   /// `input`, the GEMM first writes the terms' H = input X · Aᵀ, a row block at a time (detail::LowRankInput).
   /// A bias (O entries) is added to each row after W's sum (and y's old value), in the GEMM's registers: no pass
-  /// over y for it, and at depths of one block (all eligible ones) the same float sum as y = b followed by the
-  /// accumulating product.
+  /// over y for it: the same float sum as forward() followed by y += b, and at depths of one block (every eligible
+  /// (I, O) shape) the same as y = b followed by the accumulating product.
   void forward_with_terms(const ConstRef<Scalar>& x, MutRef<Scalar> y, bool accumulate,
-                          const std::vector<detail::LowRankTerm>& terms, const detail::LowRankInput* input = nullptr,
-                          const Scalar* bias = nullptr) const {
-    own_product(x, y, layout_ == WeightLayout::out_in, accumulate, terms.data(), terms.size(), input, bias);
+                          const detail::LowRankTerm* terms, std::size_t n_terms,
+                          const detail::LowRankInput* input = nullptr, const Scalar* bias = nullptr) const {
+    own_product(x, y, layout_ == WeightLayout::out_in, accumulate, terms, n_terms, input, bias);
   }
 
   /// y += x Wᵀ and dx += dy W. Eigen's `=` product zeroes its destination and then adds into it, so a layer

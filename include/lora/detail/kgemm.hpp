@@ -3,8 +3,10 @@
 //
 //   C (M, N) = X (M, K) · S (K, N)  [+ C]  + Σ_t H_t (M, r_t) · E_t (r_t, N_t) on columns [c_t, c_t + N_t)
 //
-// S stored (K, N) is W stored (I, O) in y = x Wᵀ (GPT-2's Conv1D layout) and W stored (O, I) in dx = dy W. The
-// terms are a fused projection's adapters: y_k += s_k · H_k B_kᵀ on slice k (E_k = s_k · B_kᵀ).
+// S stored (K, N) is W stored (I, O) in y = x Wᵀ (GPT-2's Conv1D layout) and W stored (O, I) in dx = dy W; S
+// stored transposed, (N, K), is W (O, I) in y = x Wᵀ (torch.nn.Linear) and W (I, O) in dx = dy W (StoredOperand).
+// The terms are LoRA's: y += s · H Bᵀ for LoRALinear, y_k += s_k · H_k B_kᵀ on slice k of a fused projection
+// (E = s · Bᵀ).
 //
 // Why its own. A LoRA term on oneDNN's product has to be written into C before the product adds into it (or
 // after), one more pass over C's adapted columns: measured on the Emerald Rapids Xeon at 512 x 768 -> 2304 with q
@@ -19,7 +21,8 @@
 // forward went from 1.021-1.026 of the base product to 1.019-1.024 (bench_compute fused_qv, Emerald Rapids Xeon,
 // 2026-12-06).
 //
-// How. Goto / BLIS loops: S is packed KC x NC at a time into NR-column panels (in L2), X is read in place (an MR x KC
+// How. Goto / BLIS loops: S is packed KC x NC at a time into NR-column panels (in L2; from transposed storage by
+// 16 x 16 transposes in registers, which cost nothing measurable), X is read in place (an MR x KC
 // block of its rows stays in L1), and an MR x NR micro-kernel keeps C's tile in 24 AVX-512 registers. Each element of
 // C is summed in a fixed order: its K products in order within each KC block, the blocks in order (the first
 // block's sum, plus C's old value when accumulating; then each further block's sum added), then the bias when
@@ -28,7 +31,8 @@
 //
 // When. Float, one thread (Eigen::nbThreads() == 1; oneDNN and Eigen thread, this does not), a CPU with AVX-512 (read
 // once), the shapes where it was measured at least as fast as oneDNN (eligible(): at least 512 rows, so the packing
-// of S pays off; a depth of at most 1024, one block; at least 1536 columns: GPT-2's c_attn and c_fc, for one), and
+// of S pays off; a depth of at most 1024, one block; at least 1536 columns: GPT-2's c_attn and c_fc, for one; with
+// S transposed, where oneDNN is slower, 64 rows, a depth of 256 and 768 columns or more), and
 // not turned off (set_enabled(false), for tests and benchmarks that compare). Otherwise the callers use
 // detail::product, oneDNN or Eigen. FrozenWeight's products and FusedLoRALinear's forward ask the same eligible(),
 // so a layer and its base model always take the same path.

@@ -253,11 +253,42 @@ void LoRALinear<Scalar>::forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) co
     dora_eval_forward(x, y);
     return;
   }
+  Mat H, Bt;  // (N, R) and (R, O): small; locals so concurrent callers share nothing
+  if (own_gemm_forward(x, x, y, H, Bt)) return;
   weight_.forward(x, y);
   if (has_bias_) y.rowwise() += bias().row(0);
   if (rank_ > 0 && !merged_) {
-    const Mat H = x * lora_A().transpose();  // (N, R): small; a local so concurrent callers share nothing
+    H.noalias() = x * lora_A().transpose();
     y.noalias() += scaling_ * H * lora_B().transpose();
+  }
+}
+
+template <class Scalar>
+bool LoRALinear<Scalar>::own_gemm_forward(const ConstRef<Scalar>& x, const ConstRef<Scalar>& xa, MutRef<Scalar> y,
+                                          Mat& H, Mat& Bt) const {
+  if constexpr (std::is_same_v<Scalar, float>) {
+    if (!weight_.forward_takes_terms(x.rows())) return false;
+    // One pass over y: the bias and the term s·H Bᵀ are added to each tile of y in registers after W's sum
+    // (against three passes: the product, += b, += s·H Bᵀ), and H = xa Aᵀ is computed inside the GEMM, a row
+    // block just before its tiles. At B = 0 the term adds +0 after W's sum and the bias: the base model's bits.
+    const bool adapter = rank_ > 0 && !merged_;
+    detail::LowRankTerm term;
+    detail::LowRankInput input;
+    if (adapter) {
+      H.resize(x.rows(), rank_);
+      Bt.resize(rank_, out_);
+      Bt.noalias() = scaling_ * lora_B().transpose();
+      term = detail::LowRankTerm{0, out_, rank_, H.data(), H.outerStride(), Bt.data(), Bt.outerStride()};
+      const auto A = lora_A();
+      input = detail::LowRankInput{xa.data(), xa.outerStride(), A.data(),       A.outerStride(),
+                                   rank_,     H.data(),         H.outerStride()};
+    }
+    weight_.forward_with_terms(x, y, false, &term, adapter ? 1 : 0, adapter ? &input : nullptr,
+                               has_bias_ ? bias().data() : nullptr);
+    return true;
+  } else {
+    (void)x, (void)xa, (void)y, (void)H, (void)Bt;
+    return false;
   }
 }
 
@@ -310,6 +341,12 @@ void LoRALinear<Scalar>::forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) {
     cached_rows_ = N;
     return;
   }
+  if (weight_.forward_takes_terms(N)) {
+    if (rank_ > 0 && dropout_ > 0) draw_dropout(x, false);
+    own_gemm_forward(x, rank_ > 0 && dropout_ > 0 ? ConstRef<Scalar>(x_dropped_) : x, y, H_, Bt_);
+    cached_rows_ = N;
+    return;
+  }
   weight_.forward(x, y);
   if (has_bias_) y.rowwise() += bias().row(0);
   if (rank_ > 0) {
@@ -325,12 +362,12 @@ void LoRALinear<Scalar>::forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) {
 }
 
 template <class Scalar>
-void LoRALinear<Scalar>::draw_dropout(const ConstRef<Scalar>& x) {
+void LoRALinear<Scalar>::draw_dropout(const ConstRef<Scalar>& x, bool with_h) {
   mask_.resize(x.rows(), in_);
   x_dropped_.resize(x.rows(), in_);
   detail::draw_dropout_mask(dropout_rng_, dropout_, mask_);
   x_dropped_ = x.cwiseProduct(mask_);
-  H_.noalias() = x_dropped_ * lora_A().transpose();
+  if (with_h) H_.noalias() = x_dropped_ * lora_A().transpose();
 }
 
 template <class Scalar>
