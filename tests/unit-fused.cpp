@@ -145,6 +145,42 @@ TEST_CASE("on the own GEMM, fused slices at B = 0 give the base model bit for bi
   }
 }
 
+TEST_CASE("on the own GEMM over W (O, I) two blocks deep, B = 0, frozen slices and W + b give the same bits",
+          "[fused][kgemm]") {
+  // W stored (O, I), read transposed by the own GEMM, at a depth of 1100 (two of its blocks): the bias is added
+  // after W's whole sum whether the layer has adapters at B = 0 or none (all slices frozen), as W's product and
+  // then += b do.
+  const Index N = 64, in = 1100, dd = 300;
+  const Mat<float> W = random_matrix<float>(3 * dd, in, 61), x = random_matrix<float>(N, in, 62);
+  const lora::RowVector<float> bias = random_matrix<float>(1, 3 * dd, 63);
+  const auto weight = FrozenWeight<float>::view(W.data(), 3 * dd, in);
+  if (!weight.forward_takes_terms(N)) {
+    WARN("this CPU has no AVX-512 (or the build has no x86 kernels): the own GEMM does not run here");
+    return;
+  }
+  const lora::LoraConfig frozen = make_config(0, 8, 0);
+  lora::FusedLoRALinear<float> adapted(
+      weight, {{"q", dd, make_config(4, 8, 71)}, {"k", dd, frozen}, {"v", dd, make_config(2, 8, 72)}}, bias),
+      none(weight, {{"q", dd, frozen}, {"k", dd, frozen}, {"v", dd, frozen}}, bias);
+  Mat<float> base(N, 3 * dd), y_adapted(N, 3 * dd), y_none(N, 3 * dd);
+  weight.forward(x, base);
+  base.rowwise() += bias;
+  for (bool training : {false, true}) {
+    INFO((training ? "training" : "eval") << " forward");
+    if (training) {
+      adapted.train();
+      none.train();
+    } else {
+      adapted.eval();
+      none.eval();
+    }
+    adapted.forward(x, y_adapted);
+    none.forward(x, y_none);
+    CHECK(y_adapted == base);
+    CHECK(y_none == base);
+  }
+}
+
 TEST_CASE("fused q, k, v with adapters on q and v equal one LoRALinear per slice", "[fused]") {
   const Mat<double> W = random_matrix<double>(O, I, 1), b = random_matrix<double>(1, O, 2);
   const Mat<double> Wt = W.transpose();  // GPT-2 stores c_attn (I, O)

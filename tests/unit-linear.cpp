@@ -103,7 +103,7 @@ TEST_CASE("hand-computed forward and backward", "[linear]") {
   CHECK(layer.db().isZero(0));
 }
 
-TEST_CASE("on the own GEMM, LoRALinear adds its bias and term inside the product; B = 0 gives the base bits",
+TEST_CASE("on the own GEMM, LoRALinear adds its bias and term inside the product, and B = 0 gives the base bits",
           "[linear][kgemm]") {
   // Shapes where W's x Wᵀ runs the library's own GEMM (detail/kgemm.hpp) and the layer's forward adds b and
   // s·H Bᵀ to each tile of y in registers, H = drop(x) Aᵀ computed inside it: 512 x 300 -> 1560 in both layouts

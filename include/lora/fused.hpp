@@ -459,10 +459,19 @@ void FusedLoRALinear<Scalar>::forward_impl(const ConstRef<Scalar>& x, const Cons
     n = dora_norm("FusedLoRALinear::forward");
     c = magnitude().row(0).cwiseQuotient(n);
   }
+  bool own_gemm = false;
+  if constexpr (std::is_same_v<Scalar, float>) {
+    own_gemm = !dora && weight_.forward_takes_terms(N);
+    if (own_gemm && !adapters) {
+      // No adapter (all slices frozen, or merged): the bias in the own GEMM's registers as with adapters, so the
+      // layer rounds as it does at B = 0 at every depth (y = b and the product added into it would round
+      // otherwise when W's depth takes more than one block).
+      weight_.forward_with_terms(x, y, false, nullptr, 0, nullptr, has_bias_ ? bias_.data() : nullptr);
+      return;
+    }
+  }
   if (adapters) {
     H.resize(N, rank_);
-    bool own_gemm = false;
-    if constexpr (std::is_same_v<Scalar, float>) own_gemm = !dora && weight_.forward_takes_terms(N);
     // On the own GEMM, H = xa Aᵀ is computed inside it, each row block just before its tiles (detail/kgemm.hpp).
     if (!own_gemm)
       detail::product<Scalar>("FusedLoRALinear::forward", Scalar(1), xa, false, stacked_A(), true, false, H);
