@@ -5,6 +5,7 @@
 // product; that is Eigen's choice, made per product, not a workspace we keep.)
 #define EIGEN_STACK_ALLOCATION_LIMIT (2 << 20)
 #include "noalloc.hpp"
+#include "noalloc_steps.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -69,16 +70,7 @@ TEST_CASE("a LoRALinear training step on the own GEMM allocates nothing in stead
     lora::LoRALinear<float> layer(weight, lora::RowVector<float>::Random(sh.out), cfg);
     const lora::Matrix<float> x = lora::Matrix<float>::Random(sh.n, sh.in),
                               target = lora::Matrix<float>::Random(sh.n, sh.out);
-    lora::Matrix<float> y(sh.n, sh.out), dy(sh.n, sh.out), dx(sh.n, sh.in);
-    lora::AdamW<float> opt(layer.parameters());
-    auto step = [&] {
-      layer.forward(x, y);
-      lora::mse_loss<float>(y, target, dy);
-      layer.backward(x, dy, dx);
-      opt.step();
-      opt.zero_grad();
-    };
-    const auto counted = allocations_after_first(step, 3);
+    const auto counted = noalloc::mse_step_allocations(layer, x, target, 3);
     CHECK(counted.first == 0);
     CHECK(counted.second == 0);
   }

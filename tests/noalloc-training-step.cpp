@@ -2,6 +2,7 @@
 // GEMM keeps its packing buffers on the stack (under EIGEN_STACK_ALLOCATION_LIMIT,
 // 128 KiB by default); noalloc-large-shapes.cpp covers larger ones.
 #include "noalloc.hpp"
+#include "noalloc_steps.hpp"
 
 #include <lora/embedding.hpp>
 #include <lora/fused.hpp>
@@ -36,16 +37,7 @@ TEST_CASE("a steady-state LoRALinear training step allocates nothing", "[noalloc
   cfg.bias = lora::BiasMode::all;
   lora::LoRALinear<float> layer(32, 24, cfg);
   const lora::Matrix<float> x = lora::Matrix<float>::Random(16, 32), target = lora::Matrix<float>::Random(16, 24);
-  lora::Matrix<float> y(16, 24), dy(16, 24), dx(16, 32);
-  lora::AdamW<float> opt(layer.parameters());
-  auto step = [&] {
-    layer.forward(x, y);
-    lora::mse_loss<float>(y, target, dy);
-    layer.backward(x, dy, dx);
-    opt.step();
-    opt.zero_grad();
-  };
-  const auto counted = allocations_after_first(step, 5);
+  const auto counted = noalloc::mse_step_allocations(layer, x, target, 5);
   CHECK(counted.first == 0);
   CHECK(counted.second == 0);
 }
@@ -66,16 +58,7 @@ TEST_CASE("a steady-state training step over a low-precision W allocates nothing
         auto q = lora::QuantizedMatrix::quantize(W, format).with_products(products);
         lora::LoRALinear<float> layer(lora::FrozenWeight<float>::quantized(q), cfg);
         const lora::Matrix<float> x = lora::Matrix<float>::Random(N, 128), target = lora::Matrix<float>::Random(N, 64);
-        lora::Matrix<float> y(N, 64), dy(N, 64), dx(N, 128);
-        lora::AdamW<float> opt(layer.parameters());
-        auto step = [&] {
-          layer.forward(x, y);
-          lora::mse_loss<float>(y, target, dy);
-          layer.backward(x, dy, dx);
-          opt.step();
-          opt.zero_grad();
-        };
-        const auto counted = allocations_after_first(step, 3);
+        const auto counted = noalloc::mse_step_allocations(layer, x, target, 3);
         CHECK(counted.first == 0);
         CHECK(counted.second == 0);
       }
@@ -128,16 +111,7 @@ TEST_CASE("a steady-state FusedLoRALinear training step allocates nothing", "[no
   lora::FusedLoRALinear<float> layer(lora::FrozenWeight<float>::owned(lora::Matrix<float>::Random(48, 32)), slices,
                                      lora::RowVector<float>::Random(48));
   const lora::Matrix<float> x = lora::Matrix<float>::Random(12, 32), target = lora::Matrix<float>::Random(12, 48);
-  lora::Matrix<float> y(12, 48), dy(12, 48), dx(12, 32);
-  lora::AdamW<float> opt(layer.parameters());
-  auto step = [&] {
-    layer.forward(x, y);
-    lora::mse_loss<float>(y, target, dy);
-    layer.backward(x, dy, dx);
-    opt.step();
-    opt.zero_grad();
-  };
-  const auto counted = allocations_after_first(step, 5);
+  const auto counted = noalloc::mse_step_allocations(layer, x, target, 5);
   CHECK(counted.first == 0);
   CHECK(counted.second == 0);
 }
@@ -160,16 +134,7 @@ TEST_CASE("a FusedLoRALinear training step on the own GEMM allocates nothing in 
     return;
   }
   const lora::Matrix<float> x = lora::Matrix<float>::Random(N, I), target = lora::Matrix<float>::Random(N, 3 * d);
-  lora::Matrix<float> y(N, 3 * d), dy(N, 3 * d), dx(N, I);
-  lora::AdamW<float> opt(layer.parameters());
-  auto step = [&] {
-    layer.forward(x, y);
-    lora::mse_loss<float>(y, target, dy);
-    layer.backward(x, dy, dx);
-    opt.step();
-    opt.zero_grad();
-  };
-  const auto counted = allocations_after_first(step, 3);
+  const auto counted = noalloc::mse_step_allocations(layer, x, target, 3);
   CHECK(counted.first == 0);
   CHECK(counted.second == 0);
 }
@@ -186,16 +151,7 @@ TEST_CASE("a steady-state MultiLoRALinear training step allocates nothing", "[no
   layer.add_adapter("trained", cfg);
   layer.train_adapter("trained");
   const lora::Matrix<float> x = lora::Matrix<float>::Random(16, 32), target = lora::Matrix<float>::Random(16, 24);
-  lora::Matrix<float> y(16, 24), dy(16, 24), dx(16, 32);
-  lora::AdamW<float> opt(layer.parameters());
-  auto step = [&] {
-    layer.forward(x, y);
-    lora::mse_loss<float>(y, target, dy);
-    layer.backward(x, dy, dx);
-    opt.step();
-    opt.zero_grad();
-  };
-  const auto counted = allocations_after_first(step, 5);
+  const auto counted = noalloc::mse_step_allocations(layer, x, target, 5);
   CHECK(counted.first == 0);
   CHECK(counted.second == 0);
 }
