@@ -5,6 +5,7 @@
 #include <lora/fused.hpp>
 #include <lora/lora.hpp>
 
+#include "gradient_checks.hpp"
 #include "test_files.hpp"
 
 #include <cstdint>
@@ -135,14 +136,7 @@ TEST_CASE("on the own GEMM, fused slices at B = 0 give the base model bit for bi
   lora::detail::KGemm::set_enabled(true);
   CHECK(max_diff(y_on.cast<double>(), y_other.cast<double>()) < 1e-4);
   CHECK(max_diff(dx_on.cast<double>(), dx_other.cast<double>()) < 1e-3);
-  const auto g_on = on.parameters(), g_other = other.parameters();
-  REQUIRE(g_on.size() == g_other.size());
-  for (std::size_t i = 0; i < g_on.size(); ++i) {
-    INFO(g_on[i].name);
-    const Eigen::Map<const Eigen::VectorXf> a(g_on[i].grad, g_on[i].rows * g_on[i].cols),
-        b(g_other[i].grad, g_other[i].rows * g_other[i].cols);
-    CHECK((a - b).cwiseAbs().maxCoeff() <= 1e-3 * std::max(1.0f, b.cwiseAbs().maxCoeff()));
-  }
+  lora_test::check_same_gradients(on, other, 1e-3f);
 }
 
 TEST_CASE("on the own GEMM over W (O, I) two blocks deep, B = 0, frozen slices and W + b give the same bits",

@@ -8,6 +8,8 @@
 #include <limits>
 #include <vector>
 
+#include "gradient_checks.hpp"
+
 // Everything below is in a namespace of its own, so the test files can be compiled together (CMake's
 // UNITY_BUILD, tests/CMakeLists.txt) without their helpers clashing.
 namespace unit_linear {
@@ -172,14 +174,7 @@ TEST_CASE("on the own GEMM, LoRALinear adds its bias and term inside the product
       CHECK(y_on != y_other);  // the two paths did run: their roundings differ somewhere
       CHECK(max_diff(y_on.cast<double>(), y_other.cast<double>()) < tol);
       CHECK(max_diff(dx_on.cast<double>(), dx_other.cast<double>()) < 2e-6 * double(sh.out));
-      const auto g_on = on.parameters(), g_other = other.parameters();
-      REQUIRE(g_on.size() == g_other.size());
-      for (std::size_t i = 0; i < g_on.size(); ++i) {
-        INFO(g_on[i].name);
-        const Eigen::Map<const Eigen::VectorXf> a(g_on[i].grad, g_on[i].rows * g_on[i].cols),
-            b(g_other[i].grad, g_other[i].rows * g_other[i].cols);
-        CHECK((a - b).cwiseAbs().maxCoeff() <= 1e-4 * std::max(1.0f, b.cwiseAbs().maxCoeff()));
-      }
+      lora_test::check_same_gradients(on, other, 1e-4f);
     }
   }
   if (!ran) WARN("this CPU has no AVX-512 (or the build has no x86 kernels): the own GEMM does not run here");

@@ -264,7 +264,8 @@ class FusedLoRALinear {
   void check_forward_args(const char* where, const ConstRef<Scalar>& x, const MutRef<Scalar>& y) const;
   void backward_impl(const ConstRef<Scalar>& x, const ConstRef<Scalar>& dy, MutRef<Scalar>* dx);
   /// H = xa Aᵀ, and y = b + [s_k · H_k B_kᵀ] (0 for a frozen slice) row by row; then y += x Wᵀ. Where the weight
-  /// runs the own GEMM (forward_takes_terms), y = b, then y += x Wᵀ with the slices' terms inside that product.
+  /// runs the own GEMM (forward_takes_terms), one product instead: y = x Wᵀ + b with H and the slices' terms
+  /// computed inside it.
   /// With DoRA (unmerged) y = b + c ⊙ Z, and Z is copied into *Z when Z is given.
   void forward_impl(const ConstRef<Scalar>& x, const ConstRef<Scalar>& xa, Mat& H, std::vector<Mat>& Bt,
                     std::vector<detail::LowRankTerm>& terms, MutRef<Scalar> y, Mat* Z = nullptr, Row* norm = nullptr,
@@ -460,16 +461,7 @@ void FusedLoRALinear<Scalar>::forward_impl(const ConstRef<Scalar>& x, const Cons
     c = magnitude().row(0).cwiseQuotient(n);
   }
   bool own_gemm = false;
-  if constexpr (std::is_same_v<Scalar, float>) {
-    own_gemm = !dora && weight_.forward_takes_terms(N);
-    if (own_gemm && !adapters) {
-      // No adapter (all slices frozen, or merged): the bias in the own GEMM's registers as with adapters, so the
-      // layer rounds as it does at B = 0 at every depth (y = b and the product added into it would round
-      // otherwise when W's depth takes more than one block).
-      weight_.forward_with_terms(x, y, false, nullptr, 0, nullptr, has_bias_ ? bias_.data() : nullptr);
-      return;
-    }
-  }
+  if constexpr (std::is_same_v<Scalar, float>) own_gemm = !dora && weight_.forward_takes_terms(N);
   if (adapters) {
     H.resize(N, rank_);
     // On the own GEMM, H = xa Aᵀ is computed inside it, each row block just before its tiles (detail/kgemm.hpp).
@@ -481,24 +473,27 @@ void FusedLoRALinear<Scalar>::forward_impl(const ConstRef<Scalar>& x, const Cons
     Bt.resize(slices_.size());
     for (std::size_t k = 0; k < slices_.size(); ++k)
       if (slice_rank(k) > 0) Bt[k] = scaling_[k] * lora_B(k).transpose();
-    if constexpr (std::is_same_v<Scalar, float>) {
-      if (own_gemm) {
-        // The own GEMM adds each slice's H_k (s_k B_kᵀ) to its tile of y after W's sum, while the tile is in
-        // registers: no pass over y for them, and at B = 0 the base model's bits (detail/kgemm.hpp). The bias is
-        // added in the same registers after W's sum: the same float sum as y = b and the product added into it (the
-        // base model's path), without that pass over y (5% of this forward at 512 x 768 -> 2304).
-        terms.clear();
-        for (std::size_t k = 0; k < slices_.size(); ++k)
-          if (slice_rank(k) > 0)
-            terms.push_back(detail::LowRankTerm{out_offset_[k], slices_[k].out_features, slice_rank(k),
-                                                H.data() + a_row_[k], H.outerStride(), Bt[k].data(),
-                                                slices_[k].out_features});
-        const auto A = stacked_A();
-        const detail::LowRankInput input{xa.data(), xa.outerStride(), A.data(),       A.outerStride(),
-                                         rank_,     H.data(),         H.outerStride()};
-        weight_.forward_with_terms(x, y, false, terms.data(), terms.size(), &input, has_bias_ ? bias_.data() : nullptr);
-        return;
-      }
+  }
+  if constexpr (std::is_same_v<Scalar, float>) {
+    if (own_gemm) {
+      // One pass over y. The own GEMM adds each slice's H_k (s_k B_kᵀ) to its tile of y after W's sum, while the
+      // tile is in registers: no pass over y for them, and at B = 0 the base model's bits (detail/kgemm.hpp). The
+      // bias is added in the same registers after W's sum: the same float sum as y = b and the product added into
+      // it (the base model's path), without that pass over y (5% of this forward at 512 x 768 -> 2304). With no
+      // adapter (all slices frozen, or merged) the call is the same without terms, so the layer rounds as it does
+      // at B = 0 at every depth.
+      terms.clear();
+      for (std::size_t k = 0; adapters && k < slices_.size(); ++k)
+        if (slice_rank(k) > 0)
+          terms.push_back(detail::LowRankTerm{out_offset_[k], slices_[k].out_features, slice_rank(k),
+                                              H.data() + a_row_[k], H.outerStride(), Bt[k].data(),
+                                              slices_[k].out_features});
+      const auto A = stacked_A();
+      const detail::LowRankInput input{xa.data(), xa.outerStride(), A.data(),       A.outerStride(),
+                                       rank_,     H.data(),         H.outerStride()};
+      weight_.forward_with_terms(x, y, false, terms.data(), terms.size(), adapters ? &input : nullptr,
+                                 has_bias_ ? bias_.data() : nullptr);
+      return;
     }
   }
   for (Index row = 0; row < N; ++row) {

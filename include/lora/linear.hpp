@@ -258,9 +258,8 @@ class LoRALinear {
   Row dora_norm(const char* where) const;
   // y = b + c ⊙ y (y holding Z) for eval.
   void dora_eval_forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) const;
-  /// Training with dropout: draws mask_, keeps x_dropped_ = x ⊙ mask_ and (with `with_h`) H_ = x_dropped_ Aᵀ
-  /// (LoRA's and DoRA's).
-  void draw_dropout(const ConstRef<Scalar>& x, bool with_h = true);
+  /// Training with dropout: draws mask_ and keeps x_dropped_ = x ⊙ mask_ (LoRA's and DoRA's).
+  void draw_dropout(const ConstRef<Scalar>& x);
   /// y = x Wᵀ + b + s·(xa Aᵀ) Bᵀ as one product of the library's own GEMM, H = xa Aᵀ written into H on the way
   /// (detail/kgemm.hpp), when W takes terms at x's rows (FrozenWeight::forward_takes_terms); false (nothing done)
   /// otherwise. Bt is s·Bᵀ's workspace. Without the adapter (rank 0, or merged), y = x Wᵀ + b.

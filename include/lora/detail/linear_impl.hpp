@@ -317,6 +317,7 @@ void LoRALinear<Scalar>::forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) {
     if (dropout_ > 0) {
       // y = x Wᵀ + b + (c − 1) ⊙ (drop(x) Wᵀ) + c ⊙ s·H Bᵀ = x Wᵀ − drop(x) Wᵀ + b + c ⊙ Z
       draw_dropout(x);
+      H_.noalias() = x_dropped_ * lora_A().transpose();
       weight_.forward(x_dropped_, Z_);
       weight_.forward(x, y);
       y -= Z_;
@@ -341,33 +342,28 @@ void LoRALinear<Scalar>::forward(const ConstRef<Scalar>& x, MutRef<Scalar> y) {
     cached_rows_ = N;
     return;
   }
-  if (weight_.forward_takes_terms(N)) {
-    if (rank_ > 0 && dropout_ > 0) draw_dropout(x, false);
-    own_gemm_forward(x, rank_ > 0 && dropout_ > 0 ? ConstRef<Scalar>(x_dropped_) : x, y, H_, Bt_);
-    cached_rows_ = N;
-    return;
-  }
-  weight_.forward(x, y);
-  if (has_bias_) y.rowwise() += bias().row(0);
-  if (rank_ > 0) {
-    H_.resize(N, rank_);
-    if (dropout_ > 0) {
-      draw_dropout(x);
-    } else {
-      H_.noalias() = x * lora_A().transpose();
+  // x_dropped_ = drop(x) when there is dropout; H = xa Aᵀ then, in the own GEMM or on its own.
+  const bool dropped = rank_ > 0 && dropout_ > 0;
+  if (dropped) draw_dropout(x);
+  const ConstRef<Scalar> xa = dropped ? ConstRef<Scalar>(x_dropped_) : x;
+  if (!own_gemm_forward(x, xa, y, H_, Bt_)) {
+    weight_.forward(x, y);
+    if (has_bias_) y.rowwise() += bias().row(0);
+    if (rank_ > 0) {
+      H_.resize(N, rank_);
+      H_.noalias() = xa * lora_A().transpose();
+      y.noalias() += scaling_ * H_ * lora_B().transpose();
     }
-    y.noalias() += scaling_ * H_ * lora_B().transpose();
   }
   cached_rows_ = N;
 }
 
 template <class Scalar>
-void LoRALinear<Scalar>::draw_dropout(const ConstRef<Scalar>& x, bool with_h) {
+void LoRALinear<Scalar>::draw_dropout(const ConstRef<Scalar>& x) {
   mask_.resize(x.rows(), in_);
   x_dropped_.resize(x.rows(), in_);
   detail::draw_dropout_mask(dropout_rng_, dropout_, mask_);
   x_dropped_ = x.cwiseProduct(mask_);
-  if (with_h) H_.noalias() = x_dropped_ * lora_A().transpose();
 }
 
 template <class Scalar>
