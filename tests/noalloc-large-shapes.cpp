@@ -49,24 +49,28 @@ TEST_CASE("a steady-state training step of a 512 x 384 layer with N = 64 allocat
 
 TEST_CASE("a LoRALinear training step on the own GEMM allocates nothing in steady state", "[noalloc][kgemm]") {
   // Shapes where the forward is one product of the library's own GEMM with the bias and s·H Bᵀ inside it
-  // (detail/kgemm.hpp): W (O, I) read transposed at 64 x 300 -> 800, W (I, O) at 512 x 64 -> 1560. Its packing
-  // buffers are kept per thread, s·Bᵀ per layer.
-  lora::LoraConfig cfg;
-  cfg.r = 4;
-  cfg.lora_alpha = 8;
-  cfg.lora_dropout = 0.1;
+  // (detail/kgemm.hpp): W (O, I) read transposed at 64 x 300 -> 800, W (I, O) at 512 x 64 -> 1560 (both with
+  // dropout); and where the backward is one, dx = dy W with G = dy B and s·G A inside it: W (I, O) read transposed
+  // at 64 x 800 -> 300 (no dropout). Its packing buffers are kept per thread, s·Bᵀ, Bᵀ and s·A per layer.
   struct Shape {
     lora::Index n, in, out;
     lora::WeightLayout layout;
+    double dropout;
   };
   bool ran = false;
   for (const Shape& sh :
-       {Shape{64, 300, 800, lora::WeightLayout::out_in}, Shape{512, 64, 1560, lora::WeightLayout::in_out}}) {
+       {Shape{64, 300, 800, lora::WeightLayout::out_in, 0.1}, Shape{512, 64, 1560, lora::WeightLayout::in_out, 0.1},
+        Shape{64, 800, 300, lora::WeightLayout::in_out, 0.0}}) {
+    INFO("N=" << sh.n << " I=" << sh.in << " O=" << sh.out << " dropout " << sh.dropout);
     const bool out_in = sh.layout == lora::WeightLayout::out_in;
     const lora::Matrix<float> stored = lora::Matrix<float>::Random(out_in ? sh.out : sh.in, out_in ? sh.in : sh.out);
     const auto weight = lora::FrozenWeight<float>::view(stored.data(), sh.out, sh.in, sh.layout);
-    if (!weight.forward_takes_terms(sh.n)) continue;
+    if (!weight.forward_takes_terms(sh.n) && !weight.backward_takes_terms(sh.n)) continue;
     ran = true;
+    lora::LoraConfig cfg;
+    cfg.r = 4;
+    cfg.lora_alpha = 8;
+    cfg.lora_dropout = sh.dropout;
     lora::LoRALinear<float> layer(weight, lora::RowVector<float>::Random(sh.out), cfg);
     const lora::Matrix<float> x = lora::Matrix<float>::Random(sh.n, sh.in),
                               target = lora::Matrix<float>::Random(sh.n, sh.out);

@@ -180,6 +180,71 @@ TEST_CASE("on the own GEMM, LoRALinear adds its bias and term inside the product
   if (!ran) WARN("this CPU has no AVX-512 (or the build has no x86 kernels): the own GEMM does not run here");
 }
 
+TEST_CASE("on the own GEMM, LoRALinear's backward computes G = dy B and adds s·G A inside dx = dy W",
+          "[linear][kgemm]") {
+  // Shapes where dx = dy W runs the library's own GEMM (FrozenWeight::backward_takes_terms): W (I, O) read
+  // transposed at 64 x 800 -> 300 (one block of depth) and 64 x 800 -> 1100 (two blocks), W (O, I) as it is at
+  // 512 x 1560 -> 300 (1560 columns of dx: not a multiple of the 48-column panels).
+  using lora::FrozenWeight;
+  using lora::WeightLayout;
+  if (!lora::detail::KGemm::cpu_supported()) {
+    WARN("this CPU has no AVX-512 (or the build has no x86 kernels): the own GEMM does not run here");
+    return;
+  }
+  struct Case {
+    Index n, in, out;
+    WeightLayout layout;
+  };
+  auto max_diff = [](const Mat<double>& a, const Mat<double>& b) { return (a - b).cwiseAbs().maxCoeff(); };
+  unsigned seed = 700;
+  for (const Case& c : {Case{64, 800, 300, WeightLayout::in_out}, Case{64, 800, 1100, WeightLayout::in_out},
+                        Case{512, 1560, 300, WeightLayout::out_in}}) {
+    INFO("N=" << c.n << " I=" << c.in << " O=" << c.out
+              << (c.layout == WeightLayout::out_in ? " W (O, I)" : " W (I, O)"));
+    const Mat<float> W = random_matrix<float>(c.out, c.in, ++seed), Wt = W.transpose();
+    const auto weight =
+        FrozenWeight<float>::view(c.layout == WeightLayout::out_in ? W.data() : Wt.data(), c.out, c.in, c.layout);
+    REQUIRE(weight.backward_takes_terms(c.n));
+    const Mat<float> x = random_matrix<float>(c.n, c.in, ++seed), dy = random_matrix<float>(c.n, c.out, ++seed);
+    const lora::RowVector<float> bias = random_matrix<float>(1, c.out, ++seed);
+    Mat<float> y(c.n, c.out), dx(c.n, c.in), dx_other(c.n, c.in);
+
+    // B = 0: G = 0, and s·G A adds +0 after W's sum: dx is W's product bit for bit.
+    lora::LoRALinear<float> fresh(weight, bias, make_config(4, 8));
+    Mat<float> base(c.n, c.in);
+    weight.backward(dy, base);
+    fresh.forward(x, y);
+    fresh.backward(x, dy, dx);
+    CHECK(dx == base);
+
+    // B set: a double reference, and the same layer with the own GEMM turned off (G on Eigen, two passes over dx).
+    lora::LoRALinear<float> on(weight, bias, make_config(4, 8)), other(weight, bias, make_config(4, 8)),
+        no_dx(weight, bias, make_config(4, 8));
+    on.lora_B() = other.lora_B() = no_dx.lora_B() = random_matrix<float>(c.out, 4, ++seed);
+    on.forward(x, y);
+    on.backward(x, dy, dx);
+    no_dx.forward(x, y);
+    no_dx.backward(x, dy);  // no dx asked: G on Eigen
+    lora::detail::KGemm::set_enabled(false);
+    other.forward(x, y);
+    other.backward(x, dy, dx_other);
+    lora::detail::KGemm::set_enabled(true);
+    const double s = double(on.scaling());
+    const Mat<double> xd = x.cast<double>(), dyd = dy.cast<double>(), A = on.lora_A().cast<double>(),
+                      B = on.lora_B().cast<double>();
+    const Mat<double> want_dx = dyd * W.cast<double>() + s * dyd * B * A;
+    const double tol = 2e-6 * double(c.out);
+    CHECK(max_diff(dx.cast<double>(), want_dx) < tol);
+    CHECK(max_diff(dx.cast<double>(), dx_other.cast<double>()) < tol);
+    CHECK(dx != dx_other);  // the two paths did run: their roundings differ somewhere
+    const Mat<double> want_dA = s * (dyd * B).transpose() * xd, want_dB = s * dyd.transpose() * (xd * A.transpose());
+    CHECK(max_diff(on.dA().cast<double>(), want_dA) < 1e-5 * want_dA.cwiseAbs().maxCoeff());
+    CHECK(max_diff(on.dB().cast<double>(), want_dB) < 1e-5 * want_dB.cwiseAbs().maxCoeff());
+    lora_test::check_same_gradients(on, other, 1e-5f);
+    lora_test::check_same_gradients(on, no_dx, 1e-5f);
+  }
+}
+
 TEST_CASE("scaling is alpha / r, or alpha / sqrt(r) with rsLoRA", "[linear]") {
   auto cfg = make_config(4, 8.0);
   CHECK(lora::LoRALinear<float>(6, 5, cfg).scaling() == 2.0f);

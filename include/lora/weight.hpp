@@ -301,6 +301,20 @@ class FrozenWeight {
     own_product(x, y, layout_ == WeightLayout::out_in, accumulate, terms, n_terms, input, bias);
   }
 
+  /// True when backward() runs the library's own GEMM for a dy of `rows` rows, as forward_takes_terms() says for
+  /// forward(): backward_with_terms() can then add low-rank terms inside dx = dy W.
+  bool backward_takes_terms(Index rows) const {
+    return std::is_same_v<Scalar, float> && kind_ != Kind::quantized &&
+           detail::KGemm::eligible(rows, out_, in_, layout_ == WeightLayout::in_out);
+  }
+  /// dx = dy W + Σ terms, each term's product added inside the GEMM after W's sum; with `input`, the GEMM first
+  /// writes the terms' H = input X · Aᵀ, a row block at a time. Call only when backward_takes_terms(dy.rows()) (the
+  /// caller checks shapes; terms lie within dx's columns).
+  void backward_with_terms(const ConstRef<Scalar>& dy, MutRef<Scalar> dx, const detail::LowRankTerm* terms,
+                           std::size_t n_terms, const detail::LowRankInput* input = nullptr) const {
+    own_product(dy, dx, layout_ == WeightLayout::in_out, false, terms, n_terms, input);
+  }
+
   /// y += x Wᵀ and dx += dy W. Eigen's `=` product zeroes its destination and then adds into it, so a layer
   /// that writes its other terms (bias, adapters) into y first and adds the base product last makes no extra
   /// pass over y for them.

@@ -6,7 +6,7 @@
 // S stored (K, N) is W stored (I, O) in y = x Wᵀ (GPT-2's Conv1D layout) and W stored (O, I) in dx = dy W; S
 // stored transposed, (N, K), is W (O, I) in y = x Wᵀ (torch.nn.Linear) and W (I, O) in dx = dy W (StoredOperand).
 // The terms are LoRA's: y += s · H Bᵀ for LoRALinear, y_k += s_k · H_k B_kᵀ on slice k of a fused projection
-// (E = s · Bᵀ).
+// (E = s · Bᵀ), and in LoRALinear's backward dx += s · G A (G = dy B, E = s · A).
 //
 // Why its own. A LoRA term on oneDNN's product has to be written into C before the product adds into it (or
 // after), one more pass over C's adapted columns: measured on the Emerald Rapids Xeon at 512 x 768 -> 2304 with q
@@ -34,8 +34,8 @@
 // of S pays off; a depth of at most 1024, one block; at least 1536 columns: GPT-2's c_attn and c_fc, for one; with
 // S transposed, where oneDNN is slower, 64 rows, a depth of 256 and 768 columns or more), and
 // not turned off (set_enabled(false), for tests and benchmarks that compare). Otherwise the callers use
-// detail::product, oneDNN or Eigen. FrozenWeight's products and FusedLoRALinear's forward ask the same eligible(),
-// so a layer and its base model always take the same path.
+// detail::product, oneDNN or Eigen. FrozenWeight's products, LoRALinear's forward and backward and
+// FusedLoRALinear's forward ask the same eligible(), so a layer and its base model always take the same path.
 #pragma once
 
 #include <lora/detail/simd.hpp>  // LORA_X86_KERNELS, LORA_AVX512, cpu_has_avx512()

@@ -436,12 +436,16 @@ void LoRALinear<Scalar>::backward_impl(const ConstRef<Scalar>& x, const ConstRef
     dora_backward(x, y, dy, dx);
     return;
   }
+  // dx = dy W + s·(G A) (and G) in one pass of the own GEMM where it runs; the rest below then skips them.
+  const bool dx_done = dx != nullptr && own_gemm_backward(dy, *dx);
   if (rank_ > 0) {
     MatrixMap<Scalar> dA(grads_.data(), rank_, in_);
     MatrixMap<Scalar> dB(grads_.data() + rank_ * in_, out_, rank_);
     // forward: y += s · H Bᵀ, so dB += s · dyᵀ H and dH = s · dy B (kept unscaled in G)
-    G_.resize(x.rows(), rank_);
-    G_.noalias() = dy * lora_B();
+    if (!dx_done) {
+      G_.resize(x.rows(), rank_);
+      G_.noalias() = dy * lora_B();
+    }
     dB.noalias() += scaling_ * dy.transpose() * H_;
     // forward: H = drop(x) Aᵀ, so dA += dHᵀ drop(x) = s · Gᵀ drop(x)
     if (dropout_ > 0)
@@ -449,7 +453,7 @@ void LoRALinear<Scalar>::backward_impl(const ConstRef<Scalar>& x, const ConstRef
     else
       dA.noalias() += scaling_ * G_.transpose() * x;
   }
-  if (dx != nullptr) {
+  if (dx != nullptr && !dx_done) {
     // forward: y = x Wᵀ + s · (x ⊙ mask) Aᵀ Bᵀ, so dx = dy W + s · (G A) ⊙ mask
     weight_.backward(dy, *dx);
     if (rank_ > 0) {
@@ -461,6 +465,32 @@ void LoRALinear<Scalar>::backward_impl(const ConstRef<Scalar>& x, const ConstRef
         dx->noalias() += scaling_ * G_ * lora_A();
       }
     }
+  }
+}
+
+template <class Scalar>
+bool LoRALinear<Scalar>::own_gemm_backward(const ConstRef<Scalar>& dy, MutRef<Scalar> dx) {
+  if constexpr (std::is_same_v<Scalar, float>) {
+    if (!weight_.backward_takes_terms(dy.rows()) || (rank_ > 0 && dropout_ > 0)) return false;
+    // One pass over dx: s·G A is added to each tile of dx in registers after W's sum (against two passes: the
+    // product, then += s·G A), and G = dy B is computed inside the GEMM from the rows of dy it reads anyway.
+    detail::LowRankTerm term;
+    detail::LowRankInput input;
+    if (rank_ > 0) {
+      G_.resize(dy.rows(), rank_);
+      Bt_plain_.resize(rank_, out_);
+      Bt_plain_ = lora_B().transpose();
+      sA_.resize(rank_, in_);
+      sA_.noalias() = scaling_ * lora_A();
+      term = detail::LowRankTerm{0, in_, rank_, G_.data(), G_.outerStride(), sA_.data(), sA_.outerStride()};
+      input = detail::LowRankInput{dy.data(), dy.outerStride(), Bt_plain_.data(), Bt_plain_.outerStride(),
+                                   rank_,     G_.data(),        G_.outerStride()};
+    }
+    weight_.backward_with_terms(dy, dx, &term, rank_ > 0 ? 1 : 0, rank_ > 0 ? &input : nullptr);
+    return true;
+  } else {
+    (void)dy, (void)dx;
+    return false;
   }
 }
 
