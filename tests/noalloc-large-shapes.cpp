@@ -51,7 +51,8 @@ TEST_CASE("a LoRALinear training step on the own GEMM allocates nothing in stead
   // Shapes where the forward is one product of the library's own GEMM with the bias and s·H Bᵀ inside it
   // (detail/kgemm.hpp): W (O, I) read transposed at 64 x 300 -> 800, W (I, O) at 512 x 64 -> 1560 (both with
   // dropout); and where the backward is one, dx = dy W with G = dy B and s·G A inside it: W (I, O) read transposed
-  // at 64 x 800 -> 300 (no dropout). Its packing buffers are kept per thread, s·Bᵀ, Bᵀ and s·A per layer.
+  // at 64 x 800 -> 300 (without dropout; with it, only G inside). Its packing buffers are kept per thread, s·Bᵀ,
+  // Bᵀ and s·A per layer.
   struct Shape {
     lora::Index n, in, out;
     lora::WeightLayout layout;
@@ -60,7 +61,7 @@ TEST_CASE("a LoRALinear training step on the own GEMM allocates nothing in stead
   bool ran = false;
   for (const Shape& sh :
        {Shape{64, 300, 800, lora::WeightLayout::out_in, 0.1}, Shape{512, 64, 1560, lora::WeightLayout::in_out, 0.1},
-        Shape{64, 800, 300, lora::WeightLayout::in_out, 0.0}}) {
+        Shape{64, 800, 300, lora::WeightLayout::in_out, 0.0}, Shape{64, 800, 300, lora::WeightLayout::in_out, 0.1}}) {
     INFO("N=" << sh.n << " I=" << sh.in << " O=" << sh.out << " dropout " << sh.dropout);
     const bool out_in = sh.layout == lora::WeightLayout::out_in;
     const lora::Matrix<float> stored = lora::Matrix<float>::Random(out_in ? sh.out : sh.in, out_in ? sh.in : sh.out);

@@ -184,7 +184,7 @@ TEST_CASE("on the own GEMM, LoRALinear's backward computes G = dy B and adds s·
           "[linear][kgemm]") {
   // Shapes where dx = dy W runs the library's own GEMM (FrozenWeight::backward_takes_terms): W (I, O) read
   // transposed at 64 x 800 -> 300 (one block of depth) and 64 x 800 -> 1100 (two blocks), W (O, I) as it is at
-  // 512 x 1560 -> 300 (1560 columns of dx: not a multiple of the 48-column panels).
+  // 512 x 1560 -> 300 (1560 columns of dx: not a multiple of the 48-column panels). Without dropout, then with.
   using lora::FrozenWeight;
   using lora::WeightLayout;
   if (!lora::detail::KGemm::cpu_supported()) {
@@ -242,6 +242,24 @@ TEST_CASE("on the own GEMM, LoRALinear's backward computes G = dy B and adds s·
     CHECK(max_diff(on.dB().cast<double>(), want_dB) < 1e-5 * want_dB.cwiseAbs().maxCoeff());
     lora_test::check_same_gradients(on, other, 1e-5f);
     lora_test::check_same_gradients(on, no_dx, 1e-5f);
+
+    // Dropout, the same seed in every layer (so the same masks): G inside the GEMM, s·(G A) ⊙ mask added after it.
+    // The own GEMM's layer, the other path's and a layer asked for no dx agree on dx and every gradient.
+    lora::LoRALinear<float> d_on(weight, bias, make_config(4, 8, 0.2, 91)),
+        d_other(weight, bias, make_config(4, 8, 0.2, 91)), d_no_dx(weight, bias, make_config(4, 8, 0.2, 91));
+    d_on.lora_B() = d_other.lora_B() = d_no_dx.lora_B() = on.lora_B();
+    d_on.forward(x, y);
+    d_on.backward(x, dy, dx);
+    d_no_dx.forward(x, y);
+    d_no_dx.backward(x, dy);
+    lora::detail::KGemm::set_enabled(false);
+    d_other.forward(x, y);
+    d_other.backward(x, dy, dx_other);
+    lora::detail::KGemm::set_enabled(true);
+    CHECK(max_diff(dx.cast<double>(), dx_other.cast<double>()) < tol);
+    CHECK(max_diff(dx.cast<double>(), want_dx) > 100 * tol);  // the mask acted
+    lora_test::check_same_gradients(d_on, d_other, 1e-5f);
+    lora_test::check_same_gradients(d_on, d_no_dx, 1e-5f);
   }
 }
 

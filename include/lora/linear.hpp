@@ -264,9 +264,9 @@ class LoRALinear {
   /// (detail/kgemm.hpp), when W takes terms at x's rows (FrozenWeight::forward_takes_terms); false (nothing done)
   /// otherwise. Bt is s·Bᵀ's workspace. Without the adapter (rank 0, or merged), y = x Wᵀ + b.
   bool own_gemm_forward(const ConstRef<Scalar>& x, const ConstRef<Scalar>& xa, MutRef<Scalar> y, Mat& H, Mat& Bt) const;
-  /// dx = dy W + s·(G A) and G_ = dy B as one product of the library's own GEMM (G_ computed inside it, s·G A
-  /// added to each tile of dx in registers), when W takes terms in its backward at dy's rows
-  /// (FrozenWeight::backward_takes_terms) and there is no dropout; false (nothing done) otherwise.
+  /// dx = dy W + s·(G A) ⊙ mask and G_ = dy B on the library's own GEMM (G_ computed inside it; without dropout
+  /// s·G A added to each tile of dx in registers too), when W takes terms in its backward at dy's rows
+  /// (FrozenWeight::backward_takes_terms); false (nothing done) otherwise.
   bool own_gemm_backward(const ConstRef<Scalar>& dy, MutRef<Scalar> dx);
   void check_forward_args(const char* where, const ConstRef<Scalar>& x, const MutRef<Scalar>& y) const;
   void dora_backward(const ConstRef<Scalar>& x, const ConstRef<Scalar>* y, const ConstRef<Scalar>& dy,

@@ -471,22 +471,31 @@ void LoRALinear<Scalar>::backward_impl(const ConstRef<Scalar>& x, const ConstRef
 template <class Scalar>
 bool LoRALinear<Scalar>::own_gemm_backward(const ConstRef<Scalar>& dy, MutRef<Scalar> dx) {
   if constexpr (std::is_same_v<Scalar, float>) {
-    if (!weight_.backward_takes_terms(dy.rows()) || (rank_ > 0 && dropout_ > 0)) return false;
-    // One pass over dx: s·G A is added to each tile of dx in registers after W's sum (against two passes: the
-    // product, then += s·G A), and G = dy B is computed inside the GEMM from the rows of dy it reads anyway.
+    if (!weight_.backward_takes_terms(dy.rows())) return false;
+    // G = dy B is computed inside the GEMM from the rows of dy it reads anyway. Without dropout, s·G A is added to
+    // each tile of dx in registers after W's sum: one pass over dx (against W's product, then += s·G A). With
+    // dropout the mask multiplies G A, which is then no low-rank term: it is added after, as off the own GEMM.
+    const bool fold = rank_ > 0 && dropout_ == 0;
     detail::LowRankTerm term;
     detail::LowRankInput input;
     if (rank_ > 0) {
       G_.resize(dy.rows(), rank_);
       Bt_plain_.resize(rank_, out_);
       Bt_plain_ = lora_B().transpose();
-      sA_.resize(rank_, in_);
-      sA_.noalias() = scaling_ * lora_A();
-      term = detail::LowRankTerm{0, in_, rank_, G_.data(), G_.outerStride(), sA_.data(), sA_.outerStride()};
       input = detail::LowRankInput{dy.data(), dy.outerStride(), Bt_plain_.data(), Bt_plain_.outerStride(),
                                    rank_,     G_.data(),        G_.outerStride()};
     }
-    weight_.backward_with_terms(dy, dx, &term, rank_ > 0 ? 1 : 0, rank_ > 0 ? &input : nullptr);
+    if (fold) {
+      sA_.resize(rank_, in_);
+      sA_.noalias() = scaling_ * lora_A();
+      term = detail::LowRankTerm{0, in_, rank_, G_.data(), G_.outerStride(), sA_.data(), sA_.outerStride()};
+    }
+    weight_.backward_with_terms(dy, dx, &term, fold ? 1 : 0, rank_ > 0 ? &input : nullptr);
+    if (rank_ > 0 && dropout_ > 0) {
+      dx_lora_.resize(dy.rows(), in_);
+      dx_lora_.noalias() = G_ * lora_A();
+      dx += scaling_ * dx_lora_.cwiseProduct(mask_);
+    }
     return true;
   } else {
     (void)dy, (void)dx;
