@@ -242,6 +242,14 @@ TEST_CASE("on the own GEMM, LoRALinear's backward computes G = dy B and adds s·
     CHECK(max_diff(on.dB().cast<double>(), want_dB) < 1e-5 * want_dB.cwiseAbs().maxCoeff());
     lora_test::check_same_gradients(on, other, 1e-5f);
     lora_test::check_same_gradients(on, no_dx, 1e-5f);
+    // dx may be x's own buffer: x is read (for dA) before dx is written, as with separate buffers.
+    lora::LoRALinear<float> in_place(weight, bias, make_config(4, 8));
+    in_place.lora_B() = on.lora_B();
+    Mat<float> buffer = x;
+    in_place.forward(buffer, y);
+    in_place.backward(buffer, dy, buffer);
+    CHECK(max_diff(buffer.cast<double>(), want_dx) < tol);
+    lora_test::check_same_gradients(in_place, on, 1e-5f);
 
     // Dropout, the same seed in every layer (so the same masks): G inside the GEMM, s·(G A) ⊙ mask added after it.
     // The own GEMM's layer, the other path's and a layer asked for no dx agree on dx and every gradient.

@@ -308,8 +308,8 @@ class FrozenWeight {
            detail::KGemm::eligible(rows, out_, in_, layout_ == WeightLayout::in_out);
   }
   /// dx = dy W + Σ terms, each term's product added inside the GEMM after W's sum; with `input`, the GEMM first
-  /// writes the terms' H = input X · Aᵀ, a row block at a time. Call only when backward_takes_terms(dy.rows()) (the
-  /// caller checks shapes; terms lie within dx's columns).
+  /// writes H = input X · Aᵀ (a term's H, or one kept for later), a row block at a time. Call only when
+  /// backward_takes_terms(dy.rows()) (the caller checks shapes; terms lie within dx's columns).
   void backward_with_terms(const ConstRef<Scalar>& dy, MutRef<Scalar> dx, const detail::LowRankTerm* terms,
                            std::size_t n_terms, const detail::LowRankInput* input = nullptr) const {
     own_product(dy, dx, layout_ == WeightLayout::in_out, false, terms, n_terms, input);

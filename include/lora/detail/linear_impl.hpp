@@ -436,8 +436,9 @@ void LoRALinear<Scalar>::backward_impl(const ConstRef<Scalar>& x, const ConstRef
     dora_backward(x, y, dy, dx);
     return;
   }
-  // dx = dy W + s·(G A) (and G) in one pass of the own GEMM where it runs; the rest below then skips them.
-  const bool dx_done = dx != nullptr && own_gemm_backward(dy, *dx);
+  // dx = dy W + s·(G A) ⊙ mask, and G, on the own GEMM where it runs; the rest below then skips them. Not when dx
+  // shares x's buffer: dA reads x below, and the path below reads all of x before it writes dx.
+  const bool dx_done = dx != nullptr && !detail::overlap(*dx, x) && own_gemm_backward(dy, *dx);
   if (rank_ > 0) {
     MatrixMap<Scalar> dA(grads_.data(), rank_, in_);
     MatrixMap<Scalar> dB(grads_.data() + rank_ * in_, out_, rank_);
