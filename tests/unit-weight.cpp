@@ -87,9 +87,9 @@ TEST_CASE("FrozenWeight<float> products match a double reference on strided bloc
   for (const Shape& sh :
        {Shape{1, 3, 2}, Shape{1, 1, 1}, Shape{7, 33, 17}, Shape{64, 130, 70}, Shape{3, 257, 9}, Shape{0, 5, 4},
         // Shapes where, on an AVX-512 CPU, an (I, O) weight's x Wᵀ and an (O, I) weight's dy W run the library's
-        // own GEMM (detail/kgemm.hpp): 512 rows, a depth of at most 1024, at least 1536 columns; 1560 is not a
-        // multiple of its 48-column panels.
-        Shape{512, 100, 1560}, Shape{512, 1600, 100},
+        // own GEMM (detail/kgemm.hpp): 512 rows, at least 1536 columns, any depth (one block, then two at 512 x
+        // 1100 -> 1560); 1560 is not a multiple of its 48-column panels.
+        Shape{512, 100, 1560}, Shape{512, 1600, 100}, Shape{512, 1100, 1560},
         // And where it reads W transposed: an (O, I) weight's x Wᵀ and an (I, O) weight's dy W at 64 rows or more,
         // a depth of 256 or more, 768 columns or more: one block of depth, then two and three (1100 and 2100).
         Shape{70, 300, 800}, Shape{70, 800, 300}, Shape{64, 2100, 1100}}) {
@@ -231,12 +231,13 @@ TEST_CASE("the own GEMM matches a double reference at its edges, with a bias and
     plain.rowwise() += bias.row(0);
     CHECK(plain == with_bias);
   }
-  // Where it runs: 512 rows or more, a depth of at most 1024 (one block), 1536 columns or more, one thread, and
-  // not turned off.
+  // Where it runs: 512 rows or more, 1536 columns or more (any depth), one thread, and not turned off.
   CHECK(KGemm::eligible(512, 1024, 1536) == (Eigen::nbThreads() == 1));
+  CHECK(KGemm::eligible(512, 4096, 4096) == (Eigen::nbThreads() == 1));
   CHECK_FALSE(KGemm::eligible(511, 768, 2304));
-  CHECK_FALSE(KGemm::eligible(512, 1025, 2304));
+  CHECK_FALSE(KGemm::eligible(512, 0, 2304));
   CHECK_FALSE(KGemm::eligible(512, 768, 1535));
+  CHECK_FALSE(KGemm::eligible(512, 2304, 768));
   // S transposed (W (O, I) in x Wᵀ): 64 rows or more, a depth of 256 or more (any number of blocks), 768 columns
   // or more.
   CHECK(KGemm::eligible(64, 256, 768, true) == (Eigen::nbThreads() == 1));

@@ -293,8 +293,8 @@ class FrozenWeight {
   /// only when forward_takes_terms(x.rows()) (the caller checks shapes; terms lie within y's columns). With
   /// `input`, the GEMM first writes the terms' H = input X · Aᵀ, a row block at a time (detail::LowRankInput).
   /// A bias (O entries) is added to each row after W's sum (and y's old value), in the GEMM's registers: no pass
-  /// over y for it: the same float sum as forward() followed by y += b, and at depths of one block (every eligible
-  /// (I, O) shape) the same as y = b followed by the accumulating product.
+  /// over y for it: the same float sum as forward() followed by y += b, and at depths of one block the same as y = b
+  /// followed by the accumulating product.
   void forward_with_terms(const ConstRef<Scalar>& x, MutRef<Scalar> y, bool accumulate,
                           const detail::LowRankTerm* terms, std::size_t n_terms,
                           const detail::LowRankInput* input = nullptr, const Scalar* bias = nullptr) const {

@@ -30,9 +30,9 @@
 // B = 0 gives its base product bit for bit, as both run this code (0 · h adds +0).
 //
 // When. Float, one thread (Eigen::nbThreads() == 1; oneDNN and Eigen thread, this does not), a CPU with AVX-512 (read
-// once), the shapes where it was measured at least as fast as oneDNN (eligible(): at least 512 rows, so the packing
-// of S pays off; a depth of at most 1024, one block; at least 1536 columns: GPT-2's c_attn and c_fc, for one; with
-// S transposed, where oneDNN is slower, 64 rows, a depth of 256 and 768 columns or more), and
+// once), the shapes where it was measured about as fast as oneDNN or faster (eligible(): at least 512 rows, so the
+// packing of S pays off, and at least 1536 columns: GPT-2's c_attn and c_fc, for one; with S transposed, where
+// oneDNN is slower, 64 rows, a depth of 256 and 768 columns or more), and
 // not turned off (set_enabled(false), for tests and benchmarks that compare). Otherwise the callers use
 // detail::product, oneDNN or Eigen. FrozenWeight's products, LoRALinear's forward and backward and
 // FusedLoRALinear's forward ask the same eligible(), so a layer and its base model always take the same path.
@@ -98,9 +98,13 @@ struct KGemmT {
   static constexpr Index NC = 4 * NR;  // S's block: K x 192 floats (768 KiB at most), in L2
   // Where it runs (eligible()): measured against oneDNN's sgemm on the Emerald Rapids Xeon, one thread, medians of
   // 41 paired runs (2026-12-06): 512 x 768 -> 2304 0.91-0.97, -> 3072 0.99-1.00, 512 x 1024 -> 3072 0.99-1.00,
-  // 2048 x 768 -> 2304 0.96; but 256 rows 0.95-1.06, 64 rows 1.16, 512 x 1024 -> 1024 1.01-1.09, and depths over
-  // 1024 (more than one block) 1.02-1.10. So: many rows, one block of depth, wide.
-  static constexpr Index min_rows = 512, max_depth = KC, min_cols = 1536;
+  // 2048 x 768 -> 2304 0.96; but 256 rows 0.95-1.06, 64 rows 1.16, 512 x 1024 -> 1024 1.01-1.09. Over more than one
+  // block of depth (session program, medians of 11-31 rotating rounds, 2026-12-06 19:47 UTC, the kernel as it is
+  // now): 0.89 at 512 x 1536 -> 1536, 0.92 at 2048 -> 1536, 0.97-0.98 at 2304 -> 2304 and 3072 -> 2304, 0.84 at
+  // 4096 -> 11008, 1.00 at 4096 -> 4096, 1.00-1.01 at 3072 -> 3072 and 11008 -> 4096, 1.01 at 1024 x 4096 -> 4096;
+  // but 1.07 at 512 x 2304 -> 768 and 3072 -> 768 (oneDNN is ahead at narrow outputs). So: many rows, wide, any
+  // depth.
+  static constexpr Index min_rows = 512, min_cols = 1536;
   // With S transposed (eligible(M, K, N, true)) it is oneDNN's sgemm with its B transposed ('T') that the callers
   // would run instead, and that is slower than its 'N': the own GEMM measured 0.93-0.97 of it at 512 x 768 -> 768,
   // -> 2304, -> 3072, 512 x 2304 -> 768, 512 x 3072 -> 768, 2048 x 768 -> 2304, 512 x 4096 -> 11008, 96 x 4096 ->
@@ -122,8 +126,8 @@ struct KGemmT {
   /// True when run() computes C (M, N) = X (M, K) · S (K, N), S stored as is or (with `transposed`) transposed:
   /// see the header's "When".
   static bool eligible(Index M, Index K, Index N, bool transposed = false) {
-    const bool shape = transposed ? M >= min_rows_t && K >= min_depth_t && N >= min_cols_t
-                                  : M >= min_rows && K > 0 && K <= max_depth && N >= min_cols;
+    const bool shape =
+        transposed ? M >= min_rows_t && K >= min_depth_t && N >= min_cols_t : M >= min_rows && K > 0 && N >= min_cols;
     return shape && enabled_flag().load(std::memory_order_relaxed) && cpu_supported() && Eigen::nbThreads() == 1;
   }
 
